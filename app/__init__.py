@@ -1,0 +1,1 @@
+"""kvm-memattr: a virtual KVM memory-attribute controller behind HTTP."""

@@ -1,0 +1,106 @@
+"""The VM table: ``KVM_CREATE_VM`` / ``kvm_destroy_vm()`` and system-scope capabilities."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from app.core.errors import ENOENT, ENOMEM
+from app.core.vm import VirtualMachine, VmLimits
+from app.models.kvm import (
+    DEFAULT_MAX_GFN,
+    GFN_LIMIT,
+    KVM_API_VERSION,
+    KVM_CAP_VM_TYPES_MASK,
+    KVM_MAX_NR_ADDRESS_SPACES,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    KVM_USER_MEM_SLOTS,
+    PAGE_SIZE,
+    Semantics,
+    VmCreate,
+    VmType,
+)
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """Bounds that keep one client from exhausting the server."""
+
+    max_gfn: int = DEFAULT_MAX_GFN
+    max_vms: int = 1024
+    max_attribute_runs: int = 1_000_000
+    max_mapping_runs: int = 1_000_000
+    max_events: int = 10_000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_gfn < GFN_LIMIT:
+            raise ValueError(f"max_gfn must be in (0, 2^52), got {self.max_gfn}")
+
+
+class Engine:
+    """All VMs of one simulated ``/dev/kvm``."""
+
+    def __init__(self, limits: EngineLimits | None = None) -> None:
+        self.limits = limits or EngineLimits()
+        self._vms: dict[str, VirtualMachine] = {}
+        self._lock = threading.Lock()
+
+    def capabilities(self) -> dict[str, Any]:
+        """``KVM_CHECK_EXTENSION`` on ``/dev/kvm`` (system scope)."""
+        return {
+            "api_version": KVM_API_VERSION,
+            "page_size": PAGE_SIZE,
+            "max_gfn": self.limits.max_gfn,
+            "vm_types": [
+                {"name": t.value, "value": t.value_code, "has_private_mem": t.has_private_mem} for t in VmType
+            ],
+            "semantics": [s.value for s in Semantics],
+            "caps": {
+                "KVM_CAP_USER_MEMORY": 1,
+                "KVM_CAP_NR_MEMSLOTS": KVM_USER_MEM_SLOTS,
+                "KVM_CAP_MULTI_ADDRESS_SPACE": KVM_MAX_NR_ADDRESS_SPACES,
+                "KVM_CAP_USER_MEMORY2": 1,
+                "KVM_CAP_MEMORY_FAULT_INFO": 1,
+                "KVM_CAP_MEMORY_ATTRIBUTES": KVM_MEMORY_ATTRIBUTE_PRIVATE,
+                "KVM_CAP_GUEST_MEMFD": 1,
+                "KVM_CAP_VM_TYPES": KVM_CAP_VM_TYPES_MASK,
+            },
+        }
+
+    def vm_capabilities(self, vm_id: str) -> dict[str, Any]:
+        """``KVM_CHECK_EXTENSION`` on a VM fd."""
+        caps = self.capabilities()
+        caps["caps"] = self.vm(vm_id).capabilities()
+        return caps
+
+    def create_vm(self, req: VmCreate) -> VirtualMachine:
+        """``KVM_CREATE_VM``."""
+        lim = self.limits
+        vm_limits = VmLimits(lim.max_gfn, lim.max_attribute_runs, lim.max_mapping_runs, lim.max_events)
+        vm = VirtualMachine(uuid.uuid4().hex, req.name, req.type, req.semantics, vm_limits)
+        with self._lock:
+            if len(self._vms) >= lim.max_vms:
+                raise ENOMEM(f"server already holds the maximum of {lim.max_vms} VMs")
+            self._vms[vm.id] = vm
+        return vm
+
+    def vm(self, vm_id: str) -> VirtualMachine:
+        vm = self._vms.get(vm_id)
+        if vm is None:
+            raise ENOENT(f"no VM {vm_id!r}")
+        return vm
+
+    def vms(self) -> list[VirtualMachine]:
+        with self._lock:
+            return list(self._vms.values())
+
+    def destroy_vm(self, vm_id: str) -> None:
+        """``kvm_destroy_vm()``: frees attributes, slots, mappings, guest_memfds, pinned regions."""
+        with self._lock:
+            if self._vms.pop(vm_id, None) is None:
+                raise ENOENT(f"no VM {vm_id!r}")
+
+    def __len__(self) -> int:
+        return len(self._vms)

@@ -1,0 +1,68 @@
+"""Errno-typed errors raised by the engine.
+
+The engine reports failures the way the kernel does: with an errno. Each errno
+is its own exception class so callers can catch precisely, and the HTTP layer
+maps ``KvmError.errno`` to a status code in one place::
+
+    KvmError                 any failure of a simulated ioctl
+     ├── EINVAL              invalid argument (validation)
+     ├── EEXIST              overlapping memslot
+     ├── EBUSY               memslot change while an MMU-notifier invalidation is open
+     ├── ENOENT              unknown VM, slot, invalidation or guest_memfd
+     ├── EBADF               memslot names a guest_memfd that is not open
+     ├── ENOTTY              ioctl not available for this VM type / semantics
+     ├── ENOMEM              injected allocation failure or per-VM budget exceeded
+     └── EPERM               access denied (HTTP authentication)
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+from typing import ClassVar
+
+
+class KvmError(Exception):
+    """Base class: a simulated ioctl failed with ``errno``."""
+
+    errno: ClassVar[str] = "EINVAL"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    @property
+    def errno_value(self) -> int:
+        """The numeric errno, as ``ioctl()`` would set it."""
+        return int(getattr(_errno, self.errno))
+
+
+class EINVAL(KvmError):
+    errno = "EINVAL"
+
+
+class EEXIST(KvmError):
+    errno = "EEXIST"
+
+
+class EBUSY(KvmError):
+    errno = "EBUSY"
+
+
+class ENOENT(KvmError):
+    errno = "ENOENT"
+
+
+class EBADF(KvmError):
+    errno = "EBADF"
+
+
+class ENOTTY(KvmError):
+    errno = "ENOTTY"
+
+
+class ENOMEM(KvmError):
+    errno = "ENOMEM"
+
+
+class EPERM(KvmError):
+    errno = "EPERM"

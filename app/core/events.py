@@ -1,0 +1,31 @@
+"""A bounded per-VM trace of every protocol step, so users can see why a counter moved."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+
+class EventLog:
+    """Oldest-first ring of events with monotonically increasing ids."""
+
+    def __init__(self, maxlen: int) -> None:
+        self._events: deque[dict[str, Any]] = deque(maxlen=maxlen)
+        self.next_id = 1
+
+    def emit(self, type_: str, **fields: Any) -> None:
+        self._events.append({"id": self.next_id, "time": time.time(), "type": type_, **fields})
+        self.next_id += 1
+
+    def page(self, after: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:
+        """Events with id > ``after``; the second item is the cursor when more remain."""
+        events = self._events
+        if not events:
+            return [], None
+        # ids are contiguous inside the ring, so the first wanted index is arithmetic.
+        first_id = events[0]["id"]
+        start = max(0, after + 1 - first_id)
+        out = [events[i] for i in range(start, min(len(events), start + limit))]
+        more = start + limit < len(events)
+        return out, (out[-1]["id"] if more and out else None)

@@ -1,0 +1,93 @@
+"""Run-length maps: the range-based store behind attributes and mappings.
+
+The kernel keeps one xarray entry per gfn; a guest can flip 2^40 gfns in one
+call, so kvm-memattr stores maximal runs instead. Every operation costs
+O(log n + runs touched), never O(pages).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from sortedcontainers import SortedDict
+
+Run = tuple[int, int, int]
+"""``(start, end, value)``, half-open."""
+
+
+class RunMap:
+    """A total map from ``[0, limit)`` to ints, stored as coalesced runs.
+
+    Keys of the sorted dict are run starts; a run extends to the next key (or
+    ``limit``). Adjacent runs always hold different values, so ``len()`` is the
+    number of maximal runs.
+    """
+
+    __slots__ = ("_d", "limit")
+
+    def __init__(self, limit: int, default: int = 0) -> None:
+        self.limit = limit
+        self._d: SortedDict = SortedDict({0: default})
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def value_at(self, x: int) -> int:
+        """Value of the run holding ``x``."""
+        i = self._d.bisect_right(x) - 1
+        return int(self._d.peekitem(i)[1])
+
+    def runs(self, start: int, end: int) -> Iterator[Run]:
+        """Maximal runs clipped to ``[start, end)``, in order."""
+        if start >= end:
+            return
+        d = self._d
+        cur_start, cur_val = start, self.value_at(start)
+        for k in d.irange(start, end, inclusive=(False, False)):
+            yield cur_start, k, cur_val
+            cur_start, cur_val = k, d[k]
+        yield cur_start, end, cur_val
+
+    def is_uniform(self, start: int, end: int, value: int) -> bool:
+        """True iff every x in ``[start, end)`` maps to ``value``."""
+        d = self._d
+        i = d.bisect_right(start) - 1
+        if d.peekitem(i)[1] != value:
+            return False
+        return i + 1 == len(d) or int(d.peekitem(i + 1)[0]) >= end
+
+    def count_after_assign(self, start: int, end: int, value: int) -> int:
+        """How many runs ``assign(start, end, value)`` would leave, without doing it."""
+        before, after = self._neighbours(start, end)
+        removed: int = self._d.bisect_right(end) - self._d.bisect_left(start)
+        added = int(before != value) + int(end < self.limit and after != value)
+        return len(self._d) - removed + added
+
+    def assign(self, start: int, end: int, value: int) -> None:
+        """Set every x in ``[start, end)`` to ``value``, keeping runs maximal."""
+        if start >= end:
+            return
+        d = self._d
+        before, after = self._neighbours(start, end)
+        for k in list(d.irange(start, end)):
+            del d[k]
+        if before != value:
+            d[start] = value
+        if end < self.limit and after != value:
+            d[end] = after
+
+    def snapshot(self, start: int, end: int) -> list[Run]:
+        """The runs of ``[start, end)``, for an exact :meth:`restore`."""
+        return list(self.runs(start, end))
+
+    def restore(self, runs: list[Run]) -> None:
+        """Put back what :meth:`snapshot` saw."""
+        for s, e, v in runs:
+            self.assign(s, e, v)
+
+    def _neighbours(self, start: int, end: int) -> tuple[int | None, int | None]:
+        # The value just left of start and the value at end decide whether the
+        # new run coalesces with its neighbours or splits them.
+        before = self.value_at(start - 1) if start > 0 else None
+        after = self.value_at(end) if end < self.limit else None
+        return before, after

@@ -1,0 +1,1 @@
+"""Pydantic models mirroring the kernel structs and the VM state."""

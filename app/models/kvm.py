@@ -1,0 +1,211 @@
+"""Kernel constants and the uapi structs kvm-memattr mirrors.
+
+Values are those of ``include/uapi/linux/kvm.h`` and
+``arch/x86/include/uapi/asm/kvm.h``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.models.types import U32, U64
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+U64_MAX = (1 << 64) - 1
+GFN_LIMIT = 1 << 52
+"""Attributes exist for every gfn below this (any u64 address >> 12)."""
+
+KVM_API_VERSION = 12
+KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
+KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+KVM_EXIT_MMIO = 6
+KVM_EXIT_MEMORY_FAULT = 39
+
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+KVM_MEM_GUEST_MEMFD = 1 << 2
+
+KVM_USER_MEM_SLOTS = 32764
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
+KVM_MAX_NR_ADDRESS_SPACES = 2
+USER_HVA_LIMIT = 0x7FFFFFFFF000
+"""``TASK_SIZE_MAX`` on x86-64: ``access_ok()`` fails above it."""
+
+GUEST_MEMFD_FLAG_MMAP = 1 << 0
+GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
+
+DEFAULT_MAX_GFN = (1 << 40) - 1
+"""``kvm_mmu_max_gfn()`` for a 52-bit host physical address width."""
+
+
+class VmType(StrEnum):
+    """``KVM_X86_*_VM``: the ``type`` argument of ``KVM_CREATE_VM``."""
+
+    default = "default"
+    sw_protected = "sw_protected"
+    sev = "sev"
+    sev_es = "sev_es"
+    snp = "snp"
+    tdx = "tdx"
+
+    @property
+    def value_code(self) -> int:
+        return _VM_TYPE_VALUES[self]
+
+    @property
+    def has_private_mem(self) -> bool:
+        """``kvm_arch_has_private_mem()``."""
+        return self in (VmType.sw_protected, VmType.snp, VmType.tdx)
+
+
+_VM_TYPE_VALUES = {
+    VmType.default: 0,
+    VmType.sw_protected: 1,
+    VmType.sev: 2,
+    VmType.sev_es: 3,
+    VmType.snp: 4,
+    VmType.tdx: 5,
+}
+KVM_CAP_VM_TYPES_MASK = sum(1 << v for v in _VM_TYPE_VALUES.values())
+
+
+class Semantics(StrEnum):
+    """Which kernel design a VM follows."""
+
+    rfc_v9 = "rfc-v9"
+    linux = "linux"
+
+
+class _Struct(BaseModel):
+    # A typo such as "adress" must not silently become address 0.
+    model_config = ConfigDict(extra="forbid")
+
+
+class KvmEncRegion(_Struct):
+    """``struct kvm_enc_region`` (``KVM_MEMORY_ENCRYPT_{REG,UNREG}_REGION``)."""
+
+    addr: U64
+    size: U64
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"addr": "0x100000000", "size": "0x200000"}]},
+    )
+
+
+class KvmMemoryAttributes(_Struct):
+    """``struct kvm_memory_attributes`` (``KVM_SET_MEMORY_ATTRIBUTES``)."""
+
+    address: U64
+    size: U64
+    attributes: U64 = Field(description="8 = KVM_MEMORY_ATTRIBUTE_PRIVATE, 0 = shared")
+    flags: U64 = 0
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"address": "0x100000000", "size": "0x200000", "attributes": 8, "flags": 0}]},
+    )
+
+
+class KvmUserspaceMemoryRegion2(_Struct):
+    """``struct kvm_userspace_memory_region2`` without ``slot`` (it is in the path)."""
+
+    flags: U32 = 0
+    guest_phys_addr: U64
+    memory_size: U64 = Field(description="0 deletes the slot")
+    userspace_addr: U64
+    guest_memfd: U32 | None = Field(default=None, description="fd from POST .../guest-memfds")
+    guest_memfd_offset: U64 = 0
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "flags": 0,
+                    "guest_phys_addr": "0x100000000",
+                    "memory_size": "0x400000",
+                    "userspace_addr": "0x7f0000000000",
+                },
+                {
+                    "flags": 4,
+                    "guest_phys_addr": "0x100000000",
+                    "memory_size": "0x400000",
+                    "userspace_addr": "0x7f0000000000",
+                    "guest_memfd": 3,
+                    "guest_memfd_offset": 0,
+                },
+            ]
+        },
+    )
+
+
+class KvmCreateGuestMemfd(_Struct):
+    """``struct kvm_create_guest_memfd`` (``KVM_CREATE_GUEST_MEMFD``)."""
+
+    size: U64
+    flags: U64 = 0
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"size": "0x400000", "flags": 0}]})
+
+
+class VmCreate(_Struct):
+    """Arguments of ``KVM_CREATE_VM``, plus the semantics to follow."""
+
+    type: VmType = VmType.sw_protected
+    semantics: Semantics = Semantics.rfc_v9
+    name: str | None = Field(default=None, max_length=200)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"type": "sw_protected", "semantics": "linux", "name": "demo"}]},
+    )
+
+
+class FaultRequest(_Struct):
+    """One vCPU page fault (``KVM_RUN`` hitting an EPT/NPT violation)."""
+
+    gpa: U64
+    as_id: int = Field(default=0, ge=0, le=KVM_MAX_NR_ADDRESS_SPACES - 1)
+    write: bool = False
+    private: bool | None = Field(default=None, description="null: as private as the gfn's attribute")
+    mmu_seq: U64 | None = Field(default=None, description="seq the vCPU snapshotted; null: now")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"gpa": "0x100000000", "write": True}]})
+
+
+class PrefaultRequest(_Struct):
+    """``KVM_PRE_FAULT_MEMORY``: map a range ahead of the guest."""
+
+    gpa: U64
+    size: U64
+    as_id: int = Field(default=0, ge=0, le=KVM_MAX_NR_ADDRESS_SPACES - 1)
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"gpa": "0x100000000", "size": "0x200000"}]}
+    )
+
+
+class NotifierRequest(_Struct):
+    """``mmu_notifier_invalidate_range_start`` on ``[hva_start, hva_end)``."""
+
+    hva_start: U64
+    hva_end: U64
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"hva_start": "0x7f0000000000", "hva_end": "0x7f0000001000"}]},
+    )
+
+
+class FaultInjection(_Struct):
+    """Like ``/proc/self/fail-nth``: the nth per-gfn allocation of the next update fails."""
+
+    fail_nth: int | None = Field(default=None, ge=1, description="null disarms")
+    errno: Literal["ENOMEM"] = "ENOMEM"
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"fail_nth": 3, "errno": "ENOMEM"}]})

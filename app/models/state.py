@@ -1,0 +1,199 @@
+"""VM and MMU state as the engine reports it (and the API returns it)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from app.models.kvm import Semantics, VmType
+
+
+class MmuStats(BaseModel):
+    attribute_updates: int = Field(description="successful attribute updates (no-ops included)")
+    tlb_flushes: int = Field(description="kvm_flush_remote_tlbs() calls")
+    pages_zapped: int = Field(description="SPTEs zapped by conversions, notifiers and memslot delete/move")
+    faults: int = Field(description="vCPU page faults handled (prefault excluded)")
+    fault_retries: int = Field(description="faults that returned RET_PF_RETRY")
+    memory_fault_exits: int = Field(description="KVM_EXIT_MEMORY_FAULT exits")
+    mmio_exits: int = Field(description="KVM_EXIT_MMIO exits")
+
+
+class Mmu(BaseModel):
+    """The MMU invalidation state of ``struct kvm`` plus statistics."""
+
+    mmu_invalidate_seq: int
+    mmu_invalidate_in_progress: int
+    mmu_invalidate_range_start: int | None = Field(description="null = INVALID_GPA")
+    mmu_invalidate_range_end: int | None = Field(description="null = INVALID_GPA")
+    mapped_pages: int
+    open_notifier_invalidations: int
+    stats: MmuStats
+
+
+class Vm(BaseModel):
+    id: str
+    name: str | None
+    type: VmType
+    type_value: int
+    semantics: Semantics
+    has_private_mem: bool
+    address_spaces: int
+    memslot_count: int
+    mmu: Mmu
+
+
+class Memslot(BaseModel):
+    slot: int = Field(description="raw slot: as_id << 16 | id")
+    as_id: int
+    id: int
+    flags: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    base_gfn: int
+    npages: int
+    guest_memfd: int | None
+    guest_memfd_offset: int
+
+
+MemslotChange = Literal["create", "move", "flags_only", "none", "delete"]
+
+
+class MemslotUpdate(BaseModel):
+    change: MemslotChange
+    memslot: Memslot | None
+    pages_zapped: int
+
+
+class GmemBinding(BaseModel):
+    slot: int
+    offset: int
+    size: int
+
+
+class GuestMemfd(BaseModel):
+    fd: int
+    size: int
+    flags: int
+    bindings: list[GmemBinding]
+
+
+class AttributeUpdate(BaseModel):
+    start_gfn: int
+    end_gfn: int
+    attributes: int
+    noop: bool = Field(description="linux: the range already had these attributes")
+    invalidated: bool = Field(description="an invalidate begin/end pair ran")
+    pages_zapped: int
+    tlb_flushed: bool
+    mmu: Mmu
+
+
+class EncRegion(BaseModel):
+    addr: int
+    size: int
+
+
+class SevRegionUpdate(BaseModel):
+    region: EncRegion
+    pinned_regions: int
+
+
+class AttributeRun(BaseModel):
+    start_gfn: int
+    end_gfn: int
+    attributes: int
+    private: bool
+
+
+class MappingRun(BaseModel):
+    as_id: int
+    start_gfn: int
+    end_gfn: int
+    private: bool
+    writable: bool
+
+
+class GfnMemslotRef(BaseModel):
+    as_id: int
+    slot: int
+    id: int
+
+
+class GfnMapping(BaseModel):
+    as_id: int
+    private: bool
+    writable: bool
+
+
+class GfnInfo(BaseModel):
+    gfn: int
+    gpa: int
+    attributes: int
+    private: bool
+    memslots: list[GfnMemslotRef]
+    mappings: list[GfnMapping]
+
+
+class ExitInfo(BaseModel):
+    """``kvm_run`` exit details: ``memory_fault`` or ``mmio``."""
+
+    reason: Literal["KVM_EXIT_MEMORY_FAULT", "KVM_EXIT_MMIO"]
+    reason_code: int
+    gpa: int
+    flags: int | None = None
+    size: int | None = None
+    errno: Literal["EFAULT"] | None = None
+    is_write: bool | None = None
+
+
+FaultOutcome = Literal["mapped", "retry", "memory_fault_exit", "mmio_exit"]
+
+
+class FaultResult(BaseModel):
+    outcome: FaultOutcome
+    gfn: int
+    as_id: int
+    private: bool
+    mmu_seq: int
+    retry_reason: str | None
+    exit: ExitInfo | None
+
+
+class PrefaultResult(BaseModel):
+    mapped_pages: int
+    already_mapped_pages: int
+    skipped_pages: int
+
+
+class GfnRange(BaseModel):
+    as_id: int
+    start_gfn: int
+    end_gfn: int
+
+
+class NotifierInvalidation(BaseModel):
+    id: int
+    hva_start: int
+    hva_end: int
+    gfn_ranges: list[GfnRange]
+
+
+class NotifierStart(BaseModel):
+    id: int
+    gfn_ranges: list[GfnRange]
+    pages_zapped: int
+    mmu: Mmu
+
+
+class NotifierEnd(BaseModel):
+    mmu: Mmu
+
+
+class FaultInjectionState(BaseModel):
+    fail_nth: int | None
+    errno: Literal["ENOMEM"] = "ENOMEM"
+
+
+Event = dict[str, Any]
