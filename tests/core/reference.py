@@ -1,0 +1,355 @@
+"""A deliberately naive reference model of semantics.md: one dict entry per gfn.
+
+It stores attributes the way the kernel's xarray does (one entry per gfn) and
+mappings one per (as_id, gfn), and walks every page of every range. It is slow
+and obviously correct over a small gfn window; the stateful test checks the
+range-based engine against it after every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from app.core.errors import EBADF, EBUSY, EEXIST, EINVAL, ENOENT, ENOMEM, ENOTTY
+from app.models.kvm import Semantics, VmType
+
+PAGE = 4096
+U64_MAX = 2**64 - 1
+PRIVATE = 8
+LOG_DIRTY, READONLY, GMEM = 1, 2, 4
+
+
+@dataclass
+class RefSlot:
+    as_id: int
+    id: int
+    flags: int
+    base: int
+    npages: int
+    hva: int
+    gmem_fd: int | None = None
+    gmem_off: int = 0
+    gmem_file: dict[str, object] | None = None
+
+    def has(self, gfn: int) -> bool:
+        return self.base <= gfn < self.base + self.npages
+
+    def writable(self, write: bool) -> bool:
+        return not self.flags & READONLY and (write or not self.flags & LOG_DIRTY)
+
+
+@dataclass
+class RefVM:
+    vm_type: VmType
+    semantics: Semantics
+    max_gfn: int
+    attrs: dict[int, int] = field(default_factory=dict)
+    slots: dict[tuple[int, int], RefSlot] = field(default_factory=dict)
+    maps: dict[tuple[int, int], tuple[bool, bool]] = field(default_factory=dict)
+    seq: int = 0
+    in_progress: int = 0
+    rstart: int | None = None
+    rend: int | None = None
+    stats: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            [
+                "attribute_updates",
+                "tlb_flushes",
+                "pages_zapped",
+                "faults",
+                "fault_retries",
+                "memory_fault_exits",
+                "mmio_exits",
+            ],
+            0,
+        )
+    )
+    fail_nth: int | None = None
+    gmem: dict[int, dict[str, object]] = field(default_factory=dict)
+    next_fd: int = 3
+    notifiers: dict[int, bool] = field(default_factory=dict)
+    next_nid: int = 1
+    pinned: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def linux(self) -> bool:
+        return self.semantics is Semantics.linux
+
+    @property
+    def private_mem(self) -> bool:
+        return self.vm_type in (VmType.sw_protected, VmType.snp, VmType.tdx)
+
+    @property
+    def nr_as(self) -> int:
+        return 1 if self.linux and self.private_mem else 2
+
+    def attr(self, gfn: int) -> int:
+        default = PRIVATE if not self.linux and self.private_mem else 0
+        return self.attrs.get(gfn, default)
+
+    def slot_at(self, as_id: int, gfn: int) -> RefSlot | None:
+        for s in self.slots.values():
+            if s.as_id == as_id and s.has(gfn):
+                return s
+        return None
+
+    # -- invalidation
+    def begin(self) -> None:
+        self.in_progress += 1
+        if self.in_progress == 1:
+            self.rstart = self.rend = None
+
+    def add(self, s: int, e: int) -> None:
+        if self.rstart is None or self.rend is None:
+            self.rstart, self.rend = s, e
+        else:
+            self.rstart, self.rend = min(self.rstart, s), max(self.rend, e)
+
+    def end(self) -> None:
+        self.seq += 1
+        self.in_progress -= 1
+
+    def unmap(self, as_id: int, gfns: range, kind: str) -> int:
+        n = 0
+        for g in gfns:
+            m = self.maps.get((as_id, g))
+            if m is not None and (kind == "all" or m[0] == (kind == "private")):
+                del self.maps[(as_id, g)]
+                n += 1
+        self.stats["pages_zapped"] += n
+        return n
+
+    def flush(self, n: int) -> None:
+        if n:
+            self.stats["tlb_flushes"] += 1
+
+    # -- attributes
+    def _range(self, addr: int, size: int) -> range:
+        if size == 0 or addr + size > U64_MAX or addr % PAGE or size % PAGE:
+            raise EINVAL("range")
+        return range(addr // PAGE, (addr + size) // PAGE)
+
+    def enc_region(self, addr: int, size: int, register: bool) -> dict[str, object]:
+        sev = self.vm_type in (VmType.sev, VmType.sev_es) or (self.linux and self.vm_type is VmType.snp)
+        if sev:
+            if register:
+                if size == 0 or addr + size > U64_MAX:
+                    raise EINVAL("sev")
+                self.pinned.append((addr, size))
+            else:
+                if (addr, size) not in self.pinned:
+                    raise EINVAL("sev")
+                self.pinned.remove((addr, size))
+            return {"pinned_regions": len(self.pinned)}
+        if self.linux or not self.private_mem:
+            raise ENOTTY("enc")
+        gfns = self._range(addr, size)
+        value = PRIVATE if register else 0
+        self.begin()
+        self.add(gfns.start, gfns.stop)
+        nth, self.fail_nth = self.fail_nth, None
+        saved: dict[int, int] = {}
+        for i, g in enumerate(gfns, start=1):
+            if nth == i:
+                for old_g, old_v in saved.items():  # restore exactly what was there
+                    self.attrs[old_g] = old_v
+                self.end()
+                raise ENOMEM("store")
+            saved[g] = self.attr(g)
+            self.attrs[g] = value
+        zapped = 0
+        for as_id in range(self.nr_as):
+            zapped += self.unmap(as_id, range(gfns.start, gfns.stop), "all")
+        self.flush(zapped)
+        self.end()
+        self.stats["attribute_updates"] += 1
+        return {"noop": False, "invalidated": True, "pages_zapped": zapped}
+
+    def set_attributes(self, address: int, size: int, attributes: int, flags: int) -> dict[str, object]:
+        if not self.linux:
+            raise ENOTTY("rfc")
+        if flags:
+            raise EINVAL("flags")
+        if attributes & ~(PRIVATE if self.private_mem else 0):
+            raise EINVAL("attributes")
+        gfns = self._range(address, size)
+        if all(self.attr(g) == attributes for g in gfns):
+            self.stats["attribute_updates"] += 1
+            return {"noop": True, "invalidated": False, "pages_zapped": 0}
+        nth, self.fail_nth = self.fail_nth, None
+        if nth is not None and nth <= len(gfns):
+            raise ENOMEM("reserve")
+        hit = [(a, g) for a in range(self.nr_as) for g in gfns if self.slot_at(a, g)]
+        zapped = 0
+        if hit:
+            self.begin()
+            for a, g in hit:
+                self.add(g, g + 1)
+                zapped += self.unmap(a, range(g, g + 1), "shared" if attributes else "private")
+            self.flush(zapped)
+        for g in gfns:
+            self.attrs[g] = attributes
+        if hit:
+            self.end()
+        self.stats["attribute_updates"] += 1
+        return {"noop": False, "invalidated": bool(hit), "pages_zapped": zapped}
+
+    # -- memslots
+    def set_region(
+        self, raw: int, flags: int, gpa: int, size: int, hva: int, fd: int | None, off: int
+    ) -> dict[str, object]:
+        as_id, sid = raw >> 16, raw & 0xFFFF
+        if sid >= 32764:
+            raise EINVAL("id")
+        allowed = LOG_DIRTY | READONLY
+        if self.linux or self.private_mem:
+            allowed |= GMEM
+        if flags & GMEM:
+            allowed &= ~(LOG_DIRTY | READONLY)
+        if flags & ~allowed:
+            raise EINVAL("flags")
+        if size % PAGE or gpa % PAGE or hva % PAGE or hva + size > 0x7FFFFFFFF000:
+            raise EINVAL("align")
+        if flags & GMEM and (off % PAGE or off + size > U64_MAX):
+            raise EINVAL("off")
+        if as_id >= self.nr_as:
+            raise EINVAL("as")
+        if gpa + size > U64_MAX or size // PAGE > 2**31 - 1:
+            raise EINVAL("wrap")
+        old = self.slots.get((as_id, sid))
+        npages, base = size // PAGE, gpa // PAGE
+        if npages == 0:
+            if old is None:
+                raise EINVAL("delete")
+            change = "delete"
+        elif old is not None:
+            if old.flags & GMEM or flags & GMEM:
+                raise EINVAL("gmem")
+            if hva != old.hva or npages != old.npages or (flags ^ old.flags) & READONLY:
+                raise EINVAL("modify")
+            change = "move" if base != old.base else ("flags_only" if flags != old.flags else "none")
+        else:
+            change = "create"
+        gfile = None
+        if change in ("create", "move"):
+            for g in range(base, base + npages):
+                other = self.slot_at(as_id, g)
+                if other is not None and other is not old:
+                    raise EEXIST("overlap")
+            if flags & GMEM:
+                if fd is None or fd not in self.gmem:
+                    raise EBADF("fd")
+                gfile = self.gmem[fd]
+                binds: dict[int, tuple[int, int]] = gfile["bindings"]  # type: ignore[assignment]
+                if off + size > gfile["size"]:  # type: ignore[operator]
+                    raise EINVAL("gmem size")
+                for o, s in binds.values():
+                    if off < o + s and o < off + size:
+                        raise EINVAL("bound")
+            if base + npages - 1 > self.max_gfn:
+                raise EINVAL("max_gfn")
+        if change == "none":
+            return {"change": "none", "pages_zapped": 0}
+        if self.notifiers:
+            raise EBUSY("notifier")
+        zapped = 0
+        if change in ("delete", "move"):
+            assert old is not None
+            zapped = self.unmap(as_id, range(old.base, old.base + old.npages), "all")
+            self.flush(zapped)
+        if change == "delete":
+            assert old is not None
+            del self.slots[(as_id, sid)]
+            if old.gmem_file is not None:
+                del old.gmem_file["bindings"][raw]  # type: ignore[attr-defined]
+        elif change == "create":
+            self.slots[(as_id, sid)] = RefSlot(as_id, sid, flags, base, npages, hva, fd if gfile else None, off, gfile)
+            if gfile is not None:
+                gfile["bindings"][raw] = (off, size)  # type: ignore[index]
+        else:
+            assert old is not None
+            old.base, old.flags = base, flags
+        return {"change": change, "pages_zapped": zapped}
+
+    def create_gmem(self, size: int, flags: int) -> int:
+        if flags & ~(3 if self.linux else 0) or size == 0 or size % PAGE:
+            raise EINVAL("gmem")
+        fd = self.next_fd
+        self.next_fd += 1
+        self.gmem[fd] = {"size": size, "flags": flags, "bindings": {}}
+        return fd
+
+    def close_gmem(self, fd: int) -> None:
+        if fd not in self.gmem:
+            raise ENOENT("fd")
+        del self.gmem[fd]
+
+    # -- faults
+    def fault(self, as_id: int, gpa: int, write: bool, private: bool | None, mmu_seq: int | None) -> str:
+        if as_id >= self.nr_as:
+            raise EINVAL("as")
+        gfn = gpa // PAGE
+        attr_priv = bool(self.attr(gfn) & PRIVATE)
+        priv = attr_priv if private is None else private
+        snap = self.seq if mmu_seq is None else mmu_seq
+        slot = self.slot_at(as_id, gfn)
+        self.stats["faults"] += 1
+        if priv != attr_priv or (priv and (slot is None or not slot.flags & GMEM)):
+            self.stats["memory_fault_exits"] += 1
+            return "memory_fault_exit"
+        if slot is None or (write and slot.flags & READONLY):
+            self.stats["mmio_exits"] += 1
+            return "mmio_exit"
+        if self._would_retry(gfn) or self.seq != snap:
+            self.stats["fault_retries"] += 1
+            return "retry"
+        if (as_id, gfn) not in self.maps:
+            self.maps[(as_id, gfn)] = (priv, slot.writable(write))
+        return "mapped"
+
+    def _would_retry(self, gfn: int) -> bool:
+        return bool(self.in_progress and self.rstart is not None and self.rend is not None and self.rstart <= gfn < self.rend)
+
+    def prefault(self, gpa: int, size: int, as_id: int) -> tuple[int, int, int]:
+        gfns = self._range(gpa, size)
+        if as_id >= self.nr_as:
+            raise EINVAL("as")
+        new = already = skipped = 0
+        for g in gfns:
+            slot = self.slot_at(as_id, g)
+            priv = bool(self.attr(g) & PRIVATE)
+            if slot is None or (priv and not slot.flags & GMEM) or self._would_retry(g):
+                skipped += 1
+            elif (as_id, g) in self.maps:
+                already += 1
+            else:
+                self.maps[(as_id, g)] = (priv, slot.writable(False))
+                new += 1
+        return new, already, skipped
+
+    # -- host MMU notifier
+    def notifier_start(self, hs: int, he: int) -> tuple[int, int]:
+        if hs >= he:
+            raise EINVAL("hva")
+        hits: list[tuple[int, int, int]] = []
+        for s in self.slots.values():
+            gfns = [s.base + i for i in range(s.npages) if s.hva + i * PAGE < he and hs < s.hva + (i + 1) * PAGE]
+            if gfns:
+                hits.append((s.as_id, min(gfns), max(gfns) + 1))
+        zapped = 0
+        if hits:
+            self.begin()
+            for a, lo, hi in hits:
+                self.add(lo, hi)
+                zapped += self.unmap(a, range(lo, hi), "shared")
+            self.flush(zapped)
+        nid = self.next_nid
+        self.next_nid += 1
+        self.notifiers[nid] = bool(hits)
+        return nid, zapped
+
+    def notifier_end(self, nid: int) -> None:
+        if nid not in self.notifiers:
+            raise ENOENT("nid")
+        if self.notifiers.pop(nid):
+            self.end()

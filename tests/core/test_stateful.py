@@ -1,0 +1,222 @@
+"""The engine against the naive per-gfn reference model, step by step (hypothesis)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from app.core import Engine, EngineLimits, KvmError
+from app.core.vm import VirtualMachine
+from app.models.kvm import (
+    FaultRequest,
+    KvmCreateGuestMemfd,
+    KvmEncRegion,
+    KvmMemoryAttributes,
+    KvmUserspaceMemoryRegion2,
+    NotifierRequest,
+    PrefaultRequest,
+    Semantics,
+    VmCreate,
+    VmType,
+)
+from tests.core.reference import PAGE, RefVM
+
+WINDOW = 16  # gfns the rules touch: small, so slots, conversions and faults collide
+MAX_GFN = 13  # so some slots cross kvm_mmu_max_gfn()
+HVA_BASES = [0x10000000, 0x10010000, 0x10020000]
+
+pages = st.integers(0, WINDOW - 1)
+small = st.integers(0, 10)
+
+
+def same(engine_call: Callable[[], Any], ref_call: Callable[[], Any]) -> tuple[Any, Any]:
+    """Run both; they must succeed together or fail with the same errno."""
+    try:
+        got = engine_call()
+    except KvmError as e:
+        try:
+            ref_call()
+        except KvmError as r:
+            assert e.errno == r.errno, f"engine {e.errno} ({e.detail}) != reference {r.errno}"
+            return None, None
+        raise AssertionError(f"engine raised {e.errno} ({e.detail}), reference succeeded") from e
+    try:
+        want = ref_call()
+    except KvmError as r:
+        raise AssertionError(f"reference raised {r.errno}, engine returned {got}") from r
+    return got, want
+
+
+class EngineVsReference(RuleBasedStateMachine):
+    vm: VirtualMachine
+    ref: RefVM
+
+    @initialize(
+        vm_type=st.sampled_from([VmType.sw_protected, VmType.default, VmType.snp, VmType.sev]),
+        semantics=st.sampled_from(list(Semantics)),
+    )
+    def create(self, vm_type: VmType, semantics: Semantics) -> None:
+        engine = Engine(EngineLimits(max_gfn=MAX_GFN))
+        self.vm = engine.create_vm(VmCreate(type=vm_type, semantics=semantics))
+        self.ref = RefVM(vm_type, semantics, MAX_GFN)
+
+    @rule(
+        sid=st.sampled_from([0, 1, 2, 3, 32764]),
+        as_id=st.sampled_from([0, 0, 1, 2]),
+        flags=st.sampled_from([0, 0, 1, 2, 3, 4, 4, 4, 5, 8]),
+        gpa_page=pages,
+        npages=st.integers(0, 6),
+        hva_base=st.sampled_from(HVA_BASES),
+        hva_page=st.integers(0, 4),
+        fd=st.sampled_from([None, 3, 3, 3, 4, 5, 99]),
+        off_page=st.integers(0, 4),
+        misalign=st.sampled_from([0] * 8 + [1, 0x800]),
+    )
+    def set_region(
+        self,
+        sid: int,
+        as_id: int,
+        flags: int,
+        gpa_page: int,
+        npages: int,
+        hva_base: int,
+        hva_page: int,
+        fd: int | None,
+        off_page: int,
+        misalign: int,
+    ) -> None:
+        raw = as_id << 16 | sid
+        gpa, size, hva, off = gpa_page * PAGE + misalign, npages * PAGE, hva_base + hva_page * PAGE, off_page * PAGE
+        req = KvmUserspaceMemoryRegion2(
+            flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva, guest_memfd=fd, guest_memfd_offset=off
+        )
+        got, want = same(
+            lambda: self.vm.set_user_memory_region(raw, req),
+            lambda: self.ref.set_region(raw, flags, gpa, size, hva, fd, off),
+        )
+        if got is not None:
+            assert (got.change, got.pages_zapped) == (want["change"], want["pages_zapped"])
+
+    @rule(size_pages=st.integers(0, 16), flags=st.sampled_from([0, 0, 1, 2, 4]))
+    def create_gmem(self, size_pages: int, flags: int) -> None:
+        got, want = same(
+            lambda: self.vm.create_guest_memfd(KvmCreateGuestMemfd(size=size_pages * PAGE, flags=flags)),
+            lambda: self.ref.create_gmem(size_pages * PAGE, flags),
+        )
+        if got is not None:
+            assert got.fd == want
+
+    @rule(fd=st.integers(2, 6))
+    def close_gmem(self, fd: int) -> None:
+        same(lambda: self.vm.close_guest_memfd(fd), lambda: self.ref.close_gmem(fd))
+
+    @rule(
+        start=pages,
+        npages=st.integers(0, WINDOW),
+        private=st.booleans(),
+        misalign=st.sampled_from([0] * 10 + [1]),
+        odd=st.sampled_from([None] * 10 + ["flags", "attr"]),
+    )
+    def convert(self, start: int, npages: int, private: bool, misalign: int, odd: str | None) -> None:
+        addr, size = start * PAGE, npages * PAGE + misalign
+        if self.ref.linux:
+            attrs = (8 if private else 0) | (1 if odd == "attr" else 0)
+            flags = 1 if odd == "flags" else 0
+            req = KvmMemoryAttributes(address=addr, size=size, attributes=attrs, flags=flags)
+            got, want = same(
+                lambda: self.vm.set_memory_attributes(req),
+                lambda: self.ref.set_attributes(addr, size, attrs, flags),
+            )
+        else:
+            region = KvmEncRegion(addr=addr, size=size)
+            call = self.vm.memory_encrypt_reg_region if private else self.vm.memory_encrypt_unreg_region
+            got, want = same(lambda: call(region), lambda: self.ref.enc_region(addr, size, private))
+        if got is not None and "noop" in want:
+            assert (got.noop, got.invalidated, got.pages_zapped) == (want["noop"], want["invalidated"], want["pages_zapped"])
+
+    @rule(
+        as_id=st.sampled_from([0, 0, 0, 1, 2]),
+        gfn=st.integers(0, WINDOW + 4),
+        write=st.booleans(),
+        private=st.sampled_from([None, None, True, False]),
+        seq_delta=st.sampled_from([None, None, 0, -1, 1]),
+    )
+    def fault(self, as_id: int, gfn: int, write: bool, private: bool | None, seq_delta: int | None) -> None:
+        seq = None if seq_delta is None else max(0, self.ref.seq + seq_delta)
+        req = FaultRequest(gpa=gfn * PAGE + 0x123, as_id=min(as_id, 1), write=write, private=private, mmu_seq=seq)
+        if as_id == 2:
+            return
+        got, want = same(
+            lambda: self.vm.fault(req),
+            lambda: self.ref.fault(req.as_id, req.gpa, write, private, seq),
+        )
+        if got is not None:
+            assert got.outcome == want
+
+    @rule(start=pages, npages=st.integers(0, 12), as_id=st.sampled_from([0, 0, 1]))
+    def prefault(self, start: int, npages: int, as_id: int) -> None:
+        req = PrefaultRequest(gpa=start * PAGE, size=npages * PAGE, as_id=as_id)
+        got, want = same(lambda: self.vm.prefault(req), lambda: self.ref.prefault(req.gpa, req.size, as_id))
+        if got is not None:
+            assert (got.mapped_pages, got.already_mapped_pages, got.skipped_pages) == want
+
+    @rule(base=st.sampled_from(HVA_BASES), start=st.integers(-2, 10), length=st.integers(0, 0x6000))
+    def notifier_start(self, base: int, start: int, length: int) -> None:
+        hs = base + start * 0x800
+        req = NotifierRequest(hva_start=hs, hva_end=hs + length)
+        got, want = same(lambda: self.vm.notifier_start(req), lambda: self.ref.notifier_start(hs, hs + length))
+        if got is not None:
+            assert (got.id, got.pages_zapped) == want
+
+    @rule(nid=st.integers(1, 8))
+    def notifier_end(self, nid: int) -> None:
+        same(lambda: self.vm.notifier_end(nid), lambda: self.ref.notifier_end(nid))
+
+    @rule(n=st.integers(1, 12))
+    def arm_fault_injection(self, n: int) -> None:
+        self.vm.set_fault_injection(n)
+        self.ref.fail_nth = n
+
+    @invariant()
+    def agree(self) -> None:
+        if not hasattr(self, "ref"):
+            return
+        vm, ref = self.vm, self.ref
+        mmu = vm.mmu_model()
+        assert (mmu.mmu_invalidate_seq, mmu.mmu_invalidate_in_progress) == (ref.seq, ref.in_progress)
+        assert (mmu.mmu_invalidate_range_start, mmu.mmu_invalidate_range_end) == (ref.rstart, ref.rend)
+        assert mmu.stats.model_dump() == ref.stats
+        assert mmu.open_notifier_invalidations == len(ref.notifiers)
+        assert mmu.mapped_pages == len(ref.maps)
+        span = 2 * WINDOW + 8
+        runs, _ = vm.attribute_runs(0, 1 << 52, 10_000)
+        got_attrs = {g: r.attributes for r in runs for g in range(r.start_gfn, min(r.end_gfn, span))}
+        assert got_attrs == {g: ref.attr(g) for g in range(span)}
+        assert runs[-1].end_gfn == 1 << 52 and runs[-1].attributes == ref.attr(span)
+        assert all(a.attributes != b.attributes for a, b in zip(runs, runs[1:], strict=False)), "runs not maximal"
+        got_maps = {}
+        for as_id in range(vm.nr_as):
+            mruns, _ = vm.mapping_runs(as_id, 0, 1 << 52, 10_000)
+            for r in mruns:
+                for g in range(r.start_gfn, r.end_gfn):
+                    got_maps[(as_id, g)] = (r.private, r.writable)
+        assert got_maps == ref.maps
+        slots = {(s.as_id, s.id): (s.base_gfn, s.npages, s.flags, s.userspace_addr, s.guest_memfd) for s in vm.memslots()}
+        assert slots == {k: (s.base, s.npages, s.flags, s.hva, s.gmem_fd) for k, s in ref.slots.items()}
+        gmems = {g.fd: sorted((b.slot, b.offset, b.size) for b in g.bindings) for g in vm.guest_memfds()}
+        assert gmems == {
+            fd: sorted((k, o, s) for k, (o, s) in f["bindings"].items())  # type: ignore[attr-defined]
+            for fd, f in ref.gmem.items()
+        }
+        assert [(r.addr, r.size) for r in vm.pinned_regions()] == ref.pinned
+
+
+EngineVsReference.TestCase.settings = settings(
+    max_examples=int(os.environ.get("KVM_MEMATTR_STATEFUL_EXAMPLES", "1000")), stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+TestEngineVsReference = EngineVsReference.TestCase
