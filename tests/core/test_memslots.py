@@ -1,0 +1,180 @@
+"""semantics.md section 5: KVM_SET_USER_MEMORY_REGION2 and KVM_CREATE_GUEST_MEMFD."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.core.errors import EBADF, EBUSY, EEXIST, EINVAL, ENOENT
+from app.models.kvm import FaultRequest, KvmCreateGuestMemfd, NotifierRequest
+from tests.core.conftest import GIB4, HVA, MakeVm, add_gmem_slot, region
+
+MIB2 = 0x200000
+
+
+@pytest.mark.parametrize(
+    ("vm_type", "semantics", "raw", "req"),
+    [
+        ("sw_protected", "linux", 32764, region(0, MIB2)),  # 1. id >= KVM_USER_MEM_SLOTS
+        ("sw_protected", "linux", 0, region(0, MIB2, flags=8)),  # 2. unknown flag
+        ("sw_protected", "linux", 0, region(0, MIB2, flags=4 | 1, fd=3)),  # 2. GUEST_MEMFD + LOG_DIRTY
+        ("sw_protected", "linux", 0, region(0, MIB2, flags=4 | 2, fd=3)),  # 2. GUEST_MEMFD + READONLY
+        ("default", "rfc-v9", 0, region(0, MIB2, flags=4, fd=3)),  # 2. rfc-v9: gmem only on private VMs
+        ("sw_protected", "linux", 0, region(0, 0x1800)),  # 3. size unaligned
+        ("sw_protected", "linux", 0, region(0x800, MIB2)),  # 3. gpa unaligned
+        ("sw_protected", "linux", 0, region(0, MIB2, hva=HVA + 1)),  # 3. hva unaligned
+        ("sw_protected", "linux", 0, region(0, 0x2000, hva=0x7FFFFFFFE000)),  # 3. beyond the user half
+        ("sw_protected", "linux", 0, region(0, MIB2, flags=4, fd=3, off=0x800)),  # 4. gmem offset unaligned
+        ("sw_protected", "linux", 0, region(0, MIB2, flags=4, fd=3, off=2**64 - 0x1000)),  # 4. offset wraps
+        ("sw_protected", "linux", 1 << 16, region(0, MIB2)),  # 5. no SMM space on private linux VMs
+        ("sw_protected", "rfc-v9", 2 << 16, region(0, MIB2)),  # 5. as_id 2
+        ("sw_protected", "linux", 0, region(2**64 - 0x1000, MIB2, hva=0)),  # 6. gpa + size wraps
+        ("default", "linux", 0, region(0, 1 << 43, hva=0)),  # 6. > 2^31 - 1 pages
+        ("sw_protected", "linux", 5, region(0, 0)),  # 7. delete of a missing slot
+        ("sw_protected", "linux", 0, region(1 << 52, MIB2)),  # 11. beyond max_gfn
+    ],
+)
+def test_checks_are_einval(make_vm: MakeVm, vm_type: str, semantics: str, raw: int, req) -> None:  # type: ignore[no-untyped-def]
+    vm = make_vm(vm_type, semantics)
+    vm.create_guest_memfd(KvmCreateGuestMemfd(size=MIB2))
+    with pytest.raises(EINVAL):
+        vm.set_user_memory_region(raw, req)
+    assert vm.memslots() == []
+
+
+def test_check_order_alignment_before_as_id(make_vm: MakeVm) -> None:
+    vm = make_vm("sw_protected", "linux")
+    with pytest.raises(EINVAL, match="aligned"):
+        vm.set_user_memory_region(1 << 16, region(0x800, MIB2))
+
+
+def test_32764_slots_fit_and_the_next_id_does_not(make_vm: MakeVm) -> None:
+    vm = make_vm("default", "linux")
+    for sid in range(32764):
+        vm.set_user_memory_region(sid, region(sid * 0x1000, 0x1000, hva=sid * 0x1000))
+    assert vm.model().memslot_count == 32764
+    with pytest.raises(EINVAL):
+        vm.set_user_memory_region(32764, region(1 << 30, 0x1000))
+
+
+@pytest.mark.parametrize("gpa", [GIB4 - MIB2, GIB4 + MIB2, GIB4, GIB4 - 0x1000 * 511, GIB4 - 0x1000])
+def test_overlap_in_any_shape_is_eexist(make_vm: MakeVm, gpa: int) -> None:
+    vm = make_vm("default", "linux")
+    vm.set_user_memory_region(0, region(GIB4, 2 * MIB2))
+    req = region(gpa, 2 * MIB2, hva=HVA + 0x10000000)
+    if gpa + 2 * MIB2 <= GIB4:
+        vm.set_user_memory_region(1, req)
+        return
+    with pytest.raises(EEXIST):
+        vm.set_user_memory_region(1, req)
+    # The other address space does not overlap.
+    assert vm.set_user_memory_region(1 << 16 | 1, req).change == "create"
+
+
+def test_modify_rules(make_vm: MakeVm) -> None:
+    vm = make_vm("default", "linux")
+    created = vm.set_user_memory_region(0, region(GIB4, MIB2, flags=0))
+    assert created.change == "create" and created.memslot is not None
+    assert vm.set_user_memory_region(0, region(GIB4, MIB2)).change == "none"
+    assert vm.set_user_memory_region(0, region(GIB4, MIB2, flags=1)).change == "flags_only"
+    for bad in (region(GIB4, MIB2, flags=1 | 2), region(GIB4, 2 * MIB2, flags=1), region(GIB4, MIB2, hva=HVA + 0x1000, flags=1)):
+        with pytest.raises(EINVAL):
+            vm.set_user_memory_region(0, bad)
+    vm.fault(FaultRequest(gpa=GIB4))
+    moved = vm.set_user_memory_region(0, region(2 * GIB4, MIB2, flags=1))
+    assert (moved.change, moved.pages_zapped) == ("move", 1)
+    assert vm.mmu_model().stats.tlb_flushes == 1
+    assert vm.mmu_model().mmu_invalidate_seq == 0, "delete/move do not touch the invalidation counters"
+    deleted = vm.set_user_memory_region(0, region(0, 0, hva=0))
+    assert (deleted.change, deleted.memslot) == ("delete", None)
+
+
+def test_guest_memfd_slot_can_only_be_deleted(make_vm: MakeVm) -> None:
+    vm = make_vm("sw_protected", "linux")
+    fd = add_gmem_slot(vm, raw=10)
+    with pytest.raises(EINVAL):
+        vm.set_user_memory_region(10, region(GIB4, 0x400000, flags=4, fd=fd))  # even identical
+    vm2 = make_vm("sw_protected", "linux")
+    vm2.set_user_memory_region(0, region(GIB4, MIB2))
+    fd2 = vm2.create_guest_memfd(KvmCreateGuestMemfd(size=MIB2)).fd
+    with pytest.raises(EINVAL):
+        vm2.set_user_memory_region(0, region(GIB4, MIB2, flags=4, fd=fd2))
+
+
+def test_guest_memfd_binding(make_vm: MakeVm) -> None:
+    vm = make_vm("sw_protected", "linux")
+    with pytest.raises(EBADF):
+        vm.set_user_memory_region(0, region(GIB4, MIB2, flags=4, fd=42))
+    with pytest.raises(EBADF):
+        vm.set_user_memory_region(0, region(GIB4, MIB2, flags=4, fd=None))
+    fd = vm.create_guest_memfd(KvmCreateGuestMemfd(size=2 * MIB2)).fd
+    with pytest.raises(EINVAL):  # offset + size beyond the file
+        vm.set_user_memory_region(0, region(GIB4, MIB2, flags=4, fd=fd, off=MIB2 + 0x1000))
+    vm.set_user_memory_region(0, region(GIB4, MIB2, flags=4, fd=fd))
+    with pytest.raises(EINVAL):  # the same file range bound twice
+        vm.set_user_memory_region(1, region(2 * GIB4, MIB2, hva=HVA + MIB2, flags=4, fd=fd))
+    vm.set_user_memory_region(1, region(2 * GIB4, MIB2, hva=HVA + MIB2, flags=4, fd=fd, off=MIB2))
+    assert [(b.slot, b.offset) for b in vm.guest_memfd(fd).bindings] == [(0, 0), (1, MIB2)]
+    vm.close_guest_memfd(fd)
+    with pytest.raises(ENOENT):
+        vm.guest_memfd(fd)
+    # The binding keeps the file alive; the fd can no longer be named.
+    assert vm.memslot(0).guest_memfd == fd
+    with pytest.raises(EBADF):
+        vm.set_user_memory_region(2, region(3 * GIB4, MIB2, flags=4, fd=fd))
+    assert vm.delete_memslot(0).change == "delete"
+
+
+@pytest.mark.parametrize(("semantics", "size", "flags"), [("linux", 0, 0), ("linux", 0x1800, 0), ("linux", 0x1000, 4), ("rfc-v9", 0x1000, 1)])
+def test_create_guest_memfd_einval(make_vm: MakeVm, semantics: str, size: int, flags: int) -> None:
+    with pytest.raises(EINVAL):
+        make_vm("sw_protected", semantics).create_guest_memfd(KvmCreateGuestMemfd(size=size, flags=flags))
+
+
+def test_guest_memfd_flags_and_fds(make_vm: MakeVm) -> None:
+    vm = make_vm("default", "linux")
+    a = vm.create_guest_memfd(KvmCreateGuestMemfd(size=0x1000, flags=3))
+    b = vm.create_guest_memfd(KvmCreateGuestMemfd(size=0x2000))
+    assert a.fd != b.fd and a.flags == 3
+    # 6.18 allows guest_memfd slots on ordinary VMs under linux.
+    assert vm.set_user_memory_region(0, region(0, 0x1000, flags=4, fd=a.fd)).change == "create"
+
+
+def test_ebusy_while_a_notifier_invalidation_is_open(make_vm: MakeVm) -> None:
+    vm = make_vm("default", "linux")
+    vm.set_user_memory_region(0, region(GIB4, MIB2))
+    inv = vm.notifier_start(NotifierRequest(hva_start=1, hva_end=2))  # matches no slot
+    assert inv.gfn_ranges == []
+    for raw, req in [(1, region(0, 0x1000, hva=0)), (0, region(2 * GIB4, MIB2)), (0, region(GIB4, MIB2, flags=1)), (0, region(0, 0))]:
+        with pytest.raises(EBUSY):
+            vm.set_user_memory_region(raw, req)
+    assert vm.set_user_memory_region(0, region(GIB4, MIB2)).change == "none"
+    with pytest.raises(EEXIST):  # the checks still come first
+        vm.set_user_memory_region(1, region(GIB4, MIB2))
+    vm.notifier_end(inv.id)
+    assert vm.set_user_memory_region(1, region(0, 0x1000, hva=0)).change == "create"
+
+
+def test_delete_api_is_enoent_for_missing(make_vm: MakeVm) -> None:
+    vm = make_vm()
+    with pytest.raises(ENOENT):
+        vm.delete_memslot(0)
+    with pytest.raises(ENOENT):
+        vm.memslot(3 << 16)
+
+
+def test_memslots_sorted_by_as_then_base(make_vm: MakeVm) -> None:
+    vm = make_vm("default", "rfc-v9")
+    vm.set_user_memory_region(1 << 16 | 3, region(0, 0x1000))
+    vm.set_user_memory_region(7, region(0x5000, 0x1000))
+    vm.set_user_memory_region(2, region(0x1000, 0x1000))
+    assert [m.slot for m in vm.memslots()] == [2, 7, 1 << 16 | 3]
+
+
+def test_attributes_survive_slot_changes(make_vm: MakeVm) -> None:
+    from app.models.kvm import KvmMemoryAttributes
+
+    vm = make_vm("sw_protected", "linux")
+    add_gmem_slot(vm)
+    vm.set_memory_attributes(KvmMemoryAttributes(address=GIB4, size=0x1000, attributes=8))
+    vm.delete_memslot(10)
+    assert vm.gfn_info(GIB4 >> 12).private

@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.core.runs import RunMap
+
+LIMIT = 64
+ops = st.lists(st.tuples(st.integers(0, LIMIT), st.integers(0, LIMIT), st.integers(0, 3)), max_size=30)
+
+
+@given(ops)
+def test_runmap_matches_a_list_and_stays_maximal(assignments: list[tuple[int, int, int]]) -> None:
+    m, ref = RunMap(LIMIT, 0), [0] * LIMIT
+    for a, b, v in assignments:
+        s, e = min(a, b), max(a, b)
+        predicted = m.count_after_assign(s, e, v)
+        m.assign(s, e, v)
+        ref[s:e] = [v] * (e - s)
+        runs = list(m.runs(0, LIMIT))
+        assert [v for s_, e_, v in runs for _ in range(s_, e_)] == ref
+        assert all(x[2] != y[2] for x, y in zip(runs, runs[1:], strict=False))
+        assert len(m) == len(runs)
+        if s < e:
+            assert predicted == len(m)
+    for s in range(0, LIMIT, 7):
+        for e in range(s + 1, LIMIT + 1, 5):
+            assert m.is_uniform(s, e, ref[s]) == (len(set(ref[s:e])) == 1)
+
+
+@given(ops, st.integers(0, LIMIT), st.integers(0, LIMIT))
+def test_snapshot_restore_is_exact(assignments: list[tuple[int, int, int]], a: int, b: int) -> None:
+    m = RunMap(LIMIT, 0)
+    for x, y, v in assignments:
+        m.assign(min(x, y), max(x, y), v)
+    before = list(m.runs(0, LIMIT))
+    s, e = min(a, b), max(a, b)
+    snap = m.snapshot(s, e)
+    m.assign(s, e, 7)
+    m.restore(snap)
+    assert list(m.runs(0, LIMIT)) == before
+
+
+def test_whole_space_assign_is_two_runs() -> None:
+    m = RunMap(1 << 52, 8)
+    m.assign(0, 1 << 52, 0)
+    assert list(m.runs(0, 1 << 52)) == [(0, 1 << 52, 0)]
+    m.assign(5, 6, 8)
+    assert len(m) == 3
+    m.assign(5, 6, 0)
+    assert len(m) == 1
