@@ -81,8 +81,8 @@ class Semantics(StrEnum):
 
 
 class _Struct(BaseModel):
-    # A typo such as "adress" must not silently become address 0.
-    model_config = ConfigDict(extra="forbid")
+    # A typo such as "adress" must not silently become address 0, nor "yes" a bool.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class KvmEncRegion(_Struct):
@@ -93,6 +93,7 @@ class KvmEncRegion(_Struct):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"addr": "0x100000000", "size": "0x200000"}]},
     )
 
@@ -107,6 +108,7 @@ class KvmMemoryAttributes(_Struct):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"address": "0x100000000", "size": "0x200000", "attributes": 8, "flags": 0}]},
     )
 
@@ -123,6 +125,7 @@ class KvmUserspaceMemoryRegion2(_Struct):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -150,18 +153,22 @@ class KvmCreateGuestMemfd(_Struct):
     size: U64
     flags: U64 = 0
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"size": "0x400000", "flags": 0}]})
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"size": "0x400000", "flags": 0}]}
+    )
 
 
 class VmCreate(_Struct):
     """Arguments of ``KVM_CREATE_VM``, plus the semantics to follow."""
 
-    type: VmType = VmType.sw_protected
-    semantics: Semantics = Semantics.rfc_v9
+    # Enum values arrive as JSON strings; strict mode would want enum instances.
+    type: VmType = Field(VmType.sw_protected, strict=False)
+    semantics: Semantics = Field(Semantics.rfc_v9, strict=False)
     name: str | None = Field(default=None, max_length=200)
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"type": "sw_protected", "semantics": "linux", "name": "demo"}]},
     )
 
@@ -175,7 +182,9 @@ class FaultRequest(_Struct):
     private: bool | None = Field(default=None, description="null: as private as the gfn's attribute")
     mmu_seq: U64 | None = Field(default=None, description="seq the vCPU snapshotted; null: now")
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"gpa": "0x100000000", "write": True}]})
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"gpa": "0x100000000", "write": True}]}
+    )
 
 
 class PrefaultRequest(_Struct):
@@ -186,7 +195,7 @@ class PrefaultRequest(_Struct):
     as_id: int = Field(default=0, ge=0, le=KVM_MAX_NR_ADDRESS_SPACES - 1)
 
     model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"gpa": "0x100000000", "size": "0x200000"}]}
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"gpa": "0x100000000", "size": "0x200000"}]}
     )
 
 
@@ -198,6 +207,7 @@ class NotifierRequest(_Struct):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"hva_start": "0x7f0000000000", "hva_end": "0x7f0000001000"}]},
     )
 
@@ -208,4 +218,6 @@ class FaultInjection(_Struct):
     fail_nth: int | None = Field(default=None, ge=1, description="null disarms")
     errno: Literal["ENOMEM"] = "ENOMEM"
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"fail_nth": 3, "errno": "ENOMEM"}]})
+    model_config = ConfigDict(
+        extra="forbid", strict=True, json_schema_extra={"examples": [{"fail_nth": 3, "errno": "ENOMEM"}]}
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.models.kvm import Semantics, VmType
 
@@ -197,3 +197,73 @@ class FaultInjectionState(BaseModel):
 
 
 Event = dict[str, Any]
+
+
+class VmTypeInfo(BaseModel):
+    name: VmType
+    value: int
+    has_private_mem: bool
+
+
+class Capabilities(BaseModel):
+    """``KVM_CHECK_EXTENSION`` answers, system or VM scope."""
+
+    api_version: int
+    page_size: int
+    max_gfn: int
+    vm_types: list[VmTypeInfo]
+    semantics: list[Semantics]
+    caps: dict[str, int]
+
+
+class VmList(BaseModel):
+    vms: list[Vm]
+
+
+class MemslotList(BaseModel):
+    memslots: list[Memslot]
+
+
+class GuestMemfdList(BaseModel):
+    guest_memfds: list[GuestMemfd]
+
+
+class EncRegionList(BaseModel):
+    regions: list[EncRegion]
+
+
+class AttributeRuns(BaseModel):
+    runs: list[AttributeRun]
+    next_gfn: int | None = Field(description="set exactly when limit cut the answer: resume from here")
+
+
+class MappingRuns(BaseModel):
+    runs: list[MappingRun]
+    next_gfn: int | None
+
+
+class TraceEvent(BaseModel):
+    """One protocol step; fields beyond id/time/type depend on the type."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: int
+    time: float
+    type: str
+
+
+class EventPage(BaseModel):
+    events: list[TraceEvent]
+    next_after: int | None
+
+
+class NotifierList(BaseModel):
+    invalidations: list[NotifierInvalidation]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    pid: int
+    uptime_s: float
+    vms: int
+    version: str

@@ -27,7 +27,9 @@ def make_vm(engine: Engine) -> MakeVm:
     return make
 
 
-def region(gpa: int, size: int, hva: int = HVA, flags: int = 0, fd: int | None = None, off: int = 0) -> KvmUserspaceMemoryRegion2:
+def region(
+    gpa: int, size: int, hva: int = HVA, flags: int = 0, fd: int | None = None, off: int = 0
+) -> KvmUserspaceMemoryRegion2:
     return KvmUserspaceMemoryRegion2(
         flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva, guest_memfd=fd, guest_memfd_offset=off
     )

@@ -308,7 +308,9 @@ class RefVM:
         return "mapped"
 
     def _would_retry(self, gfn: int) -> bool:
-        return bool(self.in_progress and self.rstart is not None and self.rend is not None and self.rstart <= gfn < self.rend)
+        return bool(
+            self.in_progress and self.rstart is not None and self.rend is not None and self.rstart <= gfn < self.rend
+        )
 
     def prefault(self, gpa: int, size: int, as_id: int) -> tuple[int, int, int]:
         gfns = self._range(gpa, size)

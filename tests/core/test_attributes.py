@@ -66,7 +66,11 @@ def test_rfc_v9_always_invalidates_even_without_memslot_or_change(make_vm: MakeV
 def test_rfc_v9_unreg_then_reg(make_vm: MakeVm) -> None:
     vm = make_vm("sw_protected", "rfc-v9")
     vm.memory_encrypt_unreg_region(KvmEncRegion(addr=GIB4, size=MIB2))
-    assert runs(vm, GFN4G - 1, GFN4G + 513) == [(GFN4G - 1, GFN4G, 8), (GFN4G, GFN4G + 512, 0), (GFN4G + 512, GFN4G + 513, 8)]
+    assert runs(vm, GFN4G - 1, GFN4G + 513) == [
+        (GFN4G - 1, GFN4G, 8),
+        (GFN4G, GFN4G + 512, 0),
+        (GFN4G + 512, GFN4G + 513, 8),
+    ]
     vm.memory_encrypt_reg_region(KvmEncRegion(addr=GIB4, size=MIB2))
     assert runs(vm) == [(0, 1 << 52, 8)]
     assert vm.mmu_model().stats.attribute_updates == 2

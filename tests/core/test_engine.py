@@ -12,7 +12,12 @@ def test_create_list_destroy() -> None:
     vm = engine.create_vm(VmCreate(name="a"))
     assert engine.vm(vm.id) is vm and len(engine) == 1
     model = vm.model()
-    assert (model.type.value, model.type_value, model.semantics.value, model.address_spaces) == ("sw_protected", 1, "rfc-v9", 2)
+    assert (model.type.value, model.type_value, model.semantics.value, model.address_spaces) == (
+        "sw_protected",
+        1,
+        "rfc-v9",
+        2,
+    )
     engine.destroy_vm(vm.id)
     with pytest.raises(ENOENT):
         engine.vm(vm.id)
@@ -29,7 +34,12 @@ def test_vm_limit() -> None:
 
 @pytest.mark.parametrize(
     ("vm_type", "semantics", "attrs", "nr_as"),
-    [("sw_protected", "linux", 8, 1), ("snp", "linux", 8, 1), ("default", "linux", 0, 2), ("sw_protected", "rfc-v9", 0, 2)],
+    [
+        ("sw_protected", "linux", 8, 1),
+        ("snp", "linux", 8, 1),
+        ("default", "linux", 0, 2),
+        ("sw_protected", "rfc-v9", 0, 2),
+    ],
 )
 def test_capabilities(vm_type: str, semantics: str, attrs: int, nr_as: int) -> None:
     engine = Engine()

@@ -72,7 +72,16 @@ def test_private_fault_after_gmem_slot_deleted(make_vm: MakeVm) -> None:
     assert r.exit is not None and (r.exit.flags, r.exit.gpa, r.exit.size) == (8, 0xC0000000, 4096)
 
 
-@pytest.mark.parametrize(("flags", "write", "outcome", "writable"), [(2, True, "mmio_exit", None), (2, False, "mapped", False), (1, False, "mapped", False), (1, True, "mapped", True), (0, False, "mapped", True)])
+@pytest.mark.parametrize(
+    ("flags", "write", "outcome", "writable"),
+    [
+        (2, True, "mmio_exit", None),
+        (2, False, "mapped", False),
+        (1, False, "mapped", False),
+        (1, True, "mapped", True),
+        (0, False, "mapped", True),
+    ],
+)
 def test_writable_rules(make_vm: MakeVm, flags: int, write: bool, outcome: str, writable: bool | None) -> None:
     vm = make_vm("default", "linux")
     vm.set_user_memory_region(0, region(0, 0x1000, flags=flags))
@@ -107,7 +116,11 @@ def test_notifier_zaps_only_shared_and_widens(make_vm: MakeVm) -> None:
     assert [(g.start_gfn, g.end_gfn) for g in a.gfn_ranges] == [(GFN, GFN + 2)]
     assert a.pages_zapped == 1, "gfn 0 is private: no userspace mapping to invalidate"
     b = vm.notifier_start(NotifierRequest(hva_start=HVA + 0x3000, hva_end=HVA + 0x3001))
-    assert (b.mmu.mmu_invalidate_in_progress, b.mmu.mmu_invalidate_range_start, b.mmu.mmu_invalidate_range_end) == (2, GFN, GFN + 4)
+    assert (b.mmu.mmu_invalidate_in_progress, b.mmu.mmu_invalidate_range_start, b.mmu.mmu_invalidate_range_end) == (
+        2,
+        GFN,
+        GFN + 4,
+    )
     assert b.mmu.stats.tlb_flushes == 2
     assert [i.id for i in vm.open_notifiers()] == [a.id, b.id]
     vm.notifier_end(a.id)
@@ -145,7 +158,11 @@ def test_prefault(make_vm: MakeVm) -> None:
     assert (r.mapped_pages, r.already_mapped_pages, r.skipped_pages) == (0, 3, 5)
     mmu = vm.mmu_model()
     assert (mmu.stats.faults, mmu.mapped_pages) == (0, 3)
-    for bad in (PrefaultRequest(gpa=0, size=0), PrefaultRequest(gpa=1, size=0x1000), PrefaultRequest(gpa=2**64 - 0x1000, size=0x1000)):
+    for bad in (
+        PrefaultRequest(gpa=0, size=0),
+        PrefaultRequest(gpa=1, size=0x1000),
+        PrefaultRequest(gpa=2**64 - 0x1000, size=0x1000),
+    ):
         with pytest.raises(EINVAL):
             vm.prefault(bad)
 
@@ -184,7 +201,14 @@ def test_events_explain_a_conversion(make_vm: MakeVm) -> None:
     assert cursor is None
     types = [e["type"] for e in events]
     tail = types[types.index("invalidate_begin") :]
-    assert tail == ["invalidate_begin", "invalidate_range_add", "unmap", "tlb_flush", "attributes_store", "invalidate_end"]
+    assert tail == [
+        "invalidate_begin",
+        "invalidate_range_add",
+        "unmap",
+        "tlb_flush",
+        "attributes_store",
+        "invalidate_end",
+    ]
     first, cursor = vm.events.page(0, 2)
     assert cursor == first[-1]["id"]
     assert vm.events.page(cursor, 1)[0][0]["id"] == cursor + 1

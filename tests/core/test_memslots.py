@@ -76,7 +76,11 @@ def test_modify_rules(make_vm: MakeVm) -> None:
     assert created.change == "create" and created.memslot is not None
     assert vm.set_user_memory_region(0, region(GIB4, MIB2)).change == "none"
     assert vm.set_user_memory_region(0, region(GIB4, MIB2, flags=1)).change == "flags_only"
-    for bad in (region(GIB4, MIB2, flags=1 | 2), region(GIB4, 2 * MIB2, flags=1), region(GIB4, MIB2, hva=HVA + 0x1000, flags=1)):
+    for bad in (
+        region(GIB4, MIB2, flags=1 | 2),
+        region(GIB4, 2 * MIB2, flags=1),
+        region(GIB4, MIB2, hva=HVA + 0x1000, flags=1),
+    ):
         with pytest.raises(EINVAL):
             vm.set_user_memory_region(0, bad)
     vm.fault(FaultRequest(gpa=GIB4))
@@ -124,7 +128,9 @@ def test_guest_memfd_binding(make_vm: MakeVm) -> None:
     assert vm.delete_memslot(0).change == "delete"
 
 
-@pytest.mark.parametrize(("semantics", "size", "flags"), [("linux", 0, 0), ("linux", 0x1800, 0), ("linux", 0x1000, 4), ("rfc-v9", 0x1000, 1)])
+@pytest.mark.parametrize(
+    ("semantics", "size", "flags"), [("linux", 0, 0), ("linux", 0x1800, 0), ("linux", 0x1000, 4), ("rfc-v9", 0x1000, 1)]
+)
 def test_create_guest_memfd_einval(make_vm: MakeVm, semantics: str, size: int, flags: int) -> None:
     with pytest.raises(EINVAL):
         make_vm("sw_protected", semantics).create_guest_memfd(KvmCreateGuestMemfd(size=size, flags=flags))
@@ -144,7 +150,12 @@ def test_ebusy_while_a_notifier_invalidation_is_open(make_vm: MakeVm) -> None:
     vm.set_user_memory_region(0, region(GIB4, MIB2))
     inv = vm.notifier_start(NotifierRequest(hva_start=1, hva_end=2))  # matches no slot
     assert inv.gfn_ranges == []
-    for raw, req in [(1, region(0, 0x1000, hva=0)), (0, region(2 * GIB4, MIB2)), (0, region(GIB4, MIB2, flags=1)), (0, region(0, 0))]:
+    for raw, req in [
+        (1, region(0, 0x1000, hva=0)),
+        (0, region(2 * GIB4, MIB2)),
+        (0, region(GIB4, MIB2, flags=1)),
+        (0, region(0, 0)),
+    ]:
         with pytest.raises(EBUSY):
             vm.set_user_memory_region(raw, req)
     assert vm.set_user_memory_region(0, region(GIB4, MIB2)).change == "none"

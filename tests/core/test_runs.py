@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,7 +21,7 @@ def test_runmap_matches_a_list_and_stays_maximal(assignments: list[tuple[int, in
         ref[s:e] = [v] * (e - s)
         runs = list(m.runs(0, LIMIT))
         assert [v for s_, e_, v in runs for _ in range(s_, e_)] == ref
-        assert all(x[2] != y[2] for x, y in zip(runs, runs[1:], strict=False))
+        assert all(x[2] != y[2] for x, y in itertools.pairwise(runs))
         assert len(m) == len(runs)
         if s < e:
             assert predicted == len(m)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -93,7 +94,12 @@ class EngineVsReference(RuleBasedStateMachine):
         raw = as_id << 16 | sid
         gpa, size, hva, off = gpa_page * PAGE + misalign, npages * PAGE, hva_base + hva_page * PAGE, off_page * PAGE
         req = KvmUserspaceMemoryRegion2(
-            flags=flags, guest_phys_addr=gpa, memory_size=size, userspace_addr=hva, guest_memfd=fd, guest_memfd_offset=off
+            flags=flags,
+            guest_phys_addr=gpa,
+            memory_size=size,
+            userspace_addr=hva,
+            guest_memfd=fd,
+            guest_memfd_offset=off,
         )
         got, want = same(
             lambda: self.vm.set_user_memory_region(raw, req),
@@ -137,7 +143,11 @@ class EngineVsReference(RuleBasedStateMachine):
             call = self.vm.memory_encrypt_reg_region if private else self.vm.memory_encrypt_unreg_region
             got, want = same(lambda: call(region), lambda: self.ref.enc_region(addr, size, private))
         if got is not None and "noop" in want:
-            assert (got.noop, got.invalidated, got.pages_zapped) == (want["noop"], want["invalidated"], want["pages_zapped"])
+            assert (got.noop, got.invalidated, got.pages_zapped) == (
+                want["noop"],
+                want["invalidated"],
+                want["pages_zapped"],
+            )
 
     @rule(
         as_id=st.sampled_from([0, 0, 0, 1, 2]),
@@ -198,7 +208,7 @@ class EngineVsReference(RuleBasedStateMachine):
         got_attrs = {g: r.attributes for r in runs for g in range(r.start_gfn, min(r.end_gfn, span))}
         assert got_attrs == {g: ref.attr(g) for g in range(span)}
         assert runs[-1].end_gfn == 1 << 52 and runs[-1].attributes == ref.attr(span)
-        assert all(a.attributes != b.attributes for a, b in zip(runs, runs[1:], strict=False)), "runs not maximal"
+        assert all(a.attributes != b.attributes for a, b in itertools.pairwise(runs)), "runs not maximal"
         got_maps = {}
         for as_id in range(vm.nr_as):
             mruns, _ = vm.mapping_runs(as_id, 0, 1 << 52, 10_000)
@@ -206,7 +216,9 @@ class EngineVsReference(RuleBasedStateMachine):
                 for g in range(r.start_gfn, r.end_gfn):
                     got_maps[(as_id, g)] = (r.private, r.writable)
         assert got_maps == ref.maps
-        slots = {(s.as_id, s.id): (s.base_gfn, s.npages, s.flags, s.userspace_addr, s.guest_memfd) for s in vm.memslots()}
+        slots = {
+            (s.as_id, s.id): (s.base_gfn, s.npages, s.flags, s.userspace_addr, s.guest_memfd) for s in vm.memslots()
+        }
         assert slots == {k: (s.base, s.npages, s.flags, s.hva, s.gmem_fd) for k, s in ref.slots.items()}
         gmems = {g.fd: sorted((b.slot, b.offset, b.size) for b in g.bindings) for g in vm.guest_memfds()}
         assert gmems == {
@@ -217,6 +229,9 @@ class EngineVsReference(RuleBasedStateMachine):
 
 
 EngineVsReference.TestCase.settings = settings(
-    max_examples=int(os.environ.get("KVM_MEMATTR_STATEFUL_EXAMPLES", "1000")), stateful_step_count=50, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=int(os.environ.get("KVM_MEMATTR_STATEFUL_EXAMPLES", "1000")),
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 TestEngineVsReference = EngineVsReference.TestCase

@@ -1,0 +1,93 @@
+"""Dependencies: the engine (from app state, so tests can inject their own) and path/query types."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Path, Query, Request
+from pydantic import AfterValidator, BeforeValidator, WithJsonSchema
+
+from app.core import Engine
+from app.core.errors import EINVAL
+from app.core.vm import VirtualMachine
+from app.models.kvm import GFN_LIMIT
+from app.models.types import parse_uint
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+def get_vm(
+    engine: EngineDep, vm_id: Annotated[str, Path(description="VM id from POST /v1/vms", max_length=64)]
+) -> VirtualMachine:
+    return engine.vm(vm_id)
+
+
+VmDep = Annotated[VirtualMachine, Depends(get_vm)]
+
+
+def _below_gfn_limit(value: int) -> int:
+    if value >= GFN_LIMIT:
+        raise ValueError(f"gfn {value:#x} is at or above 2^52")
+    return value
+
+
+def _end_gfn_limit(value: int) -> int:
+    if value > GFN_LIMIT:
+        raise ValueError(f"end_gfn {value:#x} is above 2^52")
+    return value
+
+
+def _uint_param(bits: int) -> Any:
+    def parse(v: Any) -> int:
+        return parse_uint(v, bits)
+
+    return BeforeValidator(parse)
+
+
+_GFN_SCHEMA = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "integer", "minimum": 0, "maximum": GFN_LIMIT - 1},
+            {"type": "string", "pattern": r"^([0-9]+|0[xX][0-9a-fA-F]+)$", "maxLength": 24},
+        ]
+    }
+)
+_END_SCHEMA = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "integer", "minimum": 1, "maximum": GFN_LIMIT},
+            {"type": "string", "pattern": r"^([0-9]+|0[xX][0-9a-fA-F]+)$", "maxLength": 24},
+        ]
+    }
+)
+_U32_SCHEMA = WithJsonSchema(
+    {
+        "anyOf": [
+            {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
+            {"type": "string", "pattern": r"^([0-9]+|0[xX][0-9a-fA-F]+)$", "maxLength": 24},
+        ]
+    }
+)
+
+GfnValue = Annotated[int, _uint_param(64), AfterValidator(_below_gfn_limit), _GFN_SCHEMA]
+EndGfnValue = Annotated[int, _uint_param(64), AfterValidator(_end_gfn_limit), _END_SCHEMA]
+U32Value = Annotated[int, _uint_param(32), _U32_SCHEMA]
+
+StartGfnQuery = Annotated[GfnValue | None, Query(description="first gfn (default 0)")]
+EndGfnQuery = Annotated[EndGfnValue | None, Query(description="end gfn, exclusive (default max_gfn + 1; up to 2^52)")]
+LimitQuery = Annotated[int, Query(ge=1, le=10_000, description="most items to return")]
+
+
+def gfn_window(engine: Engine, start: int | None, end: int | None) -> tuple[int, int]:
+    """Defaults and the ``start < end`` rule shared by the run listings."""
+    s = 0 if start is None else start
+    e = engine.limits.max_gfn + 1 if end is None else end
+    if s >= e:
+        raise EINVAL(f"start_gfn {s:#x} must be below end_gfn {e:#x}")
+    return s, e

@@ -1,0 +1,117 @@
+"""RFC 9457 problem details: the one place engine and validation errors become HTTP."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.core.errors import KvmError
+
+log = logging.getLogger("kvm_memattr.api")
+
+PROBLEM_JSON = "application/problem+json"
+
+ERRNO_STATUS = {
+    "EINVAL": 422,
+    "EBADF": 422,
+    "EEXIST": 409,
+    "EBUSY": 409,
+    "ENOENT": 404,
+    "ENOTTY": 400,
+    "ENOMEM": 507,
+    "EPERM": 403,
+    "E2BIG": 413,
+}
+_HTTP_ERRNO = {401: "EPERM", 403: "EPERM", 404: "ENOENT", 405: "EINVAL", 413: "E2BIG"}
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """``application/problem+json`` (RFC 9457) with the kernel errno name."""
+
+    type: str = Field(examples=["urn:kvm-memattr:errno:EINVAL"])
+    title: str = Field(examples=["Invalid argument"])
+    status: int = Field(examples=[422])
+    detail: str = Field(examples=["address and size must be 4 KiB aligned"])
+    errno: str = Field(examples=["EINVAL"])
+    instance: str = Field(examples=["/v1/vms/1f0c.../memory-attributes"])
+    errors: list[ValidationIssue] | None = None
+
+
+def problem(
+    request: Request, status: int, errno: str, detail: str, errors: list[dict[str, Any]] | None = None
+) -> JSONResponse:
+    errno_value = getattr(__import__("errno"), errno, None)
+    body: dict[str, Any] = {
+        "type": f"urn:kvm-memattr:errno:{errno}",
+        "title": os.strerror(errno_value) if errno_value is not None else errno,
+        "status": status,
+        "detail": detail,
+        "errno": errno,
+        "instance": request.url.path,
+    }
+    if errors is not None:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def _issues(exc: RequestValidationError) -> list[dict[str, Any]]:
+    # pydantic's ctx may hold exception objects: keep only what is JSON.
+    return [
+        {
+            "loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
+            "msg": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
+        for e in exc.errors()
+    ]
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every error into problem+json."""
+
+    @app.exception_handler(KvmError)
+    async def kvm_error(request: Request, exc: KvmError) -> JSONResponse:
+        log.info("%s %s -> %s: %s", request.method, request.url.path, exc.errno, exc.detail)
+        return problem(request, ERRNO_STATUS.get(exc.errno, 422), exc.errno, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        issues = _issues(exc)
+        first = issues[0] if issues else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        msg = str(first["msg"])
+        log.info("%s %s -> EINVAL: %s", request.method, request.url.path, msg)
+        return problem(request, 422, "EINVAL", f"{where}: {msg}" if where else msg, issues)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        errno = _HTTP_ERRNO.get(exc.status_code, "EINVAL")
+        response = problem(request, exc.status_code, errno, str(exc.detail))
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+
+def error_responses(*errnos: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for the errnos a route can return (always EINVAL for bad input)."""
+    by_status: dict[int, list[str]] = {}
+    for e in ("EINVAL", *errnos):
+        status = ERRNO_STATUS[e]
+        if e not in by_status.setdefault(status, []):
+            by_status[status].append(e)
+    return {
+        status: {"model": Problem, "description": " or ".join(names)} for status, names in sorted(by_status.items())
+    }

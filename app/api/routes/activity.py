@@ -1,0 +1,75 @@
+"""Simulated guest and host activity: vCPU faults, prefault, host MMU-notifier invalidations."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+
+from app.api.deps import VmDep
+from app.api.problems import error_responses
+from app.models.kvm import FaultRequest, NotifierRequest, PrefaultRequest
+from app.models.state import FaultResult, NotifierEnd, NotifierList, NotifierStart, PrefaultResult
+
+router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["guest and host activity"])
+
+
+@router.post(
+    "/faults",
+    summary="A vCPU page fault (KVM_RUN hitting an EPT/NPT violation)",
+    description="In order: private/shared mismatch -> `KVM_EXIT_MEMORY_FAULT` (39); private access without a "
+    "guest_memfd slot -> `KVM_EXIT_MEMORY_FAULT`; no slot or a write to a READONLY slot -> `KVM_EXIT_MMIO`; "
+    "`mmu_invalidate_retry_gfn()` -> retry; else map. `private` null = as private as the gfn's attribute; "
+    "`mmu_seq` = the seq the vCPU snapshotted (null = now): pass an old one to see a racing fault retry.",
+    operation_id="fault",
+    responses=error_responses("ENOENT", "ENOMEM"),
+)
+async def fault(vm: VmDep, req: FaultRequest) -> FaultResult:
+    return vm.fault(req)
+
+
+@router.post(
+    "/prefault",
+    summary="Map a range ahead of the guest (KVM_PRE_FAULT_MEMORY)",
+    description="Maps every page a fault would map now; not counted in `stats.faults`. Pages with no slot, "
+    "private pages without guest_memfd, and pages a fault would retry on are skipped.",
+    operation_id="prefault",
+    responses=error_responses("ENOENT", "ENOMEM"),
+)
+async def prefault(vm: VmDep, req: PrefaultRequest) -> PrefaultResult:
+    return vm.prefault(req)
+
+
+@router.post(
+    "/mmu-notifier/invalidations",
+    status_code=201,
+    summary="Host starts invalidating a userspace range (invalidate_range_start)",
+    description="`[hva_start, hva_end)` becomes gfn ranges through every memslot whose userspace range overlaps "
+    "it, in every address space. If any slot matched: invalidate begin, range_add each, unmap the **shared** "
+    "mappings there, flush if anything was unmapped. Memslot changes are `EBUSY` until it ends.",
+    operation_id="start_notifier_invalidation",
+    responses=error_responses("ENOENT"),
+)
+async def start_invalidation(vm: VmDep, req: NotifierRequest) -> NotifierStart:
+    return vm.notifier_start(req)
+
+
+@router.delete(
+    "/mmu-notifier/invalidations/{inv_id}",
+    summary="Host ends an invalidation (invalidate_range_end)",
+    description="Runs invalidate end (seq++, in_progress--) if the start matched a slot.",
+    operation_id="end_notifier_invalidation",
+    responses=error_responses("ENOENT"),
+)
+async def end_invalidation(vm: VmDep, inv_id: Annotated[int, Path(ge=0, le=2**63 - 1)]) -> NotifierEnd:
+    return vm.notifier_end(inv_id)
+
+
+@router.get(
+    "/mmu-notifier/invalidations",
+    summary="Open notifier invalidations",
+    operation_id="list_notifier_invalidations",
+    responses=error_responses("ENOENT"),
+)
+async def list_invalidations(vm: VmDep) -> NotifierList:
+    return NotifierList(invalidations=vm.open_notifiers())

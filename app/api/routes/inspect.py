@@ -1,0 +1,77 @@
+"""Reading state: one gfn, the MMU, mappings as runs, and the event trace."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
+
+from app.api.deps import EndGfnQuery, EngineDep, GfnValue, LimitQuery, StartGfnQuery, VmDep, gfn_window
+from app.api.problems import error_responses
+from app.models.state import EventPage, GfnInfo, MappingRuns, Mmu, TraceEvent
+
+router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["state"])
+
+
+@router.get(
+    "/gfns/{gfn}",
+    summary="Everything about one gfn",
+    description="Its attributes, the memslots that contain it (per address space) and its mappings (SPTEs).",
+    operation_id="get_gfn",
+    responses=error_responses("ENOENT"),
+)
+async def get_gfn(
+    vm: VmDep, gfn: Annotated[GfnValue, Path(description="gfn below 2^52 (decimal or 0x hex)")]
+) -> GfnInfo:
+    return vm.gfn_info(gfn)
+
+
+@router.get(
+    "/mmu",
+    summary="MMU invalidation state",
+    description="`mmu_invalidate_seq`, `mmu_invalidate_in_progress`, `mmu_invalidate_range_start/_end` "
+    "(null = `INVALID_GPA`), mapped pages, open notifier invalidations and statistics.",
+    operation_id="get_mmu",
+    responses=error_responses("ENOENT"),
+)
+async def get_mmu(vm: VmDep) -> Mmu:
+    return vm.mmu_model()
+
+
+@router.get(
+    "/mappings",
+    summary="Mappings (SPTEs) as runs",
+    description="Maximal runs of present mappings of one address space, in gfn order. A mapping is writable unless "
+    "its slot is READONLY, or the slot logs dirty pages and the fault was a read.",
+    operation_id="get_mappings",
+    responses=error_responses("ENOENT"),
+)
+async def get_mappings(
+    engine: EngineDep,
+    vm: VmDep,
+    as_id: Annotated[int, Query(ge=0, le=1, description="address space (1 = SMM)")] = 0,
+    start_gfn: StartGfnQuery = None,
+    end_gfn: EndGfnQuery = None,
+    limit: LimitQuery = 1000,
+) -> MappingRuns:
+    start, end = gfn_window(engine, start_gfn, end_gfn)
+    runs, next_gfn = vm.mapping_runs(as_id, start, end, limit)
+    return MappingRuns(runs=runs, next_gfn=next_gfn)
+
+
+@router.get(
+    "/events",
+    summary="Event trace",
+    description="A bounded, oldest-first trace of what the engine did: memslot changes, invalidate "
+    "begin/range_add/end, unmap, TLB flush, attribute stores, faults, notifier calls. Page with `after`.",
+    operation_id="get_events",
+    responses=error_responses("ENOENT"),
+)
+async def get_events(
+    vm: VmDep,
+    after: Annotated[int, Query(ge=0, le=2**63 - 1, description="return events with a larger id")] = 0,
+    limit: LimitQuery = 1000,
+) -> EventPage:
+    with vm.lock:
+        events, cursor = vm.events.page(after, limit)
+        return EventPage(events=[TraceEvent.model_validate(e) for e in events], next_after=cursor)

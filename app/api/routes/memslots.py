@@ -1,0 +1,114 @@
+"""Memslots (``KVM_SET_USER_MEMORY_REGION2``) and guest_memfd files (``KVM_CREATE_GUEST_MEMFD``)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Response
+
+from app.api.deps import U32Value, VmDep
+from app.api.problems import error_responses
+from app.models.kvm import KvmCreateGuestMemfd, KvmUserspaceMemoryRegion2
+from app.models.state import GuestMemfd, GuestMemfdList, Memslot, MemslotList, MemslotUpdate
+
+router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["memslots"])
+
+SlotPath = Annotated[
+    U32Value, Path(description="raw `slot`: as_id << 16 | id (decimal or 0x hex)", examples=["10", "0x10000"])
+]
+FdPath = Annotated[int, Path(ge=0, le=2**31 - 1, description="guest_memfd fd")]
+
+
+@router.put(
+    "/memslots/{slot}",
+    summary="Set a memslot (KVM_SET_USER_MEMORY_REGION2)",
+    description="Does exactly what the ioctl does: **create**, **move** (new `guest_phys_addr`), **flags_only**, "
+    "identical re-set (**none**) or **delete** (`memory_size` 0). Checks run in the kernel's order (semantics.md "
+    "section 5). Delete and move zap the old range's mappings. While an MMU-notifier invalidation is open, any "
+    "change is `EBUSY`.",
+    operation_id="set_memslot",
+    responses=error_responses("ENOENT", "EEXIST", "EBUSY", "EBADF"),
+)
+async def set_memslot(vm: VmDep, slot: SlotPath, req: KvmUserspaceMemoryRegion2) -> MemslotUpdate:
+    return vm.set_user_memory_region(slot, req)
+
+
+@router.get(
+    "/memslots",
+    summary="List memslots",
+    description="All address spaces, sorted by as_id then base_gfn.",
+    operation_id="list_memslots",
+    responses=error_responses("ENOENT"),
+)
+async def list_memslots(vm: VmDep) -> MemslotList:
+    return MemslotList(memslots=vm.memslots())
+
+
+@router.get(
+    "/memslots/{slot}", summary="Get a memslot", operation_id="get_memslot", responses=error_responses("ENOENT")
+)
+async def get_memslot(vm: VmDep, slot: SlotPath) -> Memslot:
+    return vm.memslot(slot)
+
+
+@router.delete(
+    "/memslots/{slot}",
+    status_code=204,
+    summary="Delete a memslot",
+    description="Like a `memory_size` 0 set, but a missing slot is `ENOENT` (404) instead of the ioctl's `EINVAL`.",
+    operation_id="delete_memslot",
+    responses=error_responses("ENOENT", "EBUSY"),
+)
+async def delete_memslot(vm: VmDep, slot: SlotPath) -> Response:
+    vm.delete_memslot(slot)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/guest-memfds",
+    status_code=201,
+    tags=["guest-memfds"],
+    summary="Create a guest_memfd (KVM_CREATE_GUEST_MEMFD)",
+    description="Size must be a non-zero multiple of 4 KiB. Flags: `linux` allows `GUEST_MEMFD_FLAG_MMAP` (1) and "
+    "`GUEST_MEMFD_FLAG_INIT_SHARED` (2); `rfc-v9` none. fds are per VM and unique while open.",
+    operation_id="create_guest_memfd",
+    responses=error_responses("ENOENT"),
+)
+async def create_guest_memfd(vm: VmDep, req: KvmCreateGuestMemfd) -> GuestMemfd:
+    return vm.create_guest_memfd(req)
+
+
+@router.get(
+    "/guest-memfds",
+    tags=["guest-memfds"],
+    summary="List open guest_memfds",
+    operation_id="list_guest_memfds",
+    responses=error_responses("ENOENT"),
+)
+async def list_guest_memfds(vm: VmDep) -> GuestMemfdList:
+    return GuestMemfdList(guest_memfds=vm.guest_memfds())
+
+
+@router.get(
+    "/guest-memfds/{fd}",
+    tags=["guest-memfds"],
+    summary="Get a guest_memfd",
+    operation_id="get_guest_memfd",
+    responses=error_responses("ENOENT"),
+)
+async def get_guest_memfd(vm: VmDep, fd: FdPath) -> GuestMemfd:
+    return vm.guest_memfd(fd)
+
+
+@router.delete(
+    "/guest-memfds/{fd}",
+    status_code=204,
+    tags=["guest-memfds"],
+    summary="Close a guest_memfd",
+    description="Slots already bound keep using the file, as in the kernel; the fd can no longer be named.",
+    operation_id="close_guest_memfd",
+    responses=error_responses("ENOENT"),
+)
+async def close_guest_memfd(vm: VmDep, fd: FdPath) -> Response:
+    vm.close_guest_memfd(fd)
+    return Response(status_code=204)

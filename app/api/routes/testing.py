@@ -1,0 +1,32 @@
+"""Test support: fault injection, like ``/proc/self/fail-nth``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.api.deps import VmDep
+from app.api.problems import error_responses
+from app.models.kvm import FaultInjection
+from app.models.state import FaultInjectionState
+
+router = APIRouter(prefix="/v1/vms/{vm_id}/fault-injection", tags=["test support"])
+
+
+@router.put(
+    "",
+    summary="Arm or disarm fault injection",
+    description="The nth per-gfn allocation of the next gfn attribute update fails with ENOMEM (`rfc-v9`: the "
+    "nth store, then an exact rollback that still bumps the seq; `linux`: the nth reservation, nothing changes). "
+    "Consumed by the next update that passes validation and is not a `linux` no-op; null disarms.",
+    operation_id="set_fault_injection",
+    responses=error_responses("ENOENT"),
+)
+async def set_fault_injection(vm: VmDep, req: FaultInjection) -> FaultInjectionState:
+    return vm.set_fault_injection(req.fail_nth)
+
+
+@router.get(
+    "", summary="Fault injection state", operation_id="get_fault_injection", responses=error_responses("ENOENT")
+)
+async def get_fault_injection(vm: VmDep) -> FaultInjectionState:
+    return vm.fault_injection()

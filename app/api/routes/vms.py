@@ -1,0 +1,69 @@
+"""VMs: ``KVM_CREATE_VM`` and ``kvm_destroy_vm()``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Response
+
+from app.api.deps import EngineDep, VmDep
+from app.api.problems import error_responses
+from app.models.kvm import VmCreate
+from app.models.state import Capabilities, Vm, VmList
+
+router = APIRouter(prefix="/v1/vms", tags=["vms"])
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Create a VM (KVM_CREATE_VM)",
+    description="Creates a VM of a `KVM_X86_*_VM` type that follows one semantics: `rfc-v9` (the Oct-2022 "
+    "patch: GPA `KVM_MEMORY_ENCRYPT_{REG,UNREG}_REGION`, memory private by default on private-memory VMs) or "
+    "`linux` (6.8+: `KVM_SET_MEMORY_ATTRIBUTES`, shared by default). The body may be omitted.",
+    operation_id="create_vm",
+    responses=error_responses("ENOMEM"),
+)
+async def create_vm(engine: EngineDep, req: Annotated[VmCreate | None, Body()] = None) -> Vm:
+    return engine.create_vm(req or VmCreate()).model()
+
+
+@router.get("", summary="List VMs", operation_id="list_vms")
+async def list_vms(engine: EngineDep) -> VmList:
+    return VmList(vms=[vm.model() for vm in engine.vms()])
+
+
+@router.get(
+    "/{vm_id}",
+    summary="Get a VM",
+    description="The VM with its MMU invalidation state.",
+    operation_id="get_vm",
+    responses=error_responses("ENOENT"),
+)
+async def get_vm(vm: VmDep) -> Vm:
+    return vm.model()
+
+
+@router.delete(
+    "/{vm_id}",
+    status_code=204,
+    summary="Destroy a VM (kvm_destroy_vm)",
+    description="Frees attributes, memslots, mappings, guest_memfds and pinned regions.",
+    operation_id="delete_vm",
+    responses=error_responses("ENOENT"),
+)
+async def delete_vm(engine: EngineDep, vm: VmDep) -> Response:
+    engine.destroy_vm(vm.id)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{vm_id}/capabilities",
+    summary="KVM_CHECK_EXTENSION on the VM fd",
+    description="`KVM_CAP_MEMORY_ATTRIBUTES` is 8 only on `linux` VMs with private memory; "
+    "`KVM_CAP_MULTI_ADDRESS_SPACE` is the VM's number of address spaces.",
+    operation_id="get_vm_capabilities",
+    responses=error_responses("ENOENT"),
+)
+async def vm_capabilities(engine: EngineDep, vm: VmDep) -> Capabilities:
+    return Capabilities.model_validate(engine.vm_capabilities(vm.id))

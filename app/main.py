@@ -1,0 +1,137 @@
+"""The app factory: ``create_app(settings)``; ``app`` is what ``uvicorn app.main:app`` serves."""
+
+from __future__ import annotations
+
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from fastapi import Depends, FastAPI, Response
+from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.api import problems
+from app.api.auth import require_token
+from app.api.metrics import Metrics
+from app.api.middleware import ServiceMiddleware
+from app.api.routes import activity, attributes, inspect, memslots, system, testing, vms
+from app.core import Engine
+from app.logs import configure
+from app.settings import Settings
+
+try:
+    __version__ = version("kvm-memattr")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"
+
+DESCRIPTION = """
+A **virtual KVM memory-attribute controller**. Each VM keeps which guest frames (gfns) are
+*private* or *shared*, its memslots, its mappings (SPTEs) and the MMU invalidation state
+(`mmu_invalidate_seq`, `mmu_invalidate_in_progress`, `mmu_invalidate_range_start/_end`), and
+follows one of two semantics: `rfc-v9` (the Oct-2022 *Register/unregister the guest private
+memory regions* patch) or `linux` (the design merged in 6.8: `KVM_SET_MEMORY_ATTRIBUTES`).
+
+**Try it:** `POST /v1/vms` → `PUT .../memslots/0` → `POST .../faults` →
+`PUT .../memory-attributes` (or `POST .../memory-encrypt/reg-region` on `rfc-v9`) → `GET .../events`.
+
+Integers that mirror a kernel `__u64`/`__u32` accept a JSON integer or a decimal/`0x`-hex string.
+Errors are RFC 9457 `application/problem+json` with the kernel `errno` name.
+"""
+
+TAGS = [
+    {"name": "vms", "description": "KVM_CREATE_VM, kvm_destroy_vm, KVM_CHECK_EXTENSION on a VM"},
+    {"name": "memslots", "description": "KVM_SET_USER_MEMORY_REGION2"},
+    {"name": "guest-memfds", "description": "KVM_CREATE_GUEST_MEMFD and close()"},
+    {"name": "memory-attributes", "description": "Private/shared conversions, both APIs, and reading attributes"},
+    {"name": "state", "description": "Per-gfn view, MMU state, mappings and the event trace"},
+    {"name": "guest and host activity", "description": "vCPU faults, prefault and host MMU-notifier invalidations"},
+    {"name": "test support", "description": "Fault injection"},
+    {"name": "capabilities", "description": "KVM_CHECK_EXTENSION on /dev/kvm"},
+    {"name": "service", "description": "Health and metrics"},
+]
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """Build the service. Tests pass their own settings and/or engine."""
+    settings = settings or Settings()
+    configure(settings.log_level, settings.log_json)
+    engine = engine or Engine(settings.engine_limits())
+    app = FastAPIOffline(
+        title="kvm-memattr",
+        version=__version__,
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        redoc_url=None,
+        swagger_ui_parameters={"defaultModelsExpandDepth": 0, "tryItOutEnabled": True, "displayRequestDuration": True},
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.started = time.monotonic()
+    metrics = Metrics(engine)
+    app.state.metrics = metrics
+
+    problems.install(app)
+    app.include_router(system.router)
+    guarded = [Depends(require_token)]
+    for module in (vms, memslots, attributes, inspect, activity, testing):
+        app.include_router(module.router, dependencies=guarded)
+
+    @app.get(
+        "/metrics",
+        tags=["service"],
+        summary="Prometheus metrics",
+        description="HTTP requests and latency by route template, and engine gauges and counters.",
+        operation_id="metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+    )
+    async def get_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(ServiceMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = _problem_openapi(
+                get_openapi(
+                    title=app.title,
+                    version=app.version,
+                    description=app.description,
+                    routes=app.routes,
+                    tags=app.openapi_tags,
+                )
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _problem_openapi(schema: dict[str, Any]) -> dict[str, Any]:
+    """Error responses are problem+json; FastAPI's own 422 schema is replaced by Problem."""
+    ref = {"$ref": "#/components/schemas/Problem"}
+    for path, path_item in schema.get("paths", {}).items():
+        for op in path_item.values():
+            responses = op.get("responses", {})
+            if any(p.get("in") in ("path", "query") for p in op.get("parameters", [])) or "requestBody" in op:
+                responses.setdefault("422", {"description": "EINVAL"})
+            if path.startswith("/v1/"):
+                responses.setdefault("401", {"description": "EPERM: missing token (when one is configured)"})
+                responses.setdefault("403", {"description": "EPERM: wrong token"})
+            if "{vm_id}" in path:
+                responses.setdefault("404", {"description": "ENOENT"})
+            if "requestBody" in op:
+                responses.setdefault("413", {"description": "E2BIG: body larger than max_body_bytes"})
+            for code, response in responses.items():
+                if code.isdigit() and int(code) >= 400:
+                    response["content"] = {problems.PROBLEM_JSON: {"schema": ref}}
+                    if response.get("description") == "Validation Error":
+                        response["description"] = "EINVAL"
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    return schema
+
+
+app = create_app()
