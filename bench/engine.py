@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.core import Engine  # noqa: E402
-from app.core.vm import VirtualMachine  # noqa: E402
-from app.models.kvm import KvmMemoryAttributes, KvmUserspaceMemoryRegion2, Semantics, VmCreate, VmType  # noqa: E402
-from tests.core.reference import RefVM  # noqa: E402
+from app.core import Engine
+from app.core.vm import VirtualMachine
+from app.models.kvm import KvmMemoryAttributes, KvmUserspaceMemoryRegion2, Semantics, VmCreate, VmType
+from tests.core.reference import RefVM
 
 PAGE = 4096
 GIB = 1 << 30

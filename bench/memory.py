@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.core import Engine  # noqa: E402
-from app.models.kvm import Semantics, VmCreate, VmType  # noqa: E402
+from app.core import Engine
+from app.models.kvm import Semantics, VmCreate, VmType
 
 
 def main() -> None:
