@@ -1,24 +1,20 @@
-"""Optional bearer-token access control for ``/v1``."""
+"""Optional bearer-token access control for ``/v1`` (checked in the service middleware)."""
 
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
-
-from fastapi import Depends, HTTPException, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
-_bearer = HTTPBearer(auto_error=False, description="Needed only when KVM_MEMATTR_API_TOKEN is set")
 
 
-def require_token(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
-    """401 without a token, 403 with a wrong one (constant-time compare); open when no token is configured."""
-    expected: str | None = request.app.state.settings.api_token
-    if not expected:
-        return
-    if credentials is None:
-        raise HTTPException(401, "missing 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(credentials.credentials.encode(), expected.encode()):
-        raise HTTPException(403, "wrong API token")
+def check_bearer(authorization: bytes | None, token: str) -> tuple[int, str] | None:
+    """None when allowed; else (401, why) without a bearer token, (403, why) with a wrong one.
+
+    The compare is constant-time so the token cannot be guessed byte by byte from timings.
+    """
+    if not authorization:
+        return 401, "missing 'Authorization: Bearer <token>'"
+    scheme, _, credentials = authorization.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return 401, "the Authorization header must be 'Bearer <token>'"
+    if not hmac.compare_digest(credentials.strip().encode(), token.encode()):
+        return 403, "wrong API token"
+    return None

@@ -14,7 +14,7 @@ from app.models.kvm import GFN_LIMIT
 from app.models.types import parse_uint
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
 
@@ -22,9 +22,11 @@ def get_engine(request: Request) -> Engine:
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
-def get_vm(
-    engine: EngineDep, vm_id: Annotated[str, Path(description="VM id from POST /v1/vms", max_length=64)]
+async def get_vm(
+    request: Request, vm_id: Annotated[str, Path(description="VM id from POST /v1/vms", max_length=64)]
 ) -> VirtualMachine:
+    # Reads the engine itself rather than depending on get_engine: one dependency less per request.
+    engine: Engine = request.app.state.engine
     return engine.vm(vm_id)
 
 

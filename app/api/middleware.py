@@ -1,19 +1,21 @@
-"""One pure-ASGI middleware: request id, body limit, access log and HTTP metrics.
+"""One pure-ASGI middleware: request id, bearer token, body limit, access log and HTTP metrics.
 
-Pure ASGI (not BaseHTTPMiddleware) because it sits on every request and the
-HTTP benchmark compares conversions with /healthz.
+Pure ASGI (not BaseHTTPMiddleware) because it sits on every request and the HTTP benchmark
+compares conversions with /healthz.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
+import secrets
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.auth import check_bearer
 from app.api.metrics import Metrics
 from app.logs import request_id_var
 
@@ -21,26 +23,35 @@ log = logging.getLogger("kvm_memattr.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
-def _problem_body(status: int, errno: str, detail: str, path: str, title: str) -> bytes:
-    return json.dumps(
-        {
-            "type": f"urn:kvm-memattr:errno:{errno}",
-            "title": title,
-            "status": status,
-            "detail": detail,
-            "errno": errno,
+class _Refused(Exception):
+    """A request answered here, before the app: 401/403 (EPERM) or 413 (E2BIG)."""
+
+    def __init__(self, status: int, errno: str, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.errno, self.title, self.detail = status, errno, title, detail
+
+    def body(self, path: str) -> bytes:
+        problem = {
+            "type": f"urn:kvm-memattr:errno:{self.errno}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            "errno": self.errno,
             "instance": path,
         }
-    ).encode()
-
-
-class _BodyTooLarge(Exception):
-    pass
+        return json.dumps(problem).encode()
 
 
 class ServiceMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int) -> None:
-        self.app, self.metrics, self.max_body = app, metrics, max_body_bytes
+    _prefix = secrets.token_hex(4)
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, api_token: str | None) -> None:
+        self.app, self.metrics, self.max_body, self.token = app, metrics, max_body_bytes, api_token
+        # Unique per process and cheap: a random prefix and a counter (uuid4 costs a syscall).
+        self._ids = (f"{self._prefix}{n:08x}" for n in itertools.count(1))
+
+    def _too_large(self) -> _Refused:
+        return _Refused(413, "E2BIG", "Payload too large", f"request body larger than {self.max_body} bytes")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -49,7 +60,7 @@ class ServiceMiddleware:
         started = time.perf_counter()
         headers = dict(scope["headers"])
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex[:16]
+        request_id = incoming if _REQUEST_ID.fullmatch(incoming) else next(self._ids)
         request_id_var.set(request_id)
         status = 500
         response_started = False
@@ -61,7 +72,7 @@ class ServiceMiddleware:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
-                    raise _BodyTooLarge
+                    raise self._too_large()
             return message
 
         async def send_with_id(message: Message) -> None:
@@ -73,32 +84,34 @@ class ServiceMiddleware:
             await send(message)
 
         try:
+            if self.token and scope["path"].startswith("/v1/"):
+                refused = check_bearer(headers.get(b"authorization"), self.token)
+                if refused is not None:
+                    raise _Refused(refused[0], "EPERM", "Operation not permitted", refused[1])
             length = headers.get(b"content-length")
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
-                raise _BodyTooLarge
+                raise self._too_large()
             await self.app(scope, limited_receive, send_with_id)
-        except _BodyTooLarge:
+        except _Refused as refused:
             if response_started:
                 raise
-            status = 413
-            body = _problem_body(
-                413, "E2BIG", f"request body larger than {self.max_body} bytes", scope["path"], "Payload too large"
-            )
+            body = refused.body(scope["path"])
+            extra = [(b"www-authenticate", b"Bearer")] if refused.status == 401 else []
             await send_with_id(
                 {
                     "type": "http.response.start",
-                    "status": 413,
+                    "status": refused.status,
                     "headers": [
                         (b"content-type", b"application/problem+json"),
                         (b"content-length", str(len(body)).encode()),
+                        *extra,
                     ],
                 }
             )
             await send({"type": "http.response.body", "body": body})
         finally:
             elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.observe(scope["method"], template, status, elapsed)
             if log.isEnabledFor(logging.INFO):
                 log.info(

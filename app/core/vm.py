@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import wraps
 from itertools import islice
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -171,7 +171,7 @@ class VirtualMachine:
             mmu_invalidate_range_end=inv.range_end,
             mapped_pages=self.mmu.mapped_pages,
             open_notifier_invalidations=len(self.notifiers),
-            stats=state.MmuStats(**asdict(self.stats)),
+            stats=vars(self.stats),  # a dict validates in Rust, cheaper than building a model
         )
 
     def capabilities(self) -> dict[str, int]:
@@ -351,7 +351,9 @@ class VirtualMachine:
         nth, self.fail_nth = self.fail_nth, None
         if nth is not None and nth <= npages:
             return nth
-        if self.attributes.count_after_assign(start, end, value) > self.limits.max_attribute_runs:
+        # One assign adds at most two runs: count exactly only near the budget.
+        budget = self.limits.max_attribute_runs
+        if len(self.attributes) + 2 > budget and self.attributes.count_after_assign(start, end, value) > budget:
             # The budget runs out part way; which entry fails does not change the outcome.
             return npages
         return None
@@ -555,8 +557,13 @@ class VirtualMachine:
 
     def _map(self, as_id: int, start: int, end: int, value: int, check_budget: bool = True) -> None:
         space = self.mmu.spaces[as_id]
-        after = self.mmu.runs() - len(space) + space.count_after_assign(start, end, value)
-        if check_budget and after > self.limits.max_mapping_runs:
+        budget = self.limits.max_mapping_runs
+        runs = self.mmu.runs()
+        if (
+            check_budget
+            and runs + 2 > budget
+            and runs - len(space) + space.count_after_assign(start, end, value) > budget
+        ):
             raise ENOMEM(f"mapping runs would exceed the per-VM budget ({self.limits.max_mapping_runs})")
         self.mmu.set(as_id, start, end, value)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Response
 
 from app.api.deps import VmDep
 from app.api.problems import error_responses
+from app.api.responses import model_response
 from app.models.kvm import FaultRequest, NotifierRequest, PrefaultRequest
 from app.models.state import FaultResult, NotifierEnd, NotifierList, NotifierStart, PrefaultResult
 
@@ -23,9 +24,10 @@ router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["guest and host activity"])
     "`mmu_seq` = the seq the vCPU snapshotted (null = now): pass an old one to see a racing fault retry.",
     operation_id="fault",
     responses=error_responses("ENOENT", "ENOMEM"),
+    response_model=FaultResult,
 )
-async def fault(vm: VmDep, req: FaultRequest) -> FaultResult:
-    return vm.fault(req)
+async def fault(vm: VmDep, req: FaultRequest) -> Response:
+    return model_response(vm.fault(req))
 
 
 @router.post(
@@ -35,9 +37,10 @@ async def fault(vm: VmDep, req: FaultRequest) -> FaultResult:
     "private pages without guest_memfd, and pages a fault would retry on are skipped.",
     operation_id="prefault",
     responses=error_responses("ENOENT", "ENOMEM"),
+    response_model=PrefaultResult,
 )
-async def prefault(vm: VmDep, req: PrefaultRequest) -> PrefaultResult:
-    return vm.prefault(req)
+async def prefault(vm: VmDep, req: PrefaultRequest) -> Response:
+    return model_response(vm.prefault(req))
 
 
 @router.post(
@@ -49,9 +52,10 @@ async def prefault(vm: VmDep, req: PrefaultRequest) -> PrefaultResult:
     "mappings there, flush if anything was unmapped. Memslot changes are `EBUSY` until it ends.",
     operation_id="start_notifier_invalidation",
     responses=error_responses("ENOENT"),
+    response_model=NotifierStart,
 )
-async def start_invalidation(vm: VmDep, req: NotifierRequest) -> NotifierStart:
-    return vm.notifier_start(req)
+async def start_invalidation(vm: VmDep, req: NotifierRequest) -> Response:
+    return model_response(vm.notifier_start(req), 201)
 
 
 @router.delete(
@@ -60,9 +64,10 @@ async def start_invalidation(vm: VmDep, req: NotifierRequest) -> NotifierStart:
     description="Runs invalidate end (seq++, in_progress--) if the start matched a slot.",
     operation_id="end_notifier_invalidation",
     responses=error_responses("ENOENT"),
+    response_model=NotifierEnd,
 )
-async def end_invalidation(vm: VmDep, inv_id: Annotated[int, Path(ge=0, le=2**63 - 1)]) -> NotifierEnd:
-    return vm.notifier_end(inv_id)
+async def end_invalidation(vm: VmDep, inv_id: Annotated[int, Path(ge=0, le=2**63 - 1)]) -> Response:
+    return model_response(vm.notifier_end(inv_id))
 
 
 @router.get(
@@ -70,6 +75,7 @@ async def end_invalidation(vm: VmDep, inv_id: Annotated[int, Path(ge=0, le=2**63
     summary="Open notifier invalidations",
     operation_id="list_notifier_invalidations",
     responses=error_responses("ENOENT"),
+    response_model=NotifierList,
 )
-async def list_invalidations(vm: VmDep) -> NotifierList:
-    return NotifierList(invalidations=vm.open_notifiers())
+async def list_invalidations(vm: VmDep) -> Response:
+    return model_response(NotifierList(invalidations=vm.open_notifiers()))

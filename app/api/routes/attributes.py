@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from app.api.deps import EndGfnQuery, EngineDep, LimitQuery, StartGfnQuery, VmDep, gfn_window
 from app.api.problems import error_responses
+from app.api.responses import model_response
 from app.models.kvm import KvmEncRegion, KvmMemoryAttributes
 from app.models.state import AttributeRuns, AttributeUpdate, EncRegionList, SevRegionUpdate
 
@@ -28,9 +29,10 @@ _ENC_DESCRIPTION = (
     description=_ENC_DESCRIPTION.format(kind="private", sev="pinned (duplicates and overlaps allowed)"),
     operation_id="memory_encrypt_reg_region",
     responses=error_responses("ENOENT", "ENOTTY", "ENOMEM"),
+    response_model=AttributeUpdate | SevRegionUpdate,
 )
-async def reg_region(vm: VmDep, region: KvmEncRegion) -> AttributeUpdate | SevRegionUpdate:
-    return vm.memory_encrypt_reg_region(region)
+async def reg_region(vm: VmDep, region: KvmEncRegion) -> Response:
+    return model_response(vm.memory_encrypt_reg_region(region))
 
 
 @router.post(
@@ -39,9 +41,10 @@ async def reg_region(vm: VmDep, region: KvmEncRegion) -> AttributeUpdate | SevRe
     description=_ENC_DESCRIPTION.format(kind="shared", sev="unpinned (needs an exact addr and size match)"),
     operation_id="memory_encrypt_unreg_region",
     responses=error_responses("ENOENT", "ENOTTY", "ENOMEM"),
+    response_model=AttributeUpdate | SevRegionUpdate,
 )
-async def unreg_region(vm: VmDep, region: KvmEncRegion) -> AttributeUpdate | SevRegionUpdate:
-    return vm.memory_encrypt_unreg_region(region)
+async def unreg_region(vm: VmDep, region: KvmEncRegion) -> Response:
+    return model_response(vm.memory_encrypt_unreg_region(region))
 
 
 @router.get(
@@ -50,9 +53,10 @@ async def unreg_region(vm: VmDep, region: KvmEncRegion) -> AttributeUpdate | Sev
     description="In registration order. GPA conversions are attribute changes, not registrations, and are not listed.",
     operation_id="list_enc_regions",
     responses=error_responses("ENOENT"),
+    response_model=EncRegionList,
 )
-async def regions(vm: VmDep) -> EncRegionList:
-    return EncRegionList(regions=vm.pinned_regions())
+async def regions(vm: VmDep) -> Response:
+    return model_response(EncRegionList(regions=vm.pinned_regions()))
 
 
 @router.put(
@@ -65,9 +69,10 @@ async def regions(vm: VmDep) -> EncRegionList:
     "flush if anything was unmapped; store; invalidate end. No memslot intersection: no begin/end at all.",
     operation_id="set_memory_attributes",
     responses=error_responses("ENOENT", "ENOTTY", "ENOMEM"),
+    response_model=AttributeUpdate,
 )
-async def set_memory_attributes(vm: VmDep, req: KvmMemoryAttributes) -> AttributeUpdate:
-    return vm.set_memory_attributes(req)
+async def set_memory_attributes(vm: VmDep, req: KvmMemoryAttributes) -> Response:
+    return model_response(vm.set_memory_attributes(req))
 
 
 @router.get(
@@ -77,10 +82,11 @@ async def set_memory_attributes(vm: VmDep, req: KvmMemoryAttributes) -> Attribut
     "below 2^52, so `end_gfn` may go up to 2^52. `next_gfn` is set only when `limit` cut the answer.",
     operation_id="get_memory_attributes",
     responses=error_responses("ENOENT"),
+    response_model=AttributeRuns,
 )
 async def get_memory_attributes(
     engine: EngineDep, vm: VmDep, start_gfn: StartGfnQuery = None, end_gfn: EndGfnQuery = None, limit: LimitQuery = 1000
-) -> AttributeRuns:
+) -> Response:
     start, end = gfn_window(engine, start_gfn, end_gfn)
     runs, next_gfn = vm.attribute_runs(start, end, limit)
-    return AttributeRuns(runs=runs, next_gfn=next_gfn)
+    return model_response(AttributeRuns(runs=runs, next_gfn=next_gfn))

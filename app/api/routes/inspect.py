@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path, Query, Response
 
 from app.api.deps import EndGfnQuery, EngineDep, GfnValue, LimitQuery, StartGfnQuery, VmDep, gfn_window
 from app.api.problems import error_responses
+from app.api.responses import model_response
 from app.models.state import EventPage, GfnInfo, MappingRuns, Mmu, TraceEvent
 
 router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["state"])
@@ -19,11 +20,12 @@ router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["state"])
     description="Its attributes, the memslots that contain it (per address space) and its mappings (SPTEs).",
     operation_id="get_gfn",
     responses=error_responses("ENOENT"),
+    response_model=GfnInfo,
 )
 async def get_gfn(
     vm: VmDep, gfn: Annotated[GfnValue, Path(description="gfn below 2^52 (decimal or 0x hex)")]
-) -> GfnInfo:
-    return vm.gfn_info(gfn)
+) -> Response:
+    return model_response(vm.gfn_info(gfn))
 
 
 @router.get(
@@ -33,9 +35,10 @@ async def get_gfn(
     "(null = `INVALID_GPA`), mapped pages, open notifier invalidations and statistics.",
     operation_id="get_mmu",
     responses=error_responses("ENOENT"),
+    response_model=Mmu,
 )
-async def get_mmu(vm: VmDep) -> Mmu:
-    return vm.mmu_model()
+async def get_mmu(vm: VmDep) -> Response:
+    return model_response(vm.mmu_model())
 
 
 @router.get(
@@ -45,6 +48,7 @@ async def get_mmu(vm: VmDep) -> Mmu:
     "its slot is READONLY, or the slot logs dirty pages and the fault was a read.",
     operation_id="get_mappings",
     responses=error_responses("ENOENT"),
+    response_model=MappingRuns,
 )
 async def get_mappings(
     engine: EngineDep,
@@ -53,10 +57,10 @@ async def get_mappings(
     start_gfn: StartGfnQuery = None,
     end_gfn: EndGfnQuery = None,
     limit: LimitQuery = 1000,
-) -> MappingRuns:
+) -> Response:
     start, end = gfn_window(engine, start_gfn, end_gfn)
     runs, next_gfn = vm.mapping_runs(as_id, start, end, limit)
-    return MappingRuns(runs=runs, next_gfn=next_gfn)
+    return model_response(MappingRuns(runs=runs, next_gfn=next_gfn))
 
 
 @router.get(
@@ -66,12 +70,13 @@ async def get_mappings(
     "begin/range_add/end, unmap, TLB flush, attribute stores, faults, notifier calls. Page with `after`.",
     operation_id="get_events",
     responses=error_responses("ENOENT"),
+    response_model=EventPage,
 )
 async def get_events(
     vm: VmDep,
     after: Annotated[int, Query(ge=0, le=2**63 - 1, description="return events with a larger id")] = 0,
     limit: LimitQuery = 1000,
-) -> EventPage:
+) -> Response:
     with vm.lock:
         events, cursor = vm.events.page(after, limit)
-        return EventPage(events=[TraceEvent.model_validate(e) for e in events], next_after=cursor)
+        return model_response(EventPage(events=[TraceEvent.model_validate(e) for e in events], next_after=cursor))

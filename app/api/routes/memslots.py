@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Response
 
 from app.api.deps import U32Value, VmDep
 from app.api.problems import error_responses
+from app.api.responses import model_response
 from app.models.kvm import KvmCreateGuestMemfd, KvmUserspaceMemoryRegion2
 from app.models.state import GuestMemfd, GuestMemfdList, Memslot, MemslotList, MemslotUpdate
 
@@ -28,9 +29,10 @@ FdPath = Annotated[int, Path(ge=0, le=2**31 - 1, description="guest_memfd fd")]
     "change is `EBUSY`.",
     operation_id="set_memslot",
     responses=error_responses("ENOENT", "EEXIST", "EBUSY", "EBADF"),
+    response_model=MemslotUpdate,
 )
-async def set_memslot(vm: VmDep, slot: SlotPath, req: KvmUserspaceMemoryRegion2) -> MemslotUpdate:
-    return vm.set_user_memory_region(slot, req)
+async def set_memslot(vm: VmDep, slot: SlotPath, req: KvmUserspaceMemoryRegion2) -> Response:
+    return model_response(vm.set_user_memory_region(slot, req))
 
 
 @router.get(
@@ -39,16 +41,21 @@ async def set_memslot(vm: VmDep, slot: SlotPath, req: KvmUserspaceMemoryRegion2)
     description="All address spaces, sorted by as_id then base_gfn.",
     operation_id="list_memslots",
     responses=error_responses("ENOENT"),
+    response_model=MemslotList,
 )
-async def list_memslots(vm: VmDep) -> MemslotList:
-    return MemslotList(memslots=vm.memslots())
+async def list_memslots(vm: VmDep) -> Response:
+    return model_response(MemslotList(memslots=vm.memslots()))
 
 
 @router.get(
-    "/memslots/{slot}", summary="Get a memslot", operation_id="get_memslot", responses=error_responses("ENOENT")
+    "/memslots/{slot}",
+    summary="Get a memslot",
+    operation_id="get_memslot",
+    responses=error_responses("ENOENT"),
+    response_model=Memslot,
 )
-async def get_memslot(vm: VmDep, slot: SlotPath) -> Memslot:
-    return vm.memslot(slot)
+async def get_memslot(vm: VmDep, slot: SlotPath) -> Response:
+    return model_response(vm.memslot(slot))
 
 
 @router.delete(
@@ -73,9 +80,10 @@ async def delete_memslot(vm: VmDep, slot: SlotPath) -> Response:
     "`GUEST_MEMFD_FLAG_INIT_SHARED` (2); `rfc-v9` none. fds are per VM and unique while open.",
     operation_id="create_guest_memfd",
     responses=error_responses("ENOENT"),
+    response_model=GuestMemfd,
 )
-async def create_guest_memfd(vm: VmDep, req: KvmCreateGuestMemfd) -> GuestMemfd:
-    return vm.create_guest_memfd(req)
+async def create_guest_memfd(vm: VmDep, req: KvmCreateGuestMemfd) -> Response:
+    return model_response(vm.create_guest_memfd(req), 201)
 
 
 @router.get(
@@ -84,9 +92,10 @@ async def create_guest_memfd(vm: VmDep, req: KvmCreateGuestMemfd) -> GuestMemfd:
     summary="List open guest_memfds",
     operation_id="list_guest_memfds",
     responses=error_responses("ENOENT"),
+    response_model=GuestMemfdList,
 )
-async def list_guest_memfds(vm: VmDep) -> GuestMemfdList:
-    return GuestMemfdList(guest_memfds=vm.guest_memfds())
+async def list_guest_memfds(vm: VmDep) -> Response:
+    return model_response(GuestMemfdList(guest_memfds=vm.guest_memfds()))
 
 
 @router.get(
@@ -95,9 +104,10 @@ async def list_guest_memfds(vm: VmDep) -> GuestMemfdList:
     summary="Get a guest_memfd",
     operation_id="get_guest_memfd",
     responses=error_responses("ENOENT"),
+    response_model=GuestMemfd,
 )
-async def get_guest_memfd(vm: VmDep, fd: FdPath) -> GuestMemfd:
-    return vm.guest_memfd(fd)
+async def get_guest_memfd(vm: VmDep, fd: FdPath) -> Response:
+    return model_response(vm.guest_memfd(fd))
 
 
 @router.delete(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from app.api.deps import EngineDep
+from app.api.responses import model_response
 from app.models.state import Capabilities, Health
 
 router = APIRouter()
@@ -19,14 +20,17 @@ router = APIRouter()
     summary="Liveness",
     description="Always 200 while the process serves requests; never needs a token.",
     operation_id="healthz",
+    response_model=Health,
 )
-async def healthz(request: Request, engine: EngineDep) -> Health:
-    return Health(
-        status="ok",
-        pid=os.getpid(),
-        uptime_s=round(time.monotonic() - request.app.state.started, 3),
-        vms=len(engine),
-        version=request.app.version,
+async def healthz(request: Request, engine: EngineDep) -> Response:
+    return model_response(
+        Health(
+            status="ok",
+            pid=os.getpid(),
+            uptime_s=round(time.monotonic() - request.app.state.started, 3),
+            vms=len(engine),
+            version=request.app.version,
+        )
     )
 
 
@@ -37,6 +41,7 @@ async def healthz(request: Request, engine: EngineDep) -> Health:
     description="System-scope answers: API version, page size, `max_gfn`, the VM types "
     "(`KVM_CAP_VM_TYPES` = 0x3f: all six) and both semantics.",
     operation_id="get_capabilities",
+    response_model=Capabilities,
 )
-async def capabilities(engine: EngineDep) -> Capabilities:
-    return Capabilities.model_validate(engine.capabilities())
+async def capabilities(engine: EngineDep) -> Response:
+    return model_response(Capabilities.model_validate(engine.capabilities()))

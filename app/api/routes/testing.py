@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from app.api.deps import VmDep
 from app.api.problems import error_responses
+from app.api.responses import model_response
 from app.models.kvm import FaultInjection
 from app.models.state import FaultInjectionState
 
@@ -20,13 +21,18 @@ router = APIRouter(prefix="/v1/vms/{vm_id}/fault-injection", tags=["test support
     "Consumed by the next update that passes validation and is not a `linux` no-op; null disarms.",
     operation_id="set_fault_injection",
     responses=error_responses("ENOENT"),
+    response_model=FaultInjectionState,
 )
-async def set_fault_injection(vm: VmDep, req: FaultInjection) -> FaultInjectionState:
-    return vm.set_fault_injection(req.fail_nth)
+async def set_fault_injection(vm: VmDep, req: FaultInjection) -> Response:
+    return model_response(vm.set_fault_injection(req.fail_nth))
 
 
 @router.get(
-    "", summary="Fault injection state", operation_id="get_fault_injection", responses=error_responses("ENOENT")
+    "",
+    summary="Fault injection state",
+    operation_id="get_fault_injection",
+    responses=error_responses("ENOENT"),
+    response_model=FaultInjectionState,
 )
-async def get_fault_injection(vm: VmDep) -> FaultInjectionState:
-    return vm.fault_injection()
+async def get_fault_injection(vm: VmDep) -> Response:
+    return model_response(vm.fault_injection())

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Body, Response
 
 from app.api.deps import EngineDep, VmDep
 from app.api.problems import error_responses
+from app.api.responses import model_response
 from app.models.kvm import VmCreate
 from app.models.state import Capabilities, Vm, VmList
 
@@ -23,14 +24,15 @@ router = APIRouter(prefix="/v1/vms", tags=["vms"])
     "`linux` (6.8+: `KVM_SET_MEMORY_ATTRIBUTES`, shared by default). The body may be omitted.",
     operation_id="create_vm",
     responses=error_responses("ENOMEM"),
+    response_model=Vm,
 )
-async def create_vm(engine: EngineDep, req: Annotated[VmCreate | None, Body()] = None) -> Vm:
-    return engine.create_vm(req or VmCreate()).model()
+async def create_vm(engine: EngineDep, req: Annotated[VmCreate | None, Body()] = None) -> Response:
+    return model_response(engine.create_vm(req or VmCreate()).model(), 201)
 
 
-@router.get("", summary="List VMs", operation_id="list_vms")
-async def list_vms(engine: EngineDep) -> VmList:
-    return VmList(vms=[vm.model() for vm in engine.vms()])
+@router.get("", summary="List VMs", operation_id="list_vms", response_model=VmList)
+async def list_vms(engine: EngineDep) -> Response:
+    return model_response(VmList(vms=[vm.model() for vm in engine.vms()]))
 
 
 @router.get(
@@ -39,9 +41,10 @@ async def list_vms(engine: EngineDep) -> VmList:
     description="The VM with its MMU invalidation state.",
     operation_id="get_vm",
     responses=error_responses("ENOENT"),
+    response_model=Vm,
 )
-async def get_vm(vm: VmDep) -> Vm:
-    return vm.model()
+async def get_vm(vm: VmDep) -> Response:
+    return model_response(vm.model())
 
 
 @router.delete(
@@ -64,6 +67,7 @@ async def delete_vm(engine: EngineDep, vm: VmDep) -> Response:
     "`KVM_CAP_MULTI_ADDRESS_SPACE` is the VM's number of address spaces.",
     operation_id="get_vm_capabilities",
     responses=error_responses("ENOENT"),
+    response_model=Capabilities,
 )
-async def vm_capabilities(engine: EngineDep, vm: VmDep) -> Capabilities:
-    return Capabilities.model_validate(engine.vm_capabilities(vm.id))
+async def vm_capabilities(engine: EngineDep, vm: VmDep) -> Response:
+    return model_response(Capabilities.model_validate(engine.vm_capabilities(vm.id)))
