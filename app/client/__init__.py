@@ -1,0 +1,195 @@
+"""A typed Python client for kvm-memattr, sync and async, on httpx.
+
+    from app.client import Client
+    with Client("http://127.0.0.1:8000") as kvm:          # or Client.in_process()
+        vm = kvm.create_vm(type="sw_protected", semantics="linux")
+        kvm.set_memory_attributes(vm.id, address=0x1_0000_0000, size=0x20_0000, attributes=8)
+
+Every method is one API operation and returns the pydantic model of ``app.models``; every
+failure raises :class:`KvmMemattrError` carrying the kernel errno and the problem body.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
+
+import httpx
+
+from app.client import operations as ops
+from app.client.operations import Op
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class KvmMemattrError(Exception):
+    """An API call failed: ``errno`` is the kernel errno name (``EINVAL``, ``ENOTTY``, ...)."""
+
+    def __init__(self, status: int, errno: str, detail: str, problem: dict[str, Any]) -> None:
+        super().__init__(f"{errno}: {detail}")
+        self.status, self.errno, self.detail, self.problem = status, errno, detail, problem
+
+
+def _result(op: Op[T], response: httpx.Response) -> T:
+    if response.status_code >= 400:
+        try:
+            problem = response.json()
+        except ValueError:
+            problem = {"errno": "EIO", "detail": response.text[:200]}
+        errno = str(problem.get("errno", "EIO"))
+        raise KvmMemattrError(response.status_code, errno, str(problem.get("detail", "")), problem)
+    if op.parse is None:
+        return None  # type: ignore[return-value]  # Op[None]: the answer has no body
+    return op.parse(response.json())
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    token = token or os.environ.get("KVM_MEMATTR_TOKEN")
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def _sync(builder: Callable[P, Op[T]]) -> Callable[Concatenate[Client, P], T]:
+    def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self.send(builder(*args, **kwargs))
+
+    method.__name__, method.__doc__ = builder.__name__, builder.__doc__
+    return method
+
+
+def _async(builder: Callable[P, Op[T]]) -> Callable[Concatenate[AsyncClient, P], Awaitable[T]]:
+    async def method(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await self.send(builder(*args, **kwargs))
+
+    method.__name__, method.__doc__ = builder.__name__, builder.__doc__
+    return method
+
+
+class Client:
+    """Synchronous client. ``Client(url)`` talks to a server; ``Client.in_process()`` to an app in this process."""
+
+    def __init__(self, url: str | None = None, *, token: str | None = None, http: httpx.Client | None = None) -> None:
+        url = url or os.environ.get("KVM_MEMATTR_URL") or DEFAULT_URL
+        self.http = http or httpx.Client(base_url=url, headers=_headers(token), timeout=30.0)
+
+    @classmethod
+    def in_process(cls, app: Any = None) -> Client:
+        """A client onto an ASGI app in this process (a fresh ``create_app()`` by default): no server needed."""
+        from fastapi.testclient import TestClient
+
+        from app.main import create_app
+
+        return cls(http=TestClient(app or create_app(), base_url="http://kvm-memattr"))
+
+    def send(self, op: Op[T]) -> T:
+        return _result(op, self.http.request(op.method, op.path, json=op.json, params=op.params))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+    healthz = _sync(ops.healthz)
+    capabilities = _sync(ops.capabilities)
+    create_vm = _sync(ops.create_vm)
+    list_vms = _sync(ops.list_vms)
+    get_vm = _sync(ops.get_vm)
+    delete_vm = _sync(ops.delete_vm)
+    vm_capabilities = _sync(ops.vm_capabilities)
+    set_memslot = _sync(ops.set_memslot)
+    list_memslots = _sync(ops.list_memslots)
+    get_memslot = _sync(ops.get_memslot)
+    delete_memslot = _sync(ops.delete_memslot)
+    create_guest_memfd = _sync(ops.create_guest_memfd)
+    list_guest_memfds = _sync(ops.list_guest_memfds)
+    get_guest_memfd = _sync(ops.get_guest_memfd)
+    close_guest_memfd = _sync(ops.close_guest_memfd)
+    reg_region = _sync(ops.reg_region)
+    unreg_region = _sync(ops.unreg_region)
+    list_enc_regions = _sync(ops.list_enc_regions)
+    set_memory_attributes = _sync(ops.set_memory_attributes)
+    get_memory_attributes = _sync(ops.get_memory_attributes)
+    get_gfn = _sync(ops.get_gfn)
+    get_mmu = _sync(ops.get_mmu)
+    get_mappings = _sync(ops.get_mappings)
+    get_events = _sync(ops.get_events)
+    fault = _sync(ops.fault)
+    prefault = _sync(ops.prefault)
+    start_invalidation = _sync(ops.start_invalidation)
+    end_invalidation = _sync(ops.end_invalidation)
+    list_invalidations = _sync(ops.list_invalidations)
+    set_fault_injection = _sync(ops.set_fault_injection)
+    get_fault_injection = _sync(ops.get_fault_injection)
+
+
+class AsyncClient:
+    """Asynchronous client; the same operations as :class:`Client`, awaited."""
+
+    def __init__(
+        self, url: str | None = None, *, token: str | None = None, http: httpx.AsyncClient | None = None
+    ) -> None:
+        url = url or os.environ.get("KVM_MEMATTR_URL") or DEFAULT_URL
+        self.http = http or httpx.AsyncClient(base_url=url, headers=_headers(token), timeout=30.0)
+
+    @classmethod
+    def in_process(cls, app: Any = None) -> AsyncClient:
+        """A client onto an ASGI app in this process (``httpx.ASGITransport``)."""
+        from app.main import create_app
+
+        transport = httpx.ASGITransport(app=app or create_app())
+        return cls(http=httpx.AsyncClient(transport=transport, base_url="http://kvm-memattr"))
+
+    async def send(self, op: Op[T]) -> T:
+        return _result(op, await self.http.request(op.method, op.path, json=op.json, params=op.params))
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        await self.aclose()
+
+    healthz = _async(ops.healthz)
+    capabilities = _async(ops.capabilities)
+    create_vm = _async(ops.create_vm)
+    list_vms = _async(ops.list_vms)
+    get_vm = _async(ops.get_vm)
+    delete_vm = _async(ops.delete_vm)
+    vm_capabilities = _async(ops.vm_capabilities)
+    set_memslot = _async(ops.set_memslot)
+    list_memslots = _async(ops.list_memslots)
+    get_memslot = _async(ops.get_memslot)
+    delete_memslot = _async(ops.delete_memslot)
+    create_guest_memfd = _async(ops.create_guest_memfd)
+    list_guest_memfds = _async(ops.list_guest_memfds)
+    get_guest_memfd = _async(ops.get_guest_memfd)
+    close_guest_memfd = _async(ops.close_guest_memfd)
+    reg_region = _async(ops.reg_region)
+    unreg_region = _async(ops.unreg_region)
+    list_enc_regions = _async(ops.list_enc_regions)
+    set_memory_attributes = _async(ops.set_memory_attributes)
+    get_memory_attributes = _async(ops.get_memory_attributes)
+    get_gfn = _async(ops.get_gfn)
+    get_mmu = _async(ops.get_mmu)
+    get_mappings = _async(ops.get_mappings)
+    get_events = _async(ops.get_events)
+    fault = _async(ops.fault)
+    prefault = _async(ops.prefault)
+    start_invalidation = _async(ops.start_invalidation)
+    end_invalidation = _async(ops.end_invalidation)
+    list_invalidations = _async(ops.list_invalidations)
+    set_fault_injection = _async(ops.set_fault_injection)
+    get_fault_injection = _async(ops.get_fault_injection)
+
+
+__all__ = ["AsyncClient", "Client", "KvmMemattrError", "Op"]

@@ -1,0 +1,223 @@
+"""One request builder per API operation (sans I/O): the sync and async clients share them.
+
+Each builder returns an :class:`Op` naming the HTTP call and the pydantic model of its answer;
+the clients only send it. Integers may be given as ints or as decimal/hex strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from app.models import state
+
+T = TypeVar("T")
+Int = int | str
+
+
+@dataclass(frozen=True)
+class Op(Generic[T]):
+    """An HTTP call and how to read its answer (None: no body, e.g. 204)."""
+
+    method: str
+    path: str
+    parse: Callable[[Any], T] | None
+    json: Any = None
+    params: dict[str, Any] | None = None
+
+
+def _body(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def _vm(vm_id: str, tail: str = "") -> str:
+    return f"/v1/vms/{vm_id}{tail}"
+
+
+# -- service and capabilities
+def healthz() -> Op[state.Health]:
+    """GET /healthz."""
+    return Op("GET", "/healthz", state.Health.model_validate)
+
+
+def capabilities() -> Op[state.Capabilities]:
+    """KVM_CHECK_EXTENSION on /dev/kvm."""
+    return Op("GET", "/v1/capabilities", state.Capabilities.model_validate)
+
+
+# -- VMs
+def create_vm(type: str = "sw_protected", semantics: str = "rfc-v9", name: str | None = None) -> Op[state.Vm]:
+    """KVM_CREATE_VM."""
+    return Op("POST", "/v1/vms", state.Vm.model_validate, json=_body(type=type, semantics=semantics, name=name))
+
+
+def list_vms() -> Op[state.VmList]:
+    return Op("GET", "/v1/vms", state.VmList.model_validate)
+
+
+def get_vm(vm_id: str) -> Op[state.Vm]:
+    return Op("GET", _vm(vm_id), state.Vm.model_validate)
+
+
+def delete_vm(vm_id: str) -> Op[None]:
+    """kvm_destroy_vm()."""
+    return Op("DELETE", _vm(vm_id), None)
+
+
+def vm_capabilities(vm_id: str) -> Op[state.Capabilities]:
+    """KVM_CHECK_EXTENSION on a VM fd."""
+    return Op("GET", _vm(vm_id, "/capabilities"), state.Capabilities.model_validate)
+
+
+# -- memslots and guest_memfds
+def set_memslot(
+    vm_id: str,
+    slot: Int,
+    guest_phys_addr: Int,
+    memory_size: Int,
+    userspace_addr: Int,
+    flags: Int = 0,
+    guest_memfd: Int | None = None,
+    guest_memfd_offset: Int = 0,
+) -> Op[state.MemslotUpdate]:
+    """KVM_SET_USER_MEMORY_REGION2 (``memory_size`` 0 deletes)."""
+    body = _body(
+        flags=flags,
+        guest_phys_addr=guest_phys_addr,
+        memory_size=memory_size,
+        userspace_addr=userspace_addr,
+        guest_memfd=guest_memfd,
+        guest_memfd_offset=guest_memfd_offset,
+    )
+    return Op("PUT", _vm(vm_id, f"/memslots/{slot}"), state.MemslotUpdate.model_validate, json=body)
+
+
+def list_memslots(vm_id: str) -> Op[state.MemslotList]:
+    return Op("GET", _vm(vm_id, "/memslots"), state.MemslotList.model_validate)
+
+
+def get_memslot(vm_id: str, slot: Int) -> Op[state.Memslot]:
+    return Op("GET", _vm(vm_id, f"/memslots/{slot}"), state.Memslot.model_validate)
+
+
+def delete_memslot(vm_id: str, slot: Int) -> Op[None]:
+    return Op("DELETE", _vm(vm_id, f"/memslots/{slot}"), None)
+
+
+def create_guest_memfd(vm_id: str, size: Int, flags: Int = 0) -> Op[state.GuestMemfd]:
+    """KVM_CREATE_GUEST_MEMFD."""
+    return Op("POST", _vm(vm_id, "/guest-memfds"), state.GuestMemfd.model_validate, json={"size": size, "flags": flags})
+
+
+def list_guest_memfds(vm_id: str) -> Op[state.GuestMemfdList]:
+    return Op("GET", _vm(vm_id, "/guest-memfds"), state.GuestMemfdList.model_validate)
+
+
+def get_guest_memfd(vm_id: str, fd: int) -> Op[state.GuestMemfd]:
+    return Op("GET", _vm(vm_id, f"/guest-memfds/{fd}"), state.GuestMemfd.model_validate)
+
+
+def close_guest_memfd(vm_id: str, fd: int) -> Op[None]:
+    return Op("DELETE", _vm(vm_id, f"/guest-memfds/{fd}"), None)
+
+
+# -- memory attributes
+def reg_region(vm_id: str, addr: Int, size: Int) -> Op[state.AttributeUpdate | state.SevRegionUpdate]:
+    """KVM_MEMORY_ENCRYPT_REG_REGION (rfc-v9 GPA: make private; SEV: pin an HVA range)."""
+    return Op("POST", _vm(vm_id, "/memory-encrypt/reg-region"), _enc_result, json={"addr": addr, "size": size})
+
+
+def unreg_region(vm_id: str, addr: Int, size: Int) -> Op[state.AttributeUpdate | state.SevRegionUpdate]:
+    """KVM_MEMORY_ENCRYPT_UNREG_REGION (rfc-v9 GPA: make shared; SEV: unpin)."""
+    return Op("POST", _vm(vm_id, "/memory-encrypt/unreg-region"), _enc_result, json={"addr": addr, "size": size})
+
+
+def list_enc_regions(vm_id: str) -> Op[state.EncRegionList]:
+    return Op("GET", _vm(vm_id, "/memory-encrypt/regions"), state.EncRegionList.model_validate)
+
+
+def set_memory_attributes(
+    vm_id: str, address: Int, size: Int, attributes: Int, flags: Int = 0
+) -> Op[state.AttributeUpdate]:
+    """KVM_SET_MEMORY_ATTRIBUTES (8 = private, 0 = shared)."""
+    body = {"address": address, "size": size, "attributes": attributes, "flags": flags}
+    return Op("PUT", _vm(vm_id, "/memory-attributes"), state.AttributeUpdate.model_validate, json=body)
+
+
+def get_memory_attributes(
+    vm_id: str, start_gfn: Int | None = None, end_gfn: Int | None = None, limit: int = 1000
+) -> Op[state.AttributeRuns]:
+    params = _body(start_gfn=start_gfn, end_gfn=end_gfn, limit=limit)
+    return Op("GET", _vm(vm_id, "/memory-attributes"), state.AttributeRuns.model_validate, params=params)
+
+
+# -- state
+def get_gfn(vm_id: str, gfn: Int) -> Op[state.GfnInfo]:
+    return Op("GET", _vm(vm_id, f"/gfns/{gfn}"), state.GfnInfo.model_validate)
+
+
+def get_mmu(vm_id: str) -> Op[state.Mmu]:
+    return Op("GET", _vm(vm_id, "/mmu"), state.Mmu.model_validate)
+
+
+def get_mappings(
+    vm_id: str, as_id: int = 0, start_gfn: Int | None = None, end_gfn: Int | None = None, limit: int = 1000
+) -> Op[state.MappingRuns]:
+    params = _body(as_id=as_id, start_gfn=start_gfn, end_gfn=end_gfn, limit=limit)
+    return Op("GET", _vm(vm_id, "/mappings"), state.MappingRuns.model_validate, params=params)
+
+
+def get_events(vm_id: str, after: int = 0, limit: int = 1000) -> Op[state.EventPage]:
+    return Op("GET", _vm(vm_id, "/events"), state.EventPage.model_validate, params={"after": after, "limit": limit})
+
+
+# -- guest and host activity
+def fault(
+    vm_id: str, gpa: Int, as_id: int = 0, write: bool = False, private: bool | None = None, mmu_seq: Int | None = None
+) -> Op[state.FaultResult]:
+    """One vCPU page fault."""
+    body = _body(gpa=gpa, as_id=as_id, write=write, private=private, mmu_seq=mmu_seq)
+    return Op("POST", _vm(vm_id, "/faults"), state.FaultResult.model_validate, json=body)
+
+
+def prefault(vm_id: str, gpa: Int, size: Int, as_id: int = 0) -> Op[state.PrefaultResult]:
+    """KVM_PRE_FAULT_MEMORY."""
+    return Op(
+        "POST",
+        _vm(vm_id, "/prefault"),
+        state.PrefaultResult.model_validate,
+        json={"gpa": gpa, "size": size, "as_id": as_id},
+    )
+
+
+def start_invalidation(vm_id: str, hva_start: Int, hva_end: Int) -> Op[state.NotifierStart]:
+    """mmu_notifier invalidate_range_start."""
+    body = {"hva_start": hva_start, "hva_end": hva_end}
+    return Op("POST", _vm(vm_id, "/mmu-notifier/invalidations"), state.NotifierStart.model_validate, json=body)
+
+
+def end_invalidation(vm_id: str, inv_id: int) -> Op[state.NotifierEnd]:
+    """mmu_notifier invalidate_range_end."""
+    return Op("DELETE", _vm(vm_id, f"/mmu-notifier/invalidations/{inv_id}"), state.NotifierEnd.model_validate)
+
+
+def list_invalidations(vm_id: str) -> Op[state.NotifierList]:
+    return Op("GET", _vm(vm_id, "/mmu-notifier/invalidations"), state.NotifierList.model_validate)
+
+
+# -- test support
+def set_fault_injection(vm_id: str, fail_nth: int | None) -> Op[state.FaultInjectionState]:
+    body = {"fail_nth": fail_nth, "errno": "ENOMEM"}
+    return Op("PUT", _vm(vm_id, "/fault-injection"), state.FaultInjectionState.model_validate, json=body)
+
+
+def get_fault_injection(vm_id: str) -> Op[state.FaultInjectionState]:
+    return Op("GET", _vm(vm_id, "/fault-injection"), state.FaultInjectionState.model_validate)
+
+
+def _enc_result(data: Any) -> state.AttributeUpdate | state.SevRegionUpdate:
+    """The REG/UNREG answer: an AttributeUpdate on the GPA path, a SevRegionUpdate on SEV."""
+    if "pinned_regions" in data:
+        return state.SevRegionUpdate.model_validate(data)
+    return state.AttributeUpdate.model_validate(data)
