@@ -1,10 +1,286 @@
-"""The ``kvm-memattr`` command: ``serve`` runs the service (more subcommands live in app/tool)."""
+"""The ``kvm-memattr`` command: ``serve`` the API, drive it from a terminal, or run the ``demo``.
+
+Addresses and sizes take decimal, ``0x`` hex, or a binary size suffix (``4K``, ``2M``, ``1G``).
+Output is a table by default and JSON with ``--json``; errors name the kernel errno and exit 1
+(2: bad usage, 3: cannot reach the server).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from app.client import DEFAULT_URL, Client, KvmMemattrError
+
+_SIZE = re.compile(r"(?i)(0x[0-9a-f]+|[0-9]+)([kmgt]i?b?)?")
+_SUFFIX = {"k": 10, "m": 20, "g": 30, "t": 40}
+
+
+def number(text: str) -> int:
+    """``0x1000``, ``4096``, ``4K``, ``2M``, ``1G``: the argparse type for addresses and sizes."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected decimal, 0x hex, or a size like 2M")
+    value = int(m.group(1), 0) if m.group(1).lower().startswith("0x") else int(m.group(1))
+    return value << _SUFFIX[m.group(2)[0].lower()] if m.group(2) else value
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else str(value).lower()
+    if isinstance(value, int):
+        return hex(value) if value >= 0x10000 else str(value)
+    return str(value)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if (isinstance(value, dict) and key != "caps") or (isinstance(value, dict) and prefix):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, dict):
+            out.update(_flatten(value, f"{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class Output:
+    """Human tables or JSON; colours only on a terminal (rich decides), nothing with --quiet."""
+
+    def __init__(self, as_json: bool, quiet: bool) -> None:
+        self.as_json, self.quiet = as_json, quiet
+        self.console = Console(highlight=False)
+        self.errors = Console(stderr=True, highlight=False)
+
+    def show(self, result: Any, title: str | None = None) -> None:
+        if self.quiet:
+            return
+        data = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+        if self.as_json:
+            print(json.dumps(data, indent=2))
+            return
+        if data is None:
+            self.console.print("ok")
+            return
+        lists = {k: v for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+        scalars = {k: v for k, v in data.items() if k not in lists and not (isinstance(v, list) and not v)}
+        for key, rows in lists.items():
+            self.console.print(self._table(key, [_flatten(r) for r in rows]))
+        if scalars:
+            flat = _flatten(scalars)
+            table = Table(title=title, show_header=False, box=None, pad_edge=False)
+            for key, value in flat.items():
+                table.add_row(f"[bold]{key}[/]", _fmt(value))
+            self.console.print(table)
+        for key in data:
+            if isinstance(data[key], list) and not data[key]:
+                self.console.print(f"{key}: (none)")
+
+    @staticmethod
+    def _table(title: str, rows: list[dict[str, Any]]) -> Table:
+        table = Table(title=title, title_justify="left")
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        for col in columns:
+            table.add_column(col)
+        for r in rows:
+            table.add_row(*(_fmt(r.get(c)) for c in columns))
+        return table
+
+
+def _tristate(args: argparse.Namespace) -> bool | None:
+    return True if args.private else False if args.shared else None
+
+
+def _attributes(args: argparse.Namespace) -> int:
+    if args.attributes is not None:
+        return int(args.attributes)
+    return 8 if args.private else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvm-memattr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--url", default=None, help=f"server URL (default $KVM_MEMATTR_URL or {DEFAULT_URL})")
+    p.add_argument("--token", default=None, help="API token (default $KVM_MEMATTR_TOKEN)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def cmd(name: str, help_: str, run: Callable[..., Any] | None, *, parent: Any = sub) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(run=run)
+        return sp
+
+    def group(name: str, help_: str) -> Any:
+        g = sub.add_parser(name, help=help_, description=help_)
+        return g.add_subparsers(dest="sub", required=True, metavar="ACTION")
+
+    s = cmd("serve", "run the HTTP service (one worker: state is in-process)", None)
+    s.add_argument("--host", help="bind address (default 127.0.0.1, or KVM_MEMATTR_HOST)")
+    s.add_argument("--port", type=int, help="port (default 8000, or KVM_MEMATTR_PORT)")
+    s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--workers", type=int, default=1, help="must be 1")
+    s.set_defaults(serve=True)
+
+    d = cmd("demo", "walk through the invalidation protocol step by step", None)
+    d.add_argument("--in-process", action="store_true", help="do not look for a server; run in this process")
+    d.set_defaults(demo=True)
+
+    cmd("health", "GET /healthz", lambda c, a: c.healthz())
+    caps = cmd(
+        "caps",
+        "KVM_CHECK_EXTENSION (system, or a VM's with --vm)",
+        lambda c, a: c.vm_capabilities(a.vm) if a.vm else c.capabilities(),
+    )
+    caps.add_argument("--vm")
+
+    vm = group("vm", "VMs: KVM_CREATE_VM / kvm_destroy_vm")
+    x = cmd(
+        "create", "create a VM", lambda c, a: c.create_vm(type=a.type, semantics=a.semantics, name=a.name), parent=vm
+    )
+    x.add_argument("--type", default="sw_protected", choices=["default", "sw_protected", "sev", "sev_es", "snp", "tdx"])
+    x.add_argument("--semantics", default="rfc-v9", choices=["rfc-v9", "linux"])
+    x.add_argument("--name")
+    cmd("list", "list VMs", lambda c, a: c.list_vms(), parent=vm)
+    cmd("get", "show a VM", lambda c, a: c.get_vm(a.vm), parent=vm).add_argument("vm")
+    cmd("delete", "destroy a VM", lambda c, a: c.delete_vm(a.vm), parent=vm).add_argument("vm")
+
+    ms = group("memslot", "memslots: KVM_SET_USER_MEMORY_REGION2")
+    x = cmd(
+        "set",
+        "create, move, change flags of, or (--size 0) delete a slot",
+        lambda c, a: c.set_memslot(
+            a.vm, a.slot, a.gpa, a.size, a.hva, flags=a.flags, guest_memfd=a.gmem, guest_memfd_offset=a.gmem_offset
+        ),
+        parent=ms,
+    )
+    x.add_argument("vm")
+    x.add_argument("slot", type=number, help="raw slot: as_id << 16 | id")
+    x.add_argument("--gpa", type=number, required=True)
+    x.add_argument("--size", type=number, required=True)
+    x.add_argument("--hva", type=number, required=True, help="userspace_addr")
+    x.add_argument("--flags", type=number, default=0, help="1 LOG_DIRTY_PAGES, 2 READONLY, 4 GUEST_MEMFD")
+    x.add_argument("--gmem", type=int, help="guest_memfd fd")
+    x.add_argument("--gmem-offset", type=number, default=0)
+    cmd("list", "list slots", lambda c, a: c.list_memslots(a.vm), parent=ms).add_argument("vm")
+    x = cmd("get", "show a slot", lambda c, a: c.get_memslot(a.vm, a.slot), parent=ms)
+    x.add_argument("vm")
+    x.add_argument("slot", type=number)
+    x = cmd("delete", "delete a slot", lambda c, a: c.delete_memslot(a.vm, a.slot), parent=ms)
+    x.add_argument("vm")
+    x.add_argument("slot", type=number)
+
+    gm = group("gmem", "guest_memfd files: KVM_CREATE_GUEST_MEMFD")
+    x = cmd("create", "create a guest_memfd", lambda c, a: c.create_guest_memfd(a.vm, a.size, a.flags), parent=gm)
+    x.add_argument("vm")
+    x.add_argument("--size", type=number, required=True)
+    x.add_argument("--flags", type=number, default=0, help="linux: 1 MMAP, 2 INIT_SHARED")
+    cmd("list", "list open guest_memfds", lambda c, a: c.list_guest_memfds(a.vm), parent=gm).add_argument("vm")
+    x = cmd("close", "close a guest_memfd", lambda c, a: c.close_guest_memfd(a.vm, a.fd), parent=gm)
+    x.add_argument("vm")
+    x.add_argument("fd", type=int)
+
+    for name, call, what in (
+        ("reg-region", "reg_region", "private / pin"),
+        ("unreg-region", "unreg_region", "shared / unpin"),
+    ):
+        x = cmd(
+            name,
+            f"KVM_MEMORY_ENCRYPT_{name.split('-')[0].upper()}_REGION: make {what}",
+            lambda c, a, call=call: getattr(c, call)(a.vm, a.addr, a.size),
+        )
+        x.add_argument("vm")
+        x.add_argument("addr", type=number)
+        x.add_argument("size", type=number)
+    cmd("regions", "pinned SEV regions", lambda c, a: c.list_enc_regions(a.vm)).add_argument("vm")
+
+    at = group("attrs", "memory attributes: KVM_SET_MEMORY_ATTRIBUTES and reads")
+    x = cmd(
+        "set",
+        "set attributes of a range",
+        lambda c, a: c.set_memory_attributes(a.vm, a.addr, a.size, _attributes(a), a.flags),
+        parent=at,
+    )
+    x.add_argument("vm")
+    x.add_argument("addr", type=number)
+    x.add_argument("size", type=number)
+    kind = x.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--private", action="store_true")
+    kind.add_argument("--shared", action="store_true")
+    kind.add_argument("--attributes", type=number)
+    x.add_argument("--flags", type=number, default=0)
+    x = cmd("get", "attributes as runs", lambda c, a: c.get_memory_attributes(a.vm, a.start, a.end, a.limit), parent=at)
+    x.add_argument("vm")
+    x.add_argument("--start", type=number, help="start gfn")
+    x.add_argument("--end", type=number, help="end gfn (exclusive)")
+    x.add_argument("--limit", type=int, default=1000)
+
+    x = cmd("gfn", "everything about one gfn", lambda c, a: c.get_gfn(a.vm, a.gfn))
+    x.add_argument("vm")
+    x.add_argument("gfn", type=number)
+    cmd("mmu", "MMU invalidation state and statistics", lambda c, a: c.get_mmu(a.vm)).add_argument("vm")
+    x = cmd("mappings", "mappings (SPTEs) as runs", lambda c, a: c.get_mappings(a.vm, a.as_id, a.start, a.end, a.limit))
+    x.add_argument("vm")
+    x.add_argument("--as-id", type=int, default=0)
+    x.add_argument("--start", type=number)
+    x.add_argument("--end", type=number)
+    x.add_argument("--limit", type=int, default=1000)
+    x = cmd("events", "the VM's event trace", lambda c, a: c.get_events(a.vm, a.after, a.limit))
+    x.add_argument("vm")
+    x.add_argument("--after", type=int, default=0)
+    x.add_argument("--limit", type=int, default=1000)
+
+    x = cmd(
+        "fault", "one vCPU page fault", lambda c, a: c.fault(a.vm, a.gpa, a.as_id, a.write, _tristate(a), a.mmu_seq)
+    )
+    x.add_argument("vm")
+    x.add_argument("gpa", type=number)
+    x.add_argument("--as-id", type=int, default=0)
+    x.add_argument("--write", action="store_true")
+    acc = x.add_mutually_exclusive_group()
+    acc.add_argument("--private", action="store_true", help="a private access (default: as the attribute)")
+    acc.add_argument("--shared", action="store_true", help="a shared access")
+    x.add_argument("--mmu-seq", type=number, help="the seq the vCPU snapshotted (default: now)")
+    x = cmd("prefault", "KVM_PRE_FAULT_MEMORY", lambda c, a: c.prefault(a.vm, a.gpa, a.size, a.as_id))
+    x.add_argument("vm")
+    x.add_argument("gpa", type=number)
+    x.add_argument("size", type=number)
+    x.add_argument("--as-id", type=int, default=0)
+
+    nt = group("notifier", "host MMU-notifier invalidations")
+    x = cmd(
+        "start", "invalidate_range_start", lambda c, a: c.start_invalidation(a.vm, a.hva_start, a.hva_end), parent=nt
+    )
+    x.add_argument("vm")
+    x.add_argument("hva_start", type=number)
+    x.add_argument("hva_end", type=number)
+    x = cmd("end", "invalidate_range_end", lambda c, a: c.end_invalidation(a.vm, a.id), parent=nt)
+    x.add_argument("vm")
+    x.add_argument("id", type=int)
+    cmd("list", "open invalidations", lambda c, a: c.list_invalidations(a.vm), parent=nt).add_argument("vm")
+
+    x = cmd("inject", "fail the nth allocation of the next update (no N: show; 'off': disarm)", _inject)
+    x.add_argument("vm")
+    x.add_argument("nth", nargs="?", help="a number, or 'off'")
+    return p
+
+
+def _inject(client: Client, args: argparse.Namespace) -> Any:
+    if args.nth is None:
+        return client.get_fault_injection(args.vm)
+    return client.set_fault_injection(args.vm, None if args.nth == "off" else int(args.nth))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -33,22 +309,26 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvm-memattr", description="A virtual KVM memory-attribute controller.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the HTTP service (one worker; state is in-process)")
-    serve.add_argument("--host", help="bind address (default 127.0.0.1, or KVM_MEMATTR_HOST)")
-    serve.add_argument("--port", type=int, help="port (default 8000, or KVM_MEMATTR_PORT)")
-    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
-    serve.add_argument("--workers", type=int, default=1, help="must be 1")
-    serve.set_defaults(func=_serve)
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
-    return result
+    if getattr(args, "serve", False):
+        return _serve(args)
+    out = Output(args.json, args.quiet)
+    if getattr(args, "demo", False):
+        from app.demo import run_demo
+
+        return run_demo(args.url, args.token, in_process=args.in_process, quiet=args.quiet)
+    url = args.url or os.environ.get("KVM_MEMATTR_URL") or DEFAULT_URL
+    try:
+        with Client(url, token=args.token) as client:
+            out.show(args.run(client, args))
+    except KvmMemattrError as e:
+        out.errors.print(f"kvm-memattr: {e.errno} (HTTP {e.status}): {e.detail}", markup=False)
+        return 1
+    except httpx.TransportError as e:
+        out.errors.print(f"kvm-memattr: cannot reach {url}: {e}", markup=False)
+        return 3
+    return 0
 
 
 if __name__ == "__main__":

@@ -90,8 +90,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     problems.install(app)
     app.include_router(system.router)
     # Hot paths first: routing tries routes in order.
-    for module in (attributes, activity, memslots, inspect, vms, testing):
-        app.include_router(module.router)
+    for router in (
+        attributes.router,
+        activity.router,
+        memslots.router,
+        memslots.gmem_router,
+        inspect.router,
+        vms.router,
+        testing.router,
+    ):
+        app.include_router(router)
 
     @app.get(
         "/metrics",

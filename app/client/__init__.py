@@ -79,11 +79,16 @@ class Client:
     @classmethod
     def in_process(cls, app: Any = None) -> Client:
         """A client onto an ASGI app in this process (a fresh ``create_app()`` by default): no server needed."""
-        from fastapi.testclient import TestClient
+        import warnings
 
         from app.main import create_app
+        from app.settings import Settings
 
-        return cls(http=TestClient(app or create_app(), base_url="http://kvm-memattr"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # starlette's note about httpx2
+            from fastapi.testclient import TestClient
+
+        return cls(http=TestClient(app or create_app(Settings(log_level="warning")), base_url="http://kvm-memattr"))
 
     def send(self, op: Op[T]) -> T:
         return _result(op, self.http.request(op.method, op.path, json=op.json, params=op.params))
@@ -143,8 +148,9 @@ class AsyncClient:
     def in_process(cls, app: Any = None) -> AsyncClient:
         """A client onto an ASGI app in this process (``httpx.ASGITransport``)."""
         from app.main import create_app
+        from app.settings import Settings
 
-        transport = httpx.ASGITransport(app=app or create_app())
+        transport = httpx.ASGITransport(app=app or create_app(Settings(log_level="warning")))
         return cls(http=httpx.AsyncClient(transport=transport, base_url="http://kvm-memattr"))
 
     async def send(self, op: Op[T]) -> T:

@@ -13,6 +13,7 @@ from app.models.kvm import KvmCreateGuestMemfd, KvmUserspaceMemoryRegion2
 from app.models.state import GuestMemfd, GuestMemfdList, Memslot, MemslotList, MemslotUpdate
 
 router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["memslots"])
+gmem_router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["guest-memfds"])
 
 SlotPath = Annotated[
     U32Value, Path(description="raw `slot`: as_id << 16 | id (decimal or 0x hex)", examples=["10", "0x10000"])
@@ -71,10 +72,9 @@ async def delete_memslot(vm: VmDep, slot: SlotPath) -> Response:
     return Response(status_code=204)
 
 
-@router.post(
+@gmem_router.post(
     "/guest-memfds",
     status_code=201,
-    tags=["guest-memfds"],
     summary="Create a guest_memfd (KVM_CREATE_GUEST_MEMFD)",
     description="Size must be a non-zero multiple of 4 KiB. Flags: `linux` allows `GUEST_MEMFD_FLAG_MMAP` (1) and "
     "`GUEST_MEMFD_FLAG_INIT_SHARED` (2); `rfc-v9` none. fds are per VM and unique while open.",
@@ -86,9 +86,8 @@ async def create_guest_memfd(vm: VmDep, req: KvmCreateGuestMemfd) -> Response:
     return model_response(vm.create_guest_memfd(req), 201)
 
 
-@router.get(
+@gmem_router.get(
     "/guest-memfds",
-    tags=["guest-memfds"],
     summary="List open guest_memfds",
     operation_id="list_guest_memfds",
     responses=error_responses("ENOENT"),
@@ -98,9 +97,8 @@ async def list_guest_memfds(vm: VmDep) -> Response:
     return model_response(GuestMemfdList(guest_memfds=vm.guest_memfds()))
 
 
-@router.get(
+@gmem_router.get(
     "/guest-memfds/{fd}",
-    tags=["guest-memfds"],
     summary="Get a guest_memfd",
     operation_id="get_guest_memfd",
     responses=error_responses("ENOENT"),
@@ -110,10 +108,9 @@ async def get_guest_memfd(vm: VmDep, fd: FdPath) -> Response:
     return model_response(vm.guest_memfd(fd))
 
 
-@router.delete(
+@gmem_router.delete(
     "/guest-memfds/{fd}",
     status_code=204,
-    tags=["guest-memfds"],
     summary="Close a guest_memfd",
     description="Slots already bound keep using the file, as in the kernel; the fd can no longer be named.",
     operation_id="close_guest_memfd",

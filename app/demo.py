@@ -1,0 +1,221 @@
+"""``kvm-memattr demo``: the story of the v9 patch, one protocol step at a time.
+
+It drives the API through the typed client (a running server, or an app in this process) and
+prints after each step what changed: attributes, mappings, ``mmu_invalidate_*`` and counters.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from app.client import DEFAULT_URL, Client, KvmMemattrError
+from app.models.state import GfnRange, Mmu
+
+GPA = 0x1_0000_0000  # 4 GiB, as private_mem_conversions_test uses
+HVA = 0x7F00_0000_0000
+SLOT_SIZE = 0x40_0000  # 4 MiB
+GFN = GPA >> 12
+
+
+def _connect(url: str | None, token: str | None, in_process: bool) -> tuple[Client, str]:
+    if in_process:
+        return Client.in_process(), "an app in this process"
+    url = url or os.environ.get("KVM_MEMATTR_URL")
+    target = url or DEFAULT_URL
+    try:
+        httpx.get(f"{target}/healthz", timeout=1.0).raise_for_status()
+        return Client(target, token=token), target
+    except httpx.HTTPError:
+        if url:
+            raise
+        return Client.in_process(), f"an app in this process (no server at {DEFAULT_URL})"
+
+
+class Story:
+    def __init__(self, client: Client, console: Console) -> None:
+        self.kvm, self.console, self.step_no = client, console, 0
+        self.vm = ""
+        self.last: Mmu | None = None
+
+    def step(self, title: str, why: str) -> None:
+        self.step_no += 1
+        self.console.print()
+        self.console.rule(f"[bold cyan]{self.step_no}. {title}", align="left")
+        self.console.print(why, style="dim")
+
+    def say(self, text: str) -> None:
+        self.console.print(text)
+
+    def mmu(self) -> None:
+        """Print the invalidation state, with what moved since the last print."""
+        mmu = self.kvm.get_mmu(self.vm)
+        table = Table(show_header=True, box=None, pad_edge=False)
+        for col in ("seq", "in_progress", "range", "mapped", "flushes", "zapped", "retries", "exits"):
+            table.add_column(col, no_wrap=True)
+
+        def cell(now: Any, before: Any) -> str:
+            return f"[bold yellow]{now}[/]" if self.last is not None and now != before else str(now)
+
+        prev = self.last or mmu
+        rng = (
+            "INVALID_GPA"
+            if mmu.mmu_invalidate_range_start is None
+            else f"[{mmu.mmu_invalidate_range_start:#x}, {mmu.mmu_invalidate_range_end:#x})"
+        )
+        prev_rng = (prev.mmu_invalidate_range_start, prev.mmu_invalidate_range_end)
+        table.add_row(
+            cell(mmu.mmu_invalidate_seq, prev.mmu_invalidate_seq),
+            cell(mmu.mmu_invalidate_in_progress, prev.mmu_invalidate_in_progress),
+            cell(rng, rng if prev_rng == (mmu.mmu_invalidate_range_start, mmu.mmu_invalidate_range_end) else None),
+            cell(mmu.mapped_pages, prev.mapped_pages),
+            cell(mmu.stats.tlb_flushes, prev.stats.tlb_flushes),
+            cell(mmu.stats.pages_zapped, prev.stats.pages_zapped),
+            cell(mmu.stats.fault_retries, prev.stats.fault_retries),
+            cell(mmu.stats.memory_fault_exits, prev.stats.memory_fault_exits),
+        )
+        self.console.print(table)
+        self.last = mmu
+
+    def attributes(self, npages: int = 16) -> None:
+        runs = self.kvm.get_memory_attributes(self.vm, start_gfn=GFN, end_gfn=GFN + npages).runs
+        line = "".join(("P" if r.private else "s") * (r.end_gfn - r.start_gfn) for r in runs)
+        maps = {
+            g
+            for r in self.kvm.get_mappings(self.vm, start_gfn=GFN, end_gfn=GFN + npages).runs
+            for g in range(r.start_gfn, r.end_gfn)
+        }
+        mapped = "".join("M" if GFN + i in maps else "." for i in range(npages))
+        self.console.print(f"  attributes gfn {GFN:#x}+: [magenta]{line}[/]  (P private, s shared)")
+        self.console.print(f"  mappings   gfn {GFN:#x}+: [green]{mapped}[/]  (M mapped)")
+
+
+def _ranges(ranges: list[GfnRange]) -> str:
+    return ", ".join(f"[{g.start_gfn:#x}, {g.end_gfn:#x})" for g in ranges)
+
+
+def run_demo(url: str | None, token: str | None, *, in_process: bool = False, quiet: bool = False) -> int:
+    console = Console(highlight=False, quiet=quiet)
+    try:
+        client, where = _connect(url, token, in_process)
+    except httpx.HTTPError as e:
+        Console(stderr=True).print(f"kvm-memattr demo: cannot reach {url}: {e}", markup=False)
+        return 3
+    with client:
+        try:
+            _tell(Story(client, console), where)
+        except KvmMemattrError as e:
+            Console(stderr=True).print(f"kvm-memattr demo: unexpected {e.errno}: {e.detail}", markup=False)
+            return 1
+    return 0
+
+
+def _tell(s: Story, where: str) -> None:
+    kvm = s.kvm
+    s.console.print(
+        Panel.fit(
+            "[bold]kvm-memattr demo[/]: the v9 patch 'KVM: Register/unregister the guest private memory regions'\n"
+            f"talking to {where}",
+        )
+    )
+
+    s.step(
+        "Create a software-protected VM",
+        "KVM_CREATE_VM(KVM_X86_SW_PROTECTED_VM), rfc-v9 semantics: every gfn starts private.",
+    )
+    vm = kvm.create_vm(type="sw_protected", semantics="rfc-v9", name="demo")
+    s.vm = vm.id
+    s.say(f"  vm {vm.id}: {vm.address_spaces} address spaces, has_private_mem={vm.has_private_mem}")
+    s.mmu()
+
+    s.step(
+        "Add a memslot backed by a guest_memfd",
+        "KVM_CREATE_GUEST_MEMFD + KVM_SET_USER_MEMORY_REGION2 with KVM_MEM_GUEST_MEMFD: 4 MiB at 4 GiB.",
+    )
+    fd = kvm.create_guest_memfd(vm.id, SLOT_SIZE).fd
+    kvm.set_memslot(vm.id, 10, GPA, SLOT_SIZE, HVA, flags=4, guest_memfd=fd)
+    s.say(f"  slot 10: gpa {GPA:#x}, {SLOT_SIZE >> 20} MiB, guest_memfd {fd}")
+
+    s.step(
+        "The guest touches 8 pages",
+        "Each EPT violation maps the page as private (its attribute), from the guest_memfd.",
+    )
+    for i in range(8):
+        kvm.fault(vm.id, GPA + i * 0x1000, write=True)
+    s.attributes()
+    s.mmu()
+
+    s.step(
+        "Convert 4 pages to shared",
+        "KVM_MEMORY_ENCRYPT_UNREG_REGION: invalidate begin(range), store, unmap every mapping in range, flush TLBs once, invalidate end.",
+    )
+    up = kvm.unreg_region(vm.id, GPA + 0x2000, 0x4000)
+    s.say(f"  pages_zapped={up.pages_zapped} tlb_flushed={up.tlb_flushed}")  # type: ignore[union-attr]
+    s.attributes()
+    s.mmu()
+    events = kvm.get_events(vm.id).events
+    begin = max(i for i, e in enumerate(events) if e.type == "invalidate_begin")
+    s.say("  event trace: " + " -> ".join(e.type for e in events[begin:]))
+
+    s.step(
+        "A racing fault retries",
+        "A vCPU snapshotted mmu_invalidate_seq before the conversion; is_page_fault_stale() sees the bump.",
+    )
+    stale = (s.last.mmu_invalidate_seq - 1) if s.last else 0
+    r = kvm.fault(vm.id, GPA + 0x2000, mmu_seq=stale)
+    s.say(f"  fault with mmu_seq={stale}: outcome={r.outcome} ({r.retry_reason})")
+    r = kvm.fault(vm.id, GPA + 0x2000)
+    s.say(f"  fault again with a fresh seq: outcome={r.outcome}, private={r.private}")
+    r = kvm.fault(vm.id, GPA + 0x2000 + 0x1000, private=True)
+    s.say(
+        f"  a private access to a shared page: {r.outcome}, exit {r.exit.reason if r.exit else '-'} flags={r.exit.flags if r.exit else '-'}"
+    )
+    s.attributes()
+    s.mmu()
+
+    s.step(
+        "The host invalidates userspace memory",
+        "mmu_notifier invalidate_range_start on two HVA ranges: while both are open the range only widens.",
+    )
+    a = kvm.start_invalidation(vm.id, HVA + 0x2000, HVA + 0x3000)
+    s.say(f"  #{a.id} -> gfns {_ranges(a.gfn_ranges)}, zapped {a.pages_zapped} shared page(s); the range restarts here")
+    s.mmu()
+    b = kvm.start_invalidation(vm.id, HVA + 0x8000, HVA + 0xA000)
+    s.say(f"  #{b.id} -> gfns {_ranges(b.gfn_ranges)}, zapped {b.pages_zapped}; the range widens to cover both")
+    r = kvm.fault(vm.id, GPA + 0x5000)
+    s.say(f"  fault between the two, inside the widened range: {r.outcome} ({r.retry_reason})")
+    s.mmu()
+    kvm.end_invalidation(vm.id, a.id)
+    kvm.end_invalidation(vm.id, b.id)
+    s.say("  both ended: seq bumped twice, in_progress back to 0, range kept until the next begin")
+    s.mmu()
+
+    s.step(
+        "An allocation fails half way",
+        "fail-nth=3: the third per-gfn store fails; v9's review asked for an exact rollback that still bumps seq.",
+    )
+    kvm.set_fault_injection(vm.id, 3)
+    before = kvm.get_memory_attributes(vm.id, start_gfn=GFN, end_gfn=GFN + 16).runs
+    try:
+        kvm.reg_region(vm.id, GPA, 0x8000)
+    except KvmMemattrError as e:
+        s.say(f"  KVM_MEMORY_ENCRYPT_REG_REGION -> {e.errno}: {e.detail}")
+    after = kvm.get_memory_attributes(vm.id, start_gfn=GFN, end_gfn=GFN + 16).runs
+    s.say(f"  attributes identical to before: {before == after}")
+    s.attributes()
+    s.mmu()
+
+    s.console.print()
+    s.console.print(
+        Panel.fit(
+            "Next: open Swagger UI at /docs and try the same calls; GET /v1/vms/{id}/events shows every protocol step;\n"
+            "create a VM with semantics 'linux' to see KVM_SET_MEMORY_ATTRIBUTES' no-op and no-memslot shortcuts.\n"
+            f"This VM is {s.vm}.",
+            title="where to look next",
+        )
+    )

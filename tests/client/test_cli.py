@@ -1,0 +1,147 @@
+"""The CLI against a real server (subprocess), plus the demo in-process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from app.cli import main, number
+from tests.live import ROOT, live_server
+
+
+@pytest.fixture(scope="module")
+def url() -> Iterator[str]:
+    with live_server() as (u, _):
+        yield u
+
+
+def run(url: str, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["--url", url, *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("4096", 4096), ("0x1000", 4096), ("4K", 4096), ("2M", 2 << 20), ("1G", 1 << 30), ("0X10", 16), ("2MiB", 2 << 20)],
+)
+def test_number(text: str, value: int) -> None:
+    assert number(text) == value
+
+
+def test_cli_story(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(url, capsys, "--json", "vm", "create", "--semantics", "linux", "--name", "cli")
+    assert code == 0
+    vm = json.loads(out)["id"]
+    assert run(url, capsys, "--json", "gmem", "create", vm, "--size", "4M")[0] == 0
+    code, out, _ = run(
+        url,
+        capsys,
+        "--json",
+        "memslot",
+        "set",
+        vm,
+        "10",
+        "--gpa",
+        "4G",
+        "--size",
+        "4M",
+        "--hva",
+        "0x7f0000000000",
+        "--flags",
+        "4",
+        "--gmem",
+        "3",
+    )
+    assert json.loads(out)["change"] == "create"
+    code, out, _ = run(url, capsys, "--json", "fault", vm, "4G", "--write")
+    assert json.loads(out)["outcome"] == "mapped"
+    code, out, _ = run(url, capsys, "--json", "attrs", "set", vm, "4G", "2M", "--private")
+    up = json.loads(out)
+    assert (up["pages_zapped"], up["tlb_flushed"]) == (1, True)
+    code, out, _ = run(url, capsys, "attrs", "get", vm, "--start", "0x100000", "--end", "0x100400")
+    assert code == 0 and "runs" in out and "0x100200" in out  # a human table
+    assert run(url, capsys, "mmu", vm)[1].count("mmu_invalidate_seq") == 1
+    code, out, _ = run(url, capsys, "--json", "notifier", "start", vm, "0x7f0000200000", "0x7f0000201000")
+    inv = json.loads(out)["id"]
+    assert (
+        json.loads(run(url, capsys, "--json", "fault", vm, "0x100200000")[1])["retry_reason"]
+        == "invalidation_in_progress"
+    )
+    assert run(url, capsys, "-q", "notifier", "end", vm, str(inv)) == (0, "", "")
+    assert run(url, capsys, "--json", "inject", vm, "1")[0] == 0
+    code, _, err = run(url, capsys, "attrs", "set", vm, "4G", "4K", "--shared")
+    assert code == 1 and "ENOMEM" in err and "507" in err
+    assert json.loads(run(url, capsys, "--json", "inject", vm)[1])["fail_nth"] is None
+    for argv in (
+        ["gfn", vm, "0x100000"],
+        ["mappings", vm],
+        ["events", vm, "--limit", "3"],
+        ["memslot", "list", vm],
+        ["gmem", "list", vm],
+        ["regions", vm],
+        ["caps"],
+        ["caps", "--vm", vm],
+        ["vm", "list"],
+        ["health"],
+        ["prefault", vm, "4G", "64K"],
+        ["notifier", "list", vm],
+        ["vm", "get", vm],
+    ):
+        assert run(url, capsys, *argv)[0] == 0, argv
+    assert run(url, capsys, "memslot", "delete", vm, "10")[0] == 0
+    assert run(url, capsys, "vm", "delete", vm)[0] == 0
+
+
+def test_cli_errors(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(url, capsys, "vm", "get", "nope")
+    assert code == 1 and "ENOENT" in err
+    code, _, err = run(
+        url,
+        capsys,
+        "reg-region",
+        json.loads(run(url, capsys, "--json", "vm", "create", "--type", "default")[1])["id"],
+        "0",
+        "4K",
+    )
+    assert code == 1 and "ENOTTY" in err
+    code, _, err = run("http://127.0.0.1:9", capsys, "health")
+    assert code == 3 and "cannot reach" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["attrs", "set", "x", "4G", "2Q", "--private"])
+    assert exc.value.code == 2
+
+
+def test_serve_refuses_workers() -> None:
+    assert main(["serve", "--workers", "2"]) == 2
+
+
+def test_demo_tells_the_story_in_process() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "demo", "--in-process"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for needle in (
+        "pages_zapped=4 tlb_flushed=True",
+        "outcome=retry (mmu_seq_changed)",
+        "KVM_EXIT_MEMORY_FAULT",
+        "invalidation_in_progress",
+        "ENOMEM",
+        "attributes identical to before: True",
+        "where to look next",
+    ):
+        assert needle in out, needle
+    assert "\x1b[" not in out, "no colours when not a terminal"
+
+
+def test_demo_against_a_server(url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "--url", url, "demo"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"talking to {url}" in result.stdout
