@@ -20,6 +20,7 @@ from app.api.metrics import Metrics
 from app.api.middleware import ServiceMiddleware
 from app.api.routes import activity, attributes, inspect, memslots, system, testing, vms
 from app.core import Engine
+from app.core.journal import SqliteJournal
 from app.logs import configure
 from app.settings import Settings
 
@@ -61,7 +62,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     """Build the service. Tests pass their own settings and/or engine."""
     settings = settings or Settings()
     configure(settings.log_level, settings.log_json)
-    engine = engine or Engine(settings.engine_limits())
+    if engine is None:  # not `or`: an empty Engine is falsy (it has a __len__)
+        engine = Engine(settings.engine_limits())
+    journal = None
+    if settings.state_file:
+        journal = SqliteJournal(settings.state_file)
+        replayed = journal.replay(engine)
+        engine.attach_journal(journal)
+        log.info("replayed %d journaled call(s) from %s: %d VM(s)", replayed, settings.state_file, len(engine))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -71,6 +79,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         log.info("kvm-memattr %s ready (max_gfn %#x)", __version__, settings.max_gfn)
         yield
         log.info("kvm-memattr shutting down with %d VM(s)", len(engine))
+        if journal is not None:
+            journal.close()
 
     app = FastAPIOffline(
         lifespan=lifespan,

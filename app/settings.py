@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     max_events: int = Field(10_000, ge=1, description="events kept per VM")
     max_body_bytes: int = Field(65_536, ge=1024, description="larger request bodies get 413")
     api_token: str | None = Field(None, description="when set, /v1 needs 'Authorization: Bearer <token>'")
+    state_file: str | None = Field(None, description="SQLite journal: state survives restarts (default: in memory)")
 
     def engine_limits(self) -> EngineLimits:
         return EngineLimits(

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -24,11 +25,11 @@ def free_port() -> int:
 
 @contextmanager
 def live_server(
-    env: dict[str, str] | None = None, port: int | None = None
+    env: dict[str, str] | None = None, port: int | None = None, stderr: IO[bytes] | None = None
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """Start the service; yield (url, process); stop it with SIGTERM (SIGKILL if it hangs)."""
     port = port or free_port()
-    proc = start_server(port, env)
+    proc = start_server(port, env, stderr)
     try:
         yield f"http://127.0.0.1:{port}", proc
     finally:
@@ -41,9 +42,12 @@ def live_server(
                 proc.wait()
 
 
-def start_server(port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def start_server(
+    port: int, env: dict[str, str] | None = None, stderr: IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
     full_env = {**os.environ, "KVM_MEMATTR_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=full_env, cwd=ROOT)
+    argv = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
+    proc = subprocess.Popen(argv, env=full_env, cwd=ROOT, stderr=stderr)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:

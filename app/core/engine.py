@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app.core.errors import ENOENT, ENOMEM
+from app.core.journal import Journal
 from app.core.vm import VirtualMachine, VmLimits
 from app.models.kvm import (
     DEFAULT_MAX_GFN,
@@ -46,6 +47,14 @@ class Engine:
         self.limits = limits or EngineLimits()
         self._vms: dict[str, VirtualMachine] = {}
         self._lock = threading.Lock()
+        self.journal: Journal | None = None
+
+    def attach_journal(self, journal: Journal) -> None:
+        """From now on every mutation is journaled (attach after replaying the journal)."""
+        with self._lock:
+            self.journal = journal
+            for vm in self._vms.values():
+                vm.journal = journal
 
     def capabilities(self) -> dict[str, Any]:
         """``KVM_CHECK_EXTENSION`` on ``/dev/kvm`` (system scope)."""
@@ -75,14 +84,17 @@ class Engine:
         caps["caps"] = self.vm(vm_id).capabilities()
         return caps
 
-    def create_vm(self, req: VmCreate) -> VirtualMachine:
-        """``KVM_CREATE_VM``."""
+    def create_vm(self, req: VmCreate, vm_id: str | None = None) -> VirtualMachine:
+        """``KVM_CREATE_VM`` (``vm_id`` only when replaying a journal)."""
         lim = self.limits
         vm_limits = VmLimits(lim.max_gfn, lim.max_attribute_runs, lim.max_mapping_runs, lim.max_events)
-        vm = VirtualMachine(uuid.uuid4().hex, req.name, req.type, req.semantics, vm_limits)
+        vm = VirtualMachine(vm_id or uuid.uuid4().hex, req.name, req.type, req.semantics, vm_limits)
         with self._lock:
             if len(self._vms) >= lim.max_vms:
                 raise ENOMEM(f"server already holds the maximum of {lim.max_vms} VMs")
+            if self.journal is not None:
+                self.journal.record(vm.id, "create_vm", (req,))
+                vm.journal = self.journal
             self._vms[vm.id] = vm
         return vm
 
@@ -99,8 +111,12 @@ class Engine:
     def destroy_vm(self, vm_id: str) -> None:
         """``kvm_destroy_vm()``: frees attributes, slots, mappings, guest_memfds, pinned regions."""
         with self._lock:
-            if self._vms.pop(vm_id, None) is None:
+            vm = self._vms.pop(vm_id, None)
+            if vm is None:
                 raise ENOENT(f"no VM {vm_id!r}")
+            if self.journal is not None:
+                with vm.lock:  # after any call in flight on it has been journaled
+                    self.journal.forget_vm(vm_id)
 
     def __len__(self) -> int:
         return len(self._vms)

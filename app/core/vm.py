@@ -13,6 +13,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from app.core.errors import EBUSY, EINVAL, ENOENT, ENOMEM, ENOTTY
 from app.core.events import EventLog
 from app.core.invalidation import MmuInvalidation
+from app.core.journal import Journal
 from app.core.memslots import AddressSpace, GuestMemfdFile, Memslot, plan_set_memory_region
 from app.core.mmu import UNMAPPED, Mmu, ZapFilter, spte, spte_private, spte_writable
 from app.core.runs import RunMap
@@ -117,6 +118,24 @@ def locked(method: Callable[Concatenate[VirtualMachine, P], R]) -> Callable[Conc
     return wrapper
 
 
+def mutation(method: Callable[Concatenate[VirtualMachine, P], R]) -> Callable[Concatenate[VirtualMachine, P], R]:
+    """A state-changing ioctl: atomic, and written ahead to the journal (if any) in call order.
+
+    Failed calls are journaled too: some failures change state the kernel way (the rfc-v9
+    rollback bumps the seq, faults count), and replay reproduces the same failure.
+    """
+    name = method.__name__
+
+    @wraps(method)
+    def wrapper(self: VirtualMachine, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self.lock:
+            if self.journal is not None:
+                self.journal.record(self.id, name, args)
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class VirtualMachine:
     """``struct kvm``: what one VM fd controls."""
 
@@ -143,6 +162,7 @@ class VirtualMachine:
         self.notifiers: dict[int, NotifierInvalidation] = {}
         self.next_notifier_id = 1
         self.fail_nth: int | None = None
+        self.journal: Journal | None = None
         self.events.emit("vm_create", vm_type=vm_type.value, semantics=semantics.value)
 
     # ------------------------------------------------------------------ state
@@ -190,9 +210,12 @@ class VirtualMachine:
 
     # --------------------------------------------------------------- memslots
 
-    @locked
+    @mutation
     def set_user_memory_region(self, raw_slot: int, req: KvmUserspaceMemoryRegion2) -> state.MemslotUpdate:
         """``KVM_SET_USER_MEMORY_REGION2``: create, move, flags-only, no-op or delete."""
+        return self._set_user_memory_region(raw_slot, req)
+
+    def _set_user_memory_region(self, raw_slot: int, req: KvmUserspaceMemoryRegion2) -> state.MemslotUpdate:
         plan = plan_set_memory_region(
             raw_slot=raw_slot,
             req=req,
@@ -234,12 +257,12 @@ class VirtualMachine:
         )
         return state.MemslotUpdate(change=plan.change, memslot=new.model() if new else None, pages_zapped=zapped)
 
-    @locked
+    @mutation
     def delete_memslot(self, raw_slot: int) -> state.MemslotUpdate:
         """Delete an existing slot (``memory_size`` 0); ENOENT when absent."""
         slot = self._slot(raw_slot)
         req = KvmUserspaceMemoryRegion2(guest_phys_addr=0, memory_size=0, userspace_addr=slot.userspace_addr)
-        return self.set_user_memory_region(raw_slot, req)
+        return self._set_user_memory_region(raw_slot, req)
 
     @locked
     def memslot(self, raw_slot: int) -> state.Memslot:
@@ -258,7 +281,7 @@ class VirtualMachine:
 
     # ------------------------------------------------------------ guest_memfd
 
-    @locked
+    @mutation
     def create_guest_memfd(self, req: KvmCreateGuestMemfd) -> state.GuestMemfd:
         """``KVM_CREATE_GUEST_MEMFD``."""
         supported = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED if self.linux else 0
@@ -280,7 +303,7 @@ class VirtualMachine:
     def guest_memfds(self) -> list[state.GuestMemfd]:
         return [g.model() for g in self.gmem_files.values()]
 
-    @locked
+    @mutation
     def close_guest_memfd(self, fd: int) -> None:
         """``close(fd)``: bound slots keep the file alive, but the fd can no longer be named."""
         self._gmem(fd)
@@ -295,12 +318,12 @@ class VirtualMachine:
 
     # ------------------------------------------------------------- attributes
 
-    @locked
+    @mutation
     def memory_encrypt_reg_region(self, region: KvmEncRegion) -> state.AttributeUpdate | state.SevRegionUpdate:
         """``KVM_MEMORY_ENCRYPT_REG_REGION``: rfc-v9 GPA "make private", or SEV HVA pinning."""
         return self._enc_region(region, register=True)
 
-    @locked
+    @mutation
     def memory_encrypt_unreg_region(self, region: KvmEncRegion) -> state.AttributeUpdate | state.SevRegionUpdate:
         """``KVM_MEMORY_ENCRYPT_UNREG_REGION``: rfc-v9 GPA "make shared", or SEV HVA unpinning."""
         return self._enc_region(region, register=False)
@@ -309,7 +332,7 @@ class VirtualMachine:
     def pinned_regions(self) -> list[state.EncRegion]:
         return [state.EncRegion(addr=a, size=s) for a, s in self.pinned]
 
-    @locked
+    @mutation
     def set_memory_attributes(self, req: KvmMemoryAttributes) -> state.AttributeUpdate:
         """``KVM_SET_MEMORY_ATTRIBUTES``: ``kvm_vm_ioctl_set_mem_attributes()`` (linux only)."""
         if not self.linux:
@@ -466,7 +489,7 @@ class VirtualMachine:
 
     # ------------------------------------------------------------ fault path
 
-    @locked
+    @mutation
     def fault(self, req: FaultRequest) -> state.FaultResult:
         """One EPT/NPT violation: ``kvm_mmu_page_fault()`` -> ``kvm_mmu_faultin_pfn()`` -> ``is_page_fault_stale()``."""
         self._check_as(req.as_id)
@@ -516,7 +539,7 @@ class VirtualMachine:
             exit=exit_,
         )
 
-    @locked
+    @mutation
     def prefault(self, req: PrefaultRequest) -> state.PrefaultResult:
         """``KVM_PRE_FAULT_MEMORY``: map every page a fault would map now; not counted as faults."""
         start, end = check_gpa_range(req.gpa, req.size)
@@ -569,7 +592,7 @@ class VirtualMachine:
 
     # ------------------------------------------------------- host MMU notifier
 
-    @locked
+    @mutation
     def notifier_start(self, req: NotifierRequest) -> state.NotifierStart:
         """``kvm_mmu_notifier_invalidate_range_start()``."""
         hs, he = req.hva_start, req.hva_end
@@ -600,7 +623,7 @@ class VirtualMachine:
         self.events.emit("notifier_start", id=inv.id, hva_start=hs, hva_end=he, matched=bool(ranges))
         return state.NotifierStart(id=inv.id, gfn_ranges=_gfn_ranges(ranges), pages_zapped=zapped, mmu=self.mmu_model())
 
-    @locked
+    @mutation
     def notifier_end(self, inv_id: int) -> state.NotifierEnd:
         """``kvm_mmu_notifier_invalidate_range_end()``: end only if start matched a slot."""
         inv = self.notifiers.pop(inv_id, None)
@@ -617,7 +640,7 @@ class VirtualMachine:
 
     # ------------------------------------------------------- fault injection
 
-    @locked
+    @mutation
     def set_fault_injection(self, fail_nth: int | None) -> state.FaultInjectionState:
         if fail_nth is not None and fail_nth < 1:
             raise EINVAL("fail_nth must be >= 1 (or null to disarm)")
