@@ -53,6 +53,20 @@ class ServiceMiddleware:
     def _too_large(self) -> _Refused:
         return _Refused(413, "E2BIG", "Payload too large", f"request body larger than {self.max_body} bytes")
 
+    async def _read_limited(self, receive: Receive) -> list[Message]:
+        """Read a body of unknown length, refusing it as soon as it passes the limit."""
+        parts, size = [], 0
+        while True:
+            message = await receive()
+            parts.append(message)
+            if message["type"] != "http.request":
+                return parts
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                raise self._too_large()
+            if not message.get("more_body", False):
+                return parts
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -64,16 +78,13 @@ class ServiceMiddleware:
         request_id_var.set(request_id)
         status = 500
         response_started = False
-        received = 0
+        body_parts: list[Message] | None = None
 
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise self._too_large()
-            return message
+        async def replay_receive() -> Message:
+            # A chunked body was read (within the limit) before the app ran: hand it over.
+            if body_parts:
+                return body_parts.pop(0)
+            return await receive()
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
@@ -89,9 +100,14 @@ class ServiceMiddleware:
                 if refused is not None:
                     raise _Refused(refused[0], "EPERM", "Operation not permitted", refused[1])
             length = headers.get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.max_body):
-                raise self._too_large()
-            await self.app(scope, limited_receive, send_with_id)
+            if length is not None:
+                # uvicorn holds the body to its Content-Length, so the header is the whole check.
+                if not length.isdigit() or int(length) > self.max_body:
+                    raise self._too_large()
+                await self.app(scope, receive, send_with_id)
+            else:
+                body_parts = await self._read_limited(receive)
+                await self.app(scope, replay_receive, send_with_id)
         except _Refused as refused:
             if response_started:
                 raise

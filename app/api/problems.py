@@ -98,8 +98,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        errno = _HTTP_ERRNO.get(exc.status_code, "EINVAL")
-        response = problem(request, exc.status_code, errno, str(exc.detail))
+        # FastAPI's 400 "error parsing the body" is a malformed body: the contract says 422 EINVAL.
+        status = 422 if exc.status_code == 400 else exc.status_code
+        errno = _HTTP_ERRNO.get(status, "EINVAL")
+        response = problem(request, status, errno, str(exc.detail))
         if exc.headers:
             response.headers.update(exc.headers)
         return response
