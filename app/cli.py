@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvm-memattr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--url", default=None, help=f"server URL (default $KVM_MEMATTR_URL or {DEFAULT_URL})")
-    p.add_argument("--token", default=None, help="API token (default $KVM_MEMATTR_TOKEN)")
+    p.add_argument("--token", default=None, help="API token (default $KVM_MEMATTR_API_TOKEN)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -17,11 +17,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="KVM_MEMATTR_", extra="ignore")
 
     host: str = Field("127.0.0.1", description="bind address (the container sets 0.0.0.0)")
-    port: int = Field(8000, ge=0, le=65535)
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="info logs one line per request")
     log_json: bool = Field(False, description="one JSON object per log line")
     max_gfn: int = Field(DEFAULT_MAX_GFN, gt=0, lt=1 << 52, description="kvm_mmu_max_gfn(): bounds memslots only")
-    max_vms: int = Field(1024, ge=1)
+    max_vms: int = Field(1024, ge=1, description="VMs per server; beyond it KVM_CREATE_VM fails with ENOMEM")
     max_attribute_runs: int = Field(1_000_000, ge=1, description="per VM; beyond it an update fails with ENOMEM")
     max_mapping_runs: int = Field(1_000_000, ge=1, description="per VM; beyond it a fault fails with ENOMEM")
     max_events: int = Field(10_000, ge=1, description="events kept per VM")

@@ -49,7 +49,7 @@ def _result(op: Op[T], response: httpx.Response) -> T:
 
 
 def _headers(token: str | None) -> dict[str, str]:
-    token = token or os.environ.get("KVM_MEMATTR_TOKEN")
+    token = token or os.environ.get("KVM_MEMATTR_API_TOKEN")
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 

@@ -168,3 +168,15 @@ def test_json_log_format() -> None:
     record.request_id, record.route, record.status = "abc", "/x", 200
     line = json.loads(JsonFormatter().format(record))
     assert (line["message"], line["request_id"], line["status"], line["level"]) == ("GET /x 200", "abc", 200, "info")
+
+
+def test_readme_settings_table_matches_the_code() -> None:
+    from tests.live import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"^\| `KVM_MEMATTR_(\w+)` \|", readme, re.M))
+    assert documented == {name.upper() for name in Settings.model_fields}
+    for name, field in Settings.model_fields.items():
+        assert field.description, name
+        row = re.search(rf"^\| `KVM_MEMATTR_{name.upper()}` \|[^|]*\| (.*) \|$", readme, re.M)
+        assert row and row.group(1) == field.description, name
