@@ -153,7 +153,8 @@ def _problem_openapi(schema: dict[str, Any]) -> dict[str, Any]:
             if any(p.get("in") in ("path", "query") for p in op.get("parameters", [])) or "requestBody" in op:
                 responses.setdefault("422", {"description": "EINVAL"})
             if path.startswith("/v1/"):
-                op["security"] = [{"bearer": []}]
+                # Optional: a token is needed only when KVM_MEMATTR_API_TOKEN is set.
+                op["security"] = [{}, {"bearer": []}]
                 responses.setdefault("401", {"description": "EPERM: missing token (when one is configured)"})
                 responses.setdefault("403", {"description": "EPERM: wrong token"})
             if "{vm_id}" in path:
@@ -162,16 +163,54 @@ def _problem_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                 responses.setdefault("413", {"description": "E2BIG: body larger than max_body_bytes"})
             for code, response in responses.items():
                 if code.isdigit() and int(code) >= 400:
-                    response["content"] = {problems.PROBLEM_JSON: {"schema": ref}}
                     if response.get("description") == "Validation Error":
                         response["description"] = "EINVAL"
+                    errno = response["description"].split(":")[0].split()[0]
+                    example = {
+                        "type": f"urn:kvm-memattr:errno:{errno}",
+                        "title": problems.errno_title(errno),
+                        "status": int(code),
+                        "detail": "what the kernel rule refused",
+                        "errno": errno,
+                        "instance": path,
+                    }
+                    response["content"] = {problems.PROBLEM_JSON: {"schema": ref, "example": example}}
     schema.setdefault("components", {})["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer", "description": "only when KVM_MEMATTR_API_TOKEN is set"}
     }
+    _add_links(schema)
     components = schema["components"].setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
     return schema
+
+
+# OpenAPI links: what a creating call returns feeds the calls on the resource it made, so
+# Swagger UI shows the way and stateful API fuzzers reach deep states.
+_LINK_SOURCES = {
+    ("/v1/vms", "post", "201"): {"vm_id": "$response.body#/id"},
+    ("/v1/vms/{vm_id}/memslots/{slot}", "put", "200"): {"vm_id": "$request.path.vm_id", "slot": "$request.path.slot"},
+    ("/v1/vms/{vm_id}/guest-memfds", "post", "201"): {"vm_id": "$request.path.vm_id", "fd": "$response.body#/fd"},
+    ("/v1/vms/{vm_id}/mmu-notifier/invalidations", "post", "201"): {
+        "vm_id": "$request.path.vm_id",
+        "inv_id": "$response.body#/id",
+    },
+}
+
+
+def _add_links(schema: dict[str, Any]) -> None:
+    paths = schema.get("paths", {})
+    for (path, method, status), provides in _LINK_SOURCES.items():
+        links = {}
+        for item in paths.values():
+            for target in item.values():
+                names = {p["name"] for p in target.get("parameters", []) if p.get("in") == "path"}
+                # Link when the source provides every path parameter beyond vm_id that the target needs.
+                if names and names <= provides.keys() and (names - {"vm_id"} or path == "/v1/vms"):
+                    params = {n: provides[n] for n in names}
+                    links[target["operationId"]] = {"operationId": target["operationId"], "parameters": params}
+        if links:
+            paths[path][method]["responses"][status]["links"] = links
 
 
 app = create_app()

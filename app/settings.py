@@ -18,7 +18,9 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="bind address (the container sets 0.0.0.0)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="info logs one line per request")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="info logs one line per request"
+    )
     log_json: bool = Field(False, description="one JSON object per log line")
     max_gfn: int = Field(DEFAULT_MAX_GFN, gt=0, lt=1 << 52, description="kvm_mmu_max_gfn(): bounds memslots only")
     max_vms: int = Field(1024, ge=1, description="VMs per server; beyond it KVM_CREATE_VM fails with ENOMEM")

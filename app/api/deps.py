@@ -56,7 +56,7 @@ _GFN_SCHEMA = WithJsonSchema(
     {
         "anyOf": [
             {"type": "integer", "minimum": 0, "maximum": GFN_LIMIT - 1},
-            {"type": "string", "pattern": r"^([0-9]+|0[xX][0-9a-fA-F]+)$", "maxLength": 24},
+            {"type": "string", "pattern": r"^([0-9]+|0[xX][0-9a-fA-F]+)$"},
         ]
     }
 )
@@ -64,7 +64,7 @@ _END_SCHEMA = WithJsonSchema(
     {
         "anyOf": [
             {"type": "integer", "minimum": 1, "maximum": GFN_LIMIT},
-            {"type": "string", "pattern": r"^([0-9]+|0[xX][0-9a-fA-F]+)$", "maxLength": 24},
+            {"type": "string", "pattern": r"^([0-9]+|0[xX][0-9a-fA-F]+)$"},
         ]
     }
 )
@@ -72,7 +72,7 @@ _U32_SCHEMA = WithJsonSchema(
     {
         "anyOf": [
             {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
-            {"type": "string", "pattern": r"^([0-9]+|0[xX][0-9a-fA-F]+)$", "maxLength": 24},
+            {"type": "string", "pattern": r"^([0-9]+|0[xX][0-9a-fA-F]+)$"},
         ]
     }
 )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno as errno_module
 import logging
 import os
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -50,13 +52,18 @@ class Problem(BaseModel):
     errors: list[ValidationIssue] | None = None
 
 
+def errno_title(errno: str) -> str:
+    """``strerror()`` of an errno name: the problem's title."""
+    value = getattr(errno_module, errno, None)
+    return os.strerror(value) if value is not None else errno
+
+
 def problem(
     request: Request, status: int, errno: str, detail: str, errors: list[dict[str, Any]] | None = None
 ) -> JSONResponse:
-    errno_value = getattr(__import__("errno"), errno, None)
     body: dict[str, Any] = {
         "type": f"urn:kvm-memattr:errno:{errno}",
-        "title": os.strerror(errno_value) if errno_value is not None else errno,
+        "title": errno_title(errno),
         "status": status,
         "detail": detail,
         "errno": errno,
@@ -104,7 +111,19 @@ def install(app: FastAPI) -> None:
         response = problem(request, status, errno, str(exc.detail))
         if exc.headers:
             response.headers.update(exc.headers)
+        if status == 405:
+            # Starlette names only the first matching route's methods; a path may have several routes.
+            response.headers["Allow"] = ", ".join(sorted(_allowed_methods(request)))
         return response
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    # Read from the OpenAPI paths rather than router internals, which differ across FastAPI versions.
+    methods: set[str] = set()
+    for template, item in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), request.url.path):
+            methods |= {m.upper() for m in item}
+    return methods
 
 
 def error_responses(*errnos: str) -> dict[int | str, dict[str, Any]]:

@@ -50,7 +50,7 @@ def _schema(bits: int) -> dict[str, Any]:
     return {
         "anyOf": [
             {"type": "integer", "minimum": 0, "maximum": (1 << bits) - 1},
-            {"type": "string", "pattern": _STRING_PATTERN, "maxLength": 24},
+            {"type": "string", "pattern": _STRING_PATTERN},
         ],
         "title": f"u{bits}",
         "description": f"__u{bits}: a JSON integer, or a decimal or 0x-hex string",
