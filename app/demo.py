@@ -15,7 +15,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from app.client import DEFAULT_URL, Client, KvmMemattrError
-from app.models.state import GfnRange, Mmu
+from app.models.state import GfnRange, MemoryFaultExit, Mmu
 
 GPA = 0x1_0000_0000  # 4 GiB, as private_mem_conversions_test uses
 HVA = 0x7F00_0000_0000
@@ -172,9 +172,8 @@ def _tell(s: Story, where: str) -> None:
     r = kvm.fault(vm.id, GPA + 0x2000)
     s.say(f"  fault again with a fresh seq: outcome={r.outcome}, private={r.private}")
     r = kvm.fault(vm.id, GPA + 0x2000 + 0x1000, private=True)
-    s.say(
-        f"  a private access to a shared page: {r.outcome}, exit {r.exit.reason if r.exit else '-'} flags={r.exit.flags if r.exit else '-'}"
-    )
+    flags = r.exit.flags if isinstance(r.exit, MemoryFaultExit) else None
+    s.say(f"  a private access to a shared page: {r.outcome}, KVM_EXIT_MEMORY_FAULT flags={flags}")
     s.attributes()
     s.mmu()
 

@@ -23,8 +23,6 @@ from app.models.kvm import (
     GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
     KVM_CAP_VM_TYPES_MASK,
-    KVM_EXIT_MEMORY_FAULT,
-    KVM_EXIT_MMIO,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_MEMORY_EXIT_FLAG_PRIVATE,
     KVM_USER_MEM_SLOTS,
@@ -498,21 +496,18 @@ class VirtualMachine:
         private = attr_private if req.private is None else req.private
         snapshot = self.inval.seq if req.mmu_seq is None else req.mmu_seq
         slot = self.spaces[req.as_id].find(gfn)
-        exit_: state.ExitInfo | None = None
+        exit_: state.MemoryFaultExit | state.MmioExit | None = None
         reason: str | None = None
         if private != attr_private or (private and (slot is None or not slot.is_gmem)):
             outcome: state.FaultOutcome = "memory_fault_exit"
-            exit_ = state.ExitInfo(
-                reason="KVM_EXIT_MEMORY_FAULT",
-                reason_code=KVM_EXIT_MEMORY_FAULT,
+            exit_ = state.MemoryFaultExit(
                 flags=KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0,
                 gpa=gfn << PAGE_SHIFT,
                 size=PAGE_SIZE,
-                errno="EFAULT",
             )
         elif slot is None or (req.write and not slot.writable(True)):
             outcome = "mmio_exit"
-            exit_ = state.ExitInfo(reason="KVM_EXIT_MMIO", reason_code=KVM_EXIT_MMIO, gpa=req.gpa, is_write=req.write)
+            exit_ = state.MmioExit(gpa=req.gpa, is_write=req.write)
         else:
             reason = self.inval.retry_reason(gfn, snapshot)
             outcome = "retry" if reason else "mapped"

@@ -136,16 +136,24 @@ class GfnInfo(BaseModel):
     mappings: list[GfnMapping]
 
 
-class ExitInfo(BaseModel):
-    """``kvm_run`` exit details: ``memory_fault`` or ``mmio``."""
+class MemoryFaultExit(BaseModel):
+    """``kvm_run.memory_fault``: ``KVM_RUN`` returned -1/EFAULT with ``KVM_EXIT_MEMORY_FAULT``."""
 
-    reason: Literal["KVM_EXIT_MEMORY_FAULT", "KVM_EXIT_MMIO"]
-    reason_code: int
+    reason: Literal["KVM_EXIT_MEMORY_FAULT"] = "KVM_EXIT_MEMORY_FAULT"
+    reason_code: Literal[39] = 39
+    flags: int = Field(description="8 (KVM_MEMORY_EXIT_FLAG_PRIVATE) when the access was private")
     gpa: int
-    flags: int | None = None
-    size: int | None = None
-    errno: Literal["EFAULT"] | None = None
-    is_write: bool | None = None
+    size: int
+    errno: Literal["EFAULT"] = "EFAULT"
+
+
+class MmioExit(BaseModel):
+    """``kvm_run.mmio``: no memslot, or a write to a READONLY slot."""
+
+    reason: Literal["KVM_EXIT_MMIO"] = "KVM_EXIT_MMIO"
+    reason_code: Literal[6] = 6
+    gpa: int = Field(description="the faulting gpa as given")
+    is_write: bool
 
 
 FaultOutcome = Literal["mapped", "retry", "memory_fault_exit", "mmio_exit"]
@@ -158,7 +166,7 @@ class FaultResult(BaseModel):
     private: bool
     mmu_seq: int
     retry_reason: str | None
-    exit: ExitInfo | None
+    exit: MemoryFaultExit | MmioExit | None
 
 
 class PrefaultResult(BaseModel):

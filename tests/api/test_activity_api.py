@@ -11,19 +11,11 @@ def test_faults(client: TestClient, make_vm: MakeVm) -> None:
     vm = make_vm("sw_protected", "linux")
     mmio = client.post(f"/v1/vms/{vm}/faults", json={"gpa": "0x1234", "write": True}).json()
     assert mmio["outcome"] == "mmio_exit"
-    assert mmio["exit"] == {
-        "reason": "KVM_EXIT_MMIO",
-        "reason_code": 6,
-        "gpa": 0x1234,
-        "is_write": True,
-        "flags": None,
-        "size": None,
-        "errno": None,
-    }
+    assert mmio["exit"] == {"reason": "KVM_EXIT_MMIO", "reason_code": 6, "gpa": 0x1234, "is_write": True}
     gmem_slot(client, vm)
     mf = client.post(f"/v1/vms/{vm}/faults", json={"gpa": GIB4 + 5, "private": True}).json()
     assert mf["outcome"] == "memory_fault_exit"
-    assert {k: mf["exit"][k] for k in ("reason", "reason_code", "flags", "gpa", "size", "errno")} == {
+    assert mf["exit"] == {
         "reason": "KVM_EXIT_MEMORY_FAULT",
         "reason_code": 39,
         "flags": 8,
