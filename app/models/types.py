@@ -8,10 +8,10 @@ other bases are rejected.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, WithJsonSchema
+from pydantic import GetCoreSchemaHandler, WithJsonSchema
+from pydantic_core import CoreSchema, core_schema
 
 _DEC = re.compile(r"[0-9]+", re.ASCII)
 _HEX = re.compile(r"0[xX][0-9a-fA-F]+", re.ASCII)
@@ -39,11 +39,24 @@ def parse_uint(value: object, bits: int) -> int:
     return value
 
 
-def _validator(bits: int) -> Callable[[Any], int]:
-    def validate(value: Any) -> int:
-        return parse_uint(value, bits)
+class _UIntCore:
+    """Core schema: a strict int in range (validated in Rust, no Python call) or a string parsed here."""
 
-    return validate
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        bits = self.bits
+        return core_schema.union_schema(
+            [
+                core_schema.int_schema(strict=True, ge=0, le=(1 << bits) - 1),
+                core_schema.no_info_after_validator_function(
+                    lambda text: parse_uint(text, bits), core_schema.str_schema(strict=True)
+                ),
+            ],
+            custom_error_type=f"u{bits}",
+            custom_error_message=f"expected a u{bits}: an integer 0..2^{bits}-1, or a decimal or 0x-hex string of one",
+        )
 
 
 def _schema(bits: int) -> dict[str, Any]:
@@ -57,5 +70,5 @@ def _schema(bits: int) -> dict[str, Any]:
     }
 
 
-U64 = Annotated[int, BeforeValidator(_validator(64)), WithJsonSchema(_schema(64))]
-U32 = Annotated[int, BeforeValidator(_validator(32)), WithJsonSchema(_schema(32))]
+U64 = Annotated[int, _UIntCore(64), WithJsonSchema(_schema(64))]
+U32 = Annotated[int, _UIntCore(32), WithJsonSchema(_schema(32))]
