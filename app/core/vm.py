@@ -513,7 +513,12 @@ class VirtualMachine:
             outcome = "retry" if reason else "mapped"
         if outcome == "mapped":
             assert slot is not None
-            self._map(req.as_id, gfn, gfn + 1, spte(private, slot.writable(req.write)))
+            present = self.mmu.lookup(req.as_id, gfn)
+            if present == UNMAPPED:
+                self._map(req.as_id, gfn, gfn + 1, spte(private, slot.writable(req.write)))
+            elif req.write and not spte_writable(present) and slot.writable(True):
+                # fast_page_fault(): a write to a write-protected SPTE (dirty logging) makes it writable.
+                self._map(req.as_id, gfn, gfn + 1, spte(spte_private(present), True))
         self.stats.faults += 1
         if outcome == "retry":
             self.stats.fault_retries += 1

@@ -303,8 +303,11 @@ class RefVM:
         if self._would_retry(gfn) or self.seq != snap:
             self.stats["fault_retries"] += 1
             return "retry"
-        if (as_id, gfn) not in self.maps:
+        present = self.maps.get((as_id, gfn))
+        if present is None:
             self.maps[(as_id, gfn)] = (priv, slot.writable(write))
+        elif write and not present[1] and slot.writable(True):
+            self.maps[(as_id, gfn)] = (present[0], True)  # the write-protection fault upgrades it
         return "mapped"
 
     def _would_retry(self, gfn: int) -> bool:

@@ -222,3 +222,21 @@ def test_event_log_is_bounded() -> None:
         log.emit("x", i=i)
     events, cursor = log.page(0, 100)
     assert [e["id"] for e in events] == [8, 9, 10] and cursor is None
+
+
+def test_write_fault_upgrades_a_dirty_logging_read_mapping(make_vm: MakeVm) -> None:
+    """fast_page_fault(): the write-protection fault makes the present SPTE writable (found by the stateful test)."""
+    vm = make_vm("default", "linux")
+    vm.set_user_memory_region(0, region(0, 0x2000, flags=1))  # KVM_MEM_LOG_DIRTY_PAGES
+    vm.set_user_memory_region(1, region(0x10000, 0x1000, hva=HVA + 0x10000, flags=2))  # READONLY
+    vm.fault(FaultRequest(gpa=0))
+    assert [m.writable for m in vm.gfn_info(0).mappings] == [False]
+    assert vm.fault(FaultRequest(gpa=0)).outcome == "mapped"
+    assert [m.writable for m in vm.gfn_info(0).mappings] == [False], "a read leaves it as it was"
+    assert vm.fault(FaultRequest(gpa=0, write=True)).outcome == "mapped"
+    assert [m.writable for m in vm.gfn_info(0).mappings] == [True]
+    assert vm.fault(FaultRequest(gpa=0)).outcome == "mapped"
+    assert [m.writable for m in vm.gfn_info(0).mappings] == [True], "never downgraded by a read"
+    vm.fault(FaultRequest(gpa=0x10000))
+    assert vm.fault(FaultRequest(gpa=0x10000, write=True)).outcome == "mmio_exit"
+    assert [m.writable for m in vm.gfn_info(0x10).mappings] == [False]
