@@ -229,7 +229,7 @@ class EngineVsReference(RuleBasedStateMachine):
 
 
 EngineVsReference.TestCase.settings = settings(
-    max_examples=int(os.environ.get("KVM_MEMATTR_STATEFUL_EXAMPLES", "1000")),
+    max_examples=int(os.environ.get("KVM_MEMATTR_STATEFUL_EXAMPLES", "2000")),
     stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
