@@ -81,7 +81,7 @@ class Engine:
     def vm_capabilities(self, vm_id: str) -> dict[str, Any]:
         """``KVM_CHECK_EXTENSION`` on a VM fd."""
         caps = self.capabilities()
-        caps["caps"] = self.vm(vm_id).capabilities()
+        caps["caps"] |= self.vm(vm_id).capabilities()
         return caps
 
     def create_vm(self, req: VmCreate, vm_id: str | None = None) -> VirtualMachine:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -203,8 +203,6 @@ class FaultInjectionState(BaseModel):
     fail_nth: int | None
     errno: Literal["ENOMEM"] = "ENOMEM"
 
-
-Event = dict[str, Any]
 
 
 class VmTypeInfo(BaseModel):
