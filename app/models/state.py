@@ -204,7 +204,6 @@ class FaultInjectionState(BaseModel):
     errno: Literal["ENOMEM"] = "ENOMEM"
 
 
-
 class VmTypeInfo(BaseModel):
     name: VmType
     value: int
