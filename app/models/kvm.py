@@ -82,6 +82,7 @@ class Semantics(StrEnum):
 
 class _Struct(BaseModel):
     # A typo such as "adress" must not silently become address 0, nor "yes" a bool.
+    # Subclasses' model_config is merged into this one.
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
@@ -92,8 +93,6 @@ class KvmEncRegion(_Struct):
     size: U64
 
     model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
         json_schema_extra={"examples": [{"addr": "0x100000000", "size": "0x200000"}]},
     )
 
@@ -107,8 +106,6 @@ class KvmMemoryAttributes(_Struct):
     flags: U64 = 0
 
     model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
         json_schema_extra={"examples": [{"address": "0x100000000", "size": "0x200000", "attributes": 8, "flags": 0}]},
     )
 
@@ -124,8 +121,6 @@ class KvmUserspaceMemoryRegion2(_Struct):
     guest_memfd_offset: U64 = 0
 
     model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
         json_schema_extra={
             "examples": [
                 {
@@ -153,9 +148,7 @@ class KvmCreateGuestMemfd(_Struct):
     size: U64
     flags: U64 = 0
 
-    model_config = ConfigDict(
-        extra="forbid", strict=True, json_schema_extra={"examples": [{"size": "0x400000", "flags": 0}]}
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [{"size": "0x400000", "flags": 0}]})
 
 
 class VmCreate(_Struct):
@@ -167,8 +160,6 @@ class VmCreate(_Struct):
     name: str | None = Field(default=None, max_length=200)
 
     model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
         json_schema_extra={"examples": [{"type": "sw_protected", "semantics": "linux", "name": "demo"}]},
     )
 
@@ -182,9 +173,7 @@ class FaultRequest(_Struct):
     private: bool | None = Field(default=None, description="null: as private as the gfn's attribute")
     mmu_seq: U64 | None = Field(default=None, description="seq the vCPU snapshotted; null: now")
 
-    model_config = ConfigDict(
-        extra="forbid", strict=True, json_schema_extra={"examples": [{"gpa": "0x100000000", "write": True}]}
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [{"gpa": "0x100000000", "write": True}]})
 
 
 class PrefaultRequest(_Struct):
@@ -194,9 +183,7 @@ class PrefaultRequest(_Struct):
     size: U64
     as_id: int = Field(default=0, ge=0, le=KVM_MAX_NR_ADDRESS_SPACES - 1)
 
-    model_config = ConfigDict(
-        extra="forbid", strict=True, json_schema_extra={"examples": [{"gpa": "0x100000000", "size": "0x200000"}]}
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [{"gpa": "0x100000000", "size": "0x200000"}]})
 
 
 class NotifierRequest(_Struct):
@@ -206,8 +193,6 @@ class NotifierRequest(_Struct):
     hva_end: U64
 
     model_config = ConfigDict(
-        extra="forbid",
-        strict=True,
         json_schema_extra={"examples": [{"hva_start": "0x7f0000000000", "hva_end": "0x7f0000001000"}]},
     )
 
@@ -218,6 +203,4 @@ class FaultInjection(_Struct):
     fail_nth: int | None = Field(default=None, ge=1, description="null disarms")
     errno: Literal["ENOMEM"] = "ENOMEM"
 
-    model_config = ConfigDict(
-        extra="forbid", strict=True, json_schema_extra={"examples": [{"fail_nth": 3, "errno": "ENOMEM"}]}
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": [{"fail_nth": 3, "errno": "ENOMEM"}]})
