@@ -213,4 +213,15 @@ def _add_links(schema: dict[str, Any]) -> None:
             paths[path][method]["responses"][status]["links"] = links
 
 
-app = create_app()
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> FastAPI:
+    """``app.main:app`` for ``uvicorn app.main:app``, built on first use so that importing
+    ``create_app`` (CLI, tests) does not build a second app or replay the journal twice."""
+    global _app
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _app is None:
+        _app = create_app()
+    return _app
