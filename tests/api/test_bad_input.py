@@ -20,6 +20,30 @@ CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("POST", "/prefault", {"content": b"\xff\xfe", "headers": {"content-type": "application/json"}}, 422, "EINVAL"),
     ("PUT", "/memslots/1", {"content": b"null", "headers": {"content-type": "application/json"}}, 422, "EINVAL"),
     ("PUT", "/memory-attributes", {"content": b"", "headers": {"content-type": "application/json"}}, 422, "EINVAL"),
+    (
+        "PUT",
+        "/memory-attributes",
+        {"content": b"[" * 30000 + b"]" * 30000, "headers": {"content-type": "application/json"}},
+        422,
+        "EINVAL",
+    ),
+    (
+        "PUT",
+        "/memory-attributes",
+        {
+            "content": b'{"address": NaN, "size": 4096, "attributes": 8}',
+            "headers": {"content-type": "application/json"},
+        },
+        422,
+        "EINVAL",
+    ),
+    (
+        "PUT",
+        "/memory-attributes",
+        {"content": b'{"address": 0}', "headers": {"content-type": "text/plain"}},
+        422,
+        "EINVAL",
+    ),
     # huge numbers
     ("PUT", "/memory-attributes", {"json": {"address": 2**64, "size": 4096, "attributes": 8}}, 422, "EINVAL"),
     ("PUT", "/memory-attributes", {"json": {"address": U64_OVER, "size": 4096, "attributes": 8}}, 422, "EINVAL"),
