@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.auth import check_bearer
 from app.api.metrics import Metrics
+from app.api.problems import problem_document
 from app.logs import request_id_var
 
 log = logging.getLogger("kvm_memattr.access")
@@ -26,20 +27,12 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 class _Refused(Exception):
     """A request answered here, before the app: 401/403 (EPERM) or 413 (E2BIG)."""
 
-    def __init__(self, status: int, errno: str, title: str, detail: str) -> None:
+    def __init__(self, status: int, errno: str, detail: str) -> None:
         super().__init__(detail)
-        self.status, self.errno, self.title, self.detail = status, errno, title, detail
+        self.status, self.errno, self.detail = status, errno, detail
 
     def body(self, path: str) -> bytes:
-        problem = {
-            "type": f"urn:kvm-memattr:errno:{self.errno}",
-            "title": self.title,
-            "status": self.status,
-            "detail": self.detail,
-            "errno": self.errno,
-            "instance": path,
-        }
-        return json.dumps(problem).encode()
+        return json.dumps(problem_document(self.status, self.errno, self.detail, path)).encode()
 
 
 class ServiceMiddleware:
@@ -51,7 +44,7 @@ class ServiceMiddleware:
         self._ids = (f"{self._prefix}{n:08x}" for n in itertools.count(1))
 
     def _too_large(self) -> _Refused:
-        return _Refused(413, "E2BIG", "Payload too large", f"request body larger than {self.max_body} bytes")
+        return _Refused(413, "E2BIG", f"request body larger than {self.max_body} bytes")
 
     async def _read_limited(self, receive: Receive) -> list[Message]:
         """Read a body of unknown length, refusing it as soon as it passes the limit."""
@@ -98,7 +91,7 @@ class ServiceMiddleware:
             if self.token and scope["path"].startswith("/v1/"):
                 refused = check_bearer(headers.get(b"authorization"), self.token)
                 if refused is not None:
-                    raise _Refused(refused[0], "EPERM", "Operation not permitted", refused[1])
+                    raise _Refused(refused[0], "EPERM", refused[1])
             length = headers.get(b"content-length")
             if length is not None:
                 # uvicorn holds the body to its Content-Length, so the header is the whole check.

@@ -58,19 +58,27 @@ def errno_title(errno: str) -> str:
     return os.strerror(value) if value is not None else errno
 
 
-def problem(
-    request: Request, status: int, errno: str, detail: str, errors: list[dict[str, Any]] | None = None
-) -> JSONResponse:
+def problem_document(
+    status: int, errno: str, detail: str, instance: str, errors: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The RFC 9457 members, with the kernel errno name and its strerror() as the title."""
     body: dict[str, Any] = {
         "type": f"urn:kvm-memattr:errno:{errno}",
         "title": errno_title(errno),
         "status": status,
         "detail": detail,
         "errno": errno,
-        "instance": request.url.path,
+        "instance": instance,
     }
     if errors is not None:
         body["errors"] = errors
+    return body
+
+
+def problem(
+    request: Request, status: int, errno: str, detail: str, errors: list[dict[str, Any]] | None = None
+) -> JSONResponse:
+    body = problem_document(status, errno, detail, request.url.path, errors)
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
