@@ -63,6 +63,11 @@ class RunMap:
         added = int(before != value) + int(end < self.limit and after != value)
         return len(self._d) - removed + added
 
+    def exceeds_after_assign(self, start: int, end: int, value: int, limit: int) -> bool:
+        """Whether ``assign(start, end, value)`` would leave more than ``limit`` runs."""
+        # One assign adds at most two runs: count exactly only near the limit.
+        return len(self._d) + 2 > limit and self.count_after_assign(start, end, value) > limit
+
     def assign(self, start: int, end: int, value: int) -> None:
         """Set every x in ``[start, end)`` to ``value``, keeping runs maximal."""
         if start >= end:
@@ -75,15 +80,6 @@ class RunMap:
             d[start] = value
         if end < self.limit and after != value:
             d[end] = after
-
-    def snapshot(self, start: int, end: int) -> list[Run]:
-        """The runs of ``[start, end)``, for an exact :meth:`restore`."""
-        return list(self.runs(start, end))
-
-    def restore(self, runs: list[Run]) -> None:
-        """Put back what :meth:`snapshot` saw."""
-        for s, e, v in runs:
-            self.assign(s, e, v)
 
     def _neighbours(self, start: int, end: int) -> tuple[int | None, int | None]:
         # The value just left of start and the value at end decide whether the

@@ -367,9 +367,7 @@ class VirtualMachine:
         nth, self.fail_nth = self.fail_nth, None
         if nth is not None and nth <= npages:
             return nth
-        # One assign adds at most two runs: count exactly only near the budget.
-        budget = self.limits.max_attribute_runs
-        if len(self.attributes) + 2 > budget and self.attributes.count_after_assign(start, end, value) > budget:
+        if self.attributes.exceeds_after_assign(start, end, value, self.limits.max_attribute_runs):
             # The budget runs out part way; which entry fails does not change the outcome.
             return npages
         return None
@@ -553,12 +551,12 @@ class VirtualMachine:
                         else:
                             already += me - ms
         newly = sum(e - s for s, e, _ in plan)
-        before = self.mmu.spaces[req.as_id].snapshot(start, end)
+        before = list(self.mmu.spaces[req.as_id].runs(start, end))
         for s, e, v in plan:
-            self._map(req.as_id, s, e, v, check_budget=False)
+            self.mmu.set(req.as_id, s, e, v)
         if self.mmu.runs() > self.limits.max_mapping_runs:
-            self.mmu.spaces[req.as_id].restore(before)
-            self.mmu.mapped_pages -= newly
+            for s, e, v in before:  # through Mmu.set, so mapped_pages is restored too
+                self.mmu.set(req.as_id, s, e, v)
             raise ENOMEM(f"mapping runs would exceed the per-VM budget ({self.limits.max_mapping_runs})")
         self.events.emit("prefault", as_id=req.as_id, start_gfn=start, end_gfn=end, mapped=newly, already=already)
         return state.PrefaultResult(
@@ -573,15 +571,11 @@ class VirtualMachine:
         parts = [(start, min(end, inv.range_start)), (max(start, inv.range_end), end)]
         return [(a, b) for a, b in parts if a < b]
 
-    def _map(self, as_id: int, start: int, end: int, value: int, check_budget: bool = True) -> None:
+    def _map(self, as_id: int, start: int, end: int, value: int) -> None:
+        """Install one fault's SPTE(s), failing with ENOMEM past the mapping-run budget."""
         space = self.mmu.spaces[as_id]
-        budget = self.limits.max_mapping_runs
-        runs = self.mmu.runs()
-        if (
-            check_budget
-            and runs + 2 > budget
-            and runs - len(space) + space.count_after_assign(start, end, value) > budget
-        ):
+        others = self.mmu.runs() - len(space)
+        if space.exceeds_after_assign(start, end, value, self.limits.max_mapping_runs - others):
             raise ENOMEM(f"mapping runs would exceed the per-VM budget ({self.limits.max_mapping_runs})")
         self.mmu.set(as_id, start, end, value)
 

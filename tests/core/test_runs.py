@@ -17,6 +17,9 @@ def test_runmap_matches_a_list_and_stays_maximal(assignments: list[tuple[int, in
     for a, b, v in assignments:
         s, e = min(a, b), max(a, b)
         predicted = m.count_after_assign(s, e, v)
+        for limit in (len(m) - 1, len(m), len(m) + 1, len(m) + 2):
+            if s < e:  # callers never assign an empty range
+                assert m.exceeds_after_assign(s, e, v, limit) == (predicted > limit)
         m.assign(s, e, v)
         ref[s:e] = [v] * (e - s)
         runs = list(m.runs(0, LIMIT))
@@ -28,19 +31,6 @@ def test_runmap_matches_a_list_and_stays_maximal(assignments: list[tuple[int, in
     for s in range(0, LIMIT, 7):
         for e in range(s + 1, LIMIT + 1, 5):
             assert m.is_uniform(s, e, ref[s]) == (len(set(ref[s:e])) == 1)
-
-
-@given(ops, st.integers(0, LIMIT), st.integers(0, LIMIT))
-def test_snapshot_restore_is_exact(assignments: list[tuple[int, int, int]], a: int, b: int) -> None:
-    m = RunMap(LIMIT, 0)
-    for x, y, v in assignments:
-        m.assign(min(x, y), max(x, y), v)
-    before = list(m.runs(0, LIMIT))
-    s, e = min(a, b), max(a, b)
-    snap = m.snapshot(s, e)
-    m.assign(s, e, 7)
-    m.restore(snap)
-    assert list(m.runs(0, LIMIT)) == before
 
 
 def test_whole_space_assign_is_two_runs() -> None:
