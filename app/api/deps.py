@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Path, Query, Request
-from pydantic import AfterValidator, BeforeValidator, WithJsonSchema
+from pydantic import AfterValidator
 
 from app.core import Engine
 from app.core.errors import EINVAL
 from app.core.vm import VirtualMachine
 from app.models.kvm import GFN_LIMIT
-from app.models.types import parse_uint
+from app.models.types import U64, uint_json_schema
 
 
 async def get_engine(request: Request) -> Engine:
@@ -45,41 +45,8 @@ def _end_gfn_limit(value: int) -> int:
     return value
 
 
-def _uint_param(bits: int) -> Any:
-    def parse(v: Any) -> int:
-        return parse_uint(v, bits)
-
-    return BeforeValidator(parse)
-
-
-_GFN_SCHEMA = WithJsonSchema(
-    {
-        "anyOf": [
-            {"type": "integer", "minimum": 0, "maximum": GFN_LIMIT - 1},
-            {"type": "string", "pattern": r"^([0-9]+|0[xX][0-9a-fA-F]+)$"},
-        ]
-    }
-)
-_END_SCHEMA = WithJsonSchema(
-    {
-        "anyOf": [
-            {"type": "integer", "minimum": 1, "maximum": GFN_LIMIT},
-            {"type": "string", "pattern": r"^([0-9]+|0[xX][0-9a-fA-F]+)$"},
-        ]
-    }
-)
-_U32_SCHEMA = WithJsonSchema(
-    {
-        "anyOf": [
-            {"type": "integer", "minimum": 0, "maximum": 2**32 - 1},
-            {"type": "string", "pattern": r"^([0-9]+|0[xX][0-9a-fA-F]+)$"},
-        ]
-    }
-)
-
-GfnValue = Annotated[int, _uint_param(64), AfterValidator(_below_gfn_limit), _GFN_SCHEMA]
-EndGfnValue = Annotated[int, _uint_param(64), AfterValidator(_end_gfn_limit), _END_SCHEMA]
-U32Value = Annotated[int, _uint_param(32), _U32_SCHEMA]
+GfnValue = Annotated[U64, AfterValidator(_below_gfn_limit), uint_json_schema(0, GFN_LIMIT - 1)]
+EndGfnValue = Annotated[U64, AfterValidator(_end_gfn_limit), uint_json_schema(1, GFN_LIMIT)]
 
 StartGfnQuery = Annotated[GfnValue | None, Query(description="first gfn (default 0)")]
 EndGfnQuery = Annotated[EndGfnValue | None, Query(description="end gfn, exclusive (default max_gfn + 1; up to 2^52)")]

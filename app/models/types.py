@@ -59,16 +59,23 @@ class _UIntCore:
         )
 
 
-def _schema(bits: int) -> dict[str, Any]:
-    return {
-        "anyOf": [
-            {"type": "integer", "minimum": 0, "maximum": (1 << bits) - 1},
-            {"type": "string", "pattern": _STRING_PATTERN},
-        ],
-        "title": f"u{bits}",
-        "description": f"__u{bits}: a JSON integer, or a decimal or 0x-hex string",
-    }
+def uint_json_schema(minimum: int, maximum: int, **annotations: str) -> WithJsonSchema:
+    """What the API documents for an integer field: a bounded JSON integer or an integer string."""
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": minimum, "maximum": maximum},
+                {"type": "string", "pattern": _STRING_PATTERN},
+            ],
+            **annotations,
+        }
+    )
 
 
-U64 = Annotated[int, _UIntCore(64), WithJsonSchema(_schema(64))]
-U32 = Annotated[int, _UIntCore(32), WithJsonSchema(_schema(32))]
+def _doc(bits: int) -> WithJsonSchema:
+    description = f"__u{bits}: a JSON integer, or a decimal or 0x-hex string"
+    return uint_json_schema(0, (1 << bits) - 1, title=f"u{bits}", description=description)
+
+
+U64 = Annotated[int, _UIntCore(64), _doc(64)]
+U32 = Annotated[int, _UIntCore(32), _doc(32)]
