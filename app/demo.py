@@ -172,8 +172,11 @@ def _tell(s: Story, where: str) -> None:
     r = kvm.fault(vm.id, GPA + 0x2000)
     s.say(f"  fault again with a fresh seq: outcome={r.outcome}, private={r.private}")
     r = kvm.fault(vm.id, GPA + 0x2000 + 0x1000, private=True)
-    flags = r.exit.flags if isinstance(r.exit, MemoryFaultExit) else None
-    s.say(f"  a private access to a shared page: {r.outcome}, KVM_EXIT_MEMORY_FAULT flags={flags}")
+    if isinstance(r.exit, MemoryFaultExit):
+        s.say(
+            f"  a private access to a shared page: {r.outcome}, v9's KVM_EXIT_MEMORY_FAULT "
+            f"(reason {r.exit.reason_code}, flags={r.exit.flags}, KVM_RUN returns 0)"
+        )
     s.attributes()
     s.mmu()
 
@@ -182,7 +185,7 @@ def _tell(s: Story, where: str) -> None:
         "mmu_notifier invalidate_range_start on two HVA ranges: while both are open the range only widens.",
     )
     a = kvm.start_invalidation(vm.id, HVA + 0x2000, HVA + 0x3000)
-    s.say(f"  #{a.id} -> gfns {_ranges(a.gfn_ranges)}, zapped {a.pages_zapped} shared page(s); the range restarts here")
+    s.say(f"  #{a.id} -> gfns {_ranges(a.gfn_ranges)}, zapped {a.pages_zapped} page(s); the range restarts here")
     s.mmu()
     b = kvm.start_invalidation(vm.id, HVA + 0x8000, HVA + 0xA000)
     s.say(f"  #{b.id} -> gfns {_ranges(b.gfn_ranges)}, zapped {b.pages_zapped}; the range widens to cover both")

@@ -75,6 +75,9 @@ def main() -> None:
     frag_runs = 20_000 if args.quick else 100_000
 
     print(f"python {sys.version.split()[0]}, median of {reps} conversions (KVM_SET_MEMORY_ATTRIBUTES, linux)")
+    probe = new_vm().set_memory_attributes(KvmMemoryAttributes(address=0, size=PAGE, attributes=8)).mmu
+    widened = (probe.mmu_invalidate_range_start, probe.mmu_invalidate_range_end)
+    print(f"  hugepage widening on: a 1-page conversion records gfn range {widened} (its 2 MiB and 1 GiB head pages)")
     engine_t: dict[str, float] = {}
     for name, size in SIZES.items():
         engine_t[name] = median_time(toggle(new_vm(), size), reps)
@@ -82,7 +85,7 @@ def main() -> None:
 
     vm = new_vm()
     fragment(vm, frag_runs)
-    print(f"fragmented VM: {len(vm.attributes):,} attribute runs")
+    print(f"fragmented VM: {vm.usage()['attribute_runs']:,} attribute runs")
     frag_t: dict[str, float] = {}
     for name, size in SIZES.items():
         if name == "whole gfn space":

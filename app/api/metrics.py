@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from app.core import Engine
-from app.core.vm import VirtualMachine
 
 
 class EngineCollector(Collector):
@@ -19,49 +18,43 @@ class EngineCollector(Collector):
         self.engine = engine
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        vms = self.engine.vms()
-        gauges: dict[str, tuple[str, Callable[[VirtualMachine], int]]] = {
-            "kvm_memattr_vms": ("VMs", lambda vm: 1),
-            "kvm_memattr_memslots": ("memslots, all address spaces", lambda vm: sum(len(s) for s in vm.spaces)),
-            "kvm_memattr_attribute_runs": ("maximal attribute runs", lambda vm: len(vm.attributes)),
-            "kvm_memattr_mapping_runs": ("mapping runs (present and absent)", lambda vm: vm.mmu.runs()),
-            "kvm_memattr_mapped_pages": ("present SPTEs", lambda vm: vm.mmu.mapped_pages),
-            "kvm_memattr_open_notifier_invalidations": (
-                "open MMU-notifier invalidations",
-                lambda vm: len(vm.notifiers),
-            ),
-            "kvm_memattr_mmu_invalidate_in_progress": (
-                "sum of mmu_invalidate_in_progress",
-                lambda vm: vm.inval.in_progress,
-            ),
+        usage = [vm.usage() for vm in self.engine.vms()]
+
+        def total(key: str) -> int:
+            return sum(u[key] for u in usage)
+
+        yield GaugeMetricFamily("kvm_memattr_vms", "VMs", value=len(usage))
+        gauges = {
+            "memslots": "memslots, all address spaces",
+            "attribute_runs": "maximal attribute runs",
+            "mapping_runs": "mapping runs (present and absent)",
+            "mapped_pages": "present SPTEs",
+            "open_notifier_invalidations": "open MMU-notifier invalidations",
+            "mmu_invalidate_in_progress": "sum of mmu_invalidate_in_progress",
         }
-        for name, (doc, get) in gauges.items():
-            yield GaugeMetricFamily(name, doc, value=sum(get(vm) for vm in vms))
+        for key, doc in gauges.items():
+            yield GaugeMetricFamily(f"kvm_memattr_{key}", doc, value=total(key))
         counters = {
-            "kvm_memattr_attribute_updates": ("successful attribute updates", "attribute_updates"),
-            "kvm_memattr_tlb_flushes": ("kvm_flush_remote_tlbs() calls", "tlb_flushes"),
-            "kvm_memattr_pages_zapped": ("SPTEs zapped", "pages_zapped"),
-            "kvm_memattr_fault_retries": ("faults that retried", "fault_retries"),
-            "kvm_memattr_memory_fault_exits": ("KVM_EXIT_MEMORY_FAULT exits", "memory_fault_exits"),
-            "kvm_memattr_mmio_exits": ("KVM_EXIT_MMIO exits", "mmio_exits"),
+            "attribute_updates": "successful attribute updates",
+            "tlb_flushes": "kvm_flush_remote_tlbs() calls",
+            "pages_zapped": "SPTEs zapped",
+            "fault_retries": "faults that retried",
+            "memory_fault_exits": "KVM_EXIT_MEMORY_FAULT exits",
+            "mmio_exits": "KVM_EXIT_MMIO exits",
         }
-        for name, (doc, field) in counters.items():
-            yield CounterMetricFamily(name, doc, value=sum(getattr(vm.stats, field) for vm in vms))
+        for key, doc in counters.items():
+            yield CounterMetricFamily(f"kvm_memattr_{key}", doc, value=total(key))
         yield CounterMetricFamily(
             "kvm_memattr_invalidations",
             "completed invalidations (mmu_invalidate_seq)",
-            value=sum(vm.inval.seq for vm in vms),
+            value=total("mmu_invalidate_seq"),
         )
         faults = CounterMetricFamily("kvm_memattr_faults", "vCPU faults by outcome", labels=["outcome"])
-        total = {o: 0 for o in ("mapped", "retry", "memory_fault_exit", "mmio_exit")}
-        for vm in vms:
-            s = vm.stats
-            total["retry"] += s.fault_retries
-            total["memory_fault_exit"] += s.memory_fault_exits
-            total["mmio_exit"] += s.mmio_exits
-            total["mapped"] += s.faults - s.fault_retries - s.memory_fault_exits - s.mmio_exits
-        for outcome, n in total.items():
-            faults.add_metric([outcome], n)
+        exits = total("fault_retries") + total("memory_fault_exits") + total("mmio_exits")
+        faults.add_metric(["mapped"], total("faults") - exits)
+        faults.add_metric(["retry"], total("fault_retries"))
+        faults.add_metric(["memory_fault_exit"], total("memory_fault_exits"))
+        faults.add_metric(["mmio_exit"], total("mmio_exits"))
         yield faults
 
 

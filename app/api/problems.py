@@ -28,6 +28,9 @@ ERRNO_STATUS = {
     "ENOENT": 404,
     "ENOTTY": 400,
     "ENOMEM": 507,
+    "EOPNOTSUPP": 400,
+    "EAGAIN": 409,
+    "EFAULT": 422,
     "EPERM": 403,
     "E2BIG": 413,
 }

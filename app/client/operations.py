@@ -118,8 +118,9 @@ def get_guest_memfd(vm_id: str, fd: int) -> Op[state.GuestMemfd]:
     return Op("GET", _vm(vm_id, f"/guest-memfds/{fd}"), state.GuestMemfd.model_validate)
 
 
-def close_guest_memfd(vm_id: str, fd: int) -> Op[None]:
-    return Op("DELETE", _vm(vm_id, f"/guest-memfds/{fd}"), None)
+def close_guest_memfd(vm_id: str, fd: int) -> Op[state.GuestMemfdClose]:
+    """close() on a guest_memfd (kvm_gmem_release())."""
+    return Op("DELETE", _vm(vm_id, f"/guest-memfds/{fd}"), state.GuestMemfdClose.model_validate)
 
 
 # -- memory attributes

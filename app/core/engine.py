@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import threading
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from app.core.errors import ENOENT, ENOMEM
 from app.core.journal import Journal
-from app.core.vm import VirtualMachine, VmLimits
+from app.core.limits import EngineLimits
+from app.core.vm import OPERATIONS, VirtualMachine
 from app.models.kvm import (
-    DEFAULT_MAX_GFN,
-    GFN_LIMIT,
     KVM_API_VERSION,
     KVM_CAP_VM_TYPES_MASK,
     KVM_MAX_NR_ADDRESS_SPACES,
@@ -23,21 +21,6 @@ from app.models.kvm import (
     VmCreate,
     VmType,
 )
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    """Bounds that keep one client from exhausting the server."""
-
-    max_gfn: int = DEFAULT_MAX_GFN
-    max_vms: int = 1024
-    max_attribute_runs: int = 1_000_000
-    max_mapping_runs: int = 1_000_000
-    max_events: int = 10_000
-
-    def __post_init__(self) -> None:
-        if not 0 < self.max_gfn < GFN_LIMIT:
-            raise ValueError(f"max_gfn must be in (0, 2^52), got {self.max_gfn}")
 
 
 class Engine:
@@ -87,8 +70,7 @@ class Engine:
     def create_vm(self, req: VmCreate, vm_id: str | None = None) -> VirtualMachine:
         """``KVM_CREATE_VM`` (``vm_id`` only when replaying a journal)."""
         lim = self.limits
-        vm_limits = VmLimits(lim.max_gfn, lim.max_attribute_runs, lim.max_mapping_runs, lim.max_events)
-        vm = VirtualMachine(vm_id or uuid.uuid4().hex, req.name, req.type, req.semantics, vm_limits)
+        vm = VirtualMachine(vm_id or uuid.uuid4().hex, req.name, req.type, req.semantics, lim)
         with self._lock:
             if len(self._vms) >= lim.max_vms:
                 raise ENOMEM(f"server already holds the maximum of {lim.max_vms} VMs")
@@ -117,6 +99,16 @@ class Engine:
             if self.journal is not None:
                 with vm.lock:  # after any call in flight on it has been journaled
                     self.journal.forget_vm(vm_id)
+
+    def replay(self, vm_id: str, op: str, args: list[Any]) -> None:
+        """Re-run one journaled call (``create_vm`` or an entry of ``vm.OPERATIONS``)."""
+        if op == "create_vm":
+            self.create_vm(args[0], vm_id=vm_id)
+            return
+        method = OPERATIONS.get(op)
+        if method is None:  # not a KvmError: replay must stop, not skip it
+            raise ValueError(f"journal names an unknown operation {op!r}")
+        method(self.vm(vm_id), *args)
 
     def __len__(self) -> int:
         return len(self._vms)

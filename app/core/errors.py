@@ -12,6 +12,9 @@ maps ``KvmError.errno`` to a status code in one place::
      ├── EBADF               memslot names a guest_memfd that is not open
      ├── ENOTTY              ioctl not available for this VM type / semantics
      ├── ENOMEM              injected allocation failure or per-VM budget exceeded
+     ├── EOPNOTSUPP          prefault on a VM type that does not allow it
+     ├── EAGAIN              prefault's first page is inside an open invalidation
+     ├── EFAULT              prefault's first page would be a memory-fault exit
      └── EPERM               access denied (HTTP authentication)
 """
 
@@ -66,3 +69,15 @@ class ENOMEM(KvmError):
 
 class EPERM(KvmError):
     errno = "EPERM"
+
+
+class EOPNOTSUPP(KvmError):
+    errno = "EOPNOTSUPP"
+
+
+class EAGAIN(KvmError):
+    errno = "EAGAIN"
+
+
+class EFAULT(KvmError):
+    errno = "EFAULT"

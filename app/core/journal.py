@@ -9,6 +9,7 @@ journal proportional to the live VMs' history.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -77,13 +78,8 @@ class SqliteJournal:
         n = 0
         for vm_id, op, payload in self._db.execute("SELECT vm_id, op, args FROM journal ORDER BY seq"):
             args = [_decode(a) for a in json.loads(payload)]
-            try:
-                if op == "create_vm":
-                    engine.create_vm(args[0], vm_id=vm_id)
-                else:
-                    getattr(engine.vm(vm_id), op)(*args)
-            except KvmError:
-                pass  # it failed the same way when it was recorded
+            with contextlib.suppress(KvmError):  # it failed the same way when it was recorded
+                engine.replay(vm_id, op, args)
             n += 1
         return n
 

@@ -1,13 +1,16 @@
-"""Memslots and guest_memfd files: ``kvm_set_memory_region()`` and ``kvm_gmem_bind()``."""
+"""Memslots and guest_memfd bindings: ``kvm_set_memory_region()`` and ``kvm_gmem_bind()``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedDict
 
-from app.core.errors import EBADF, EEXIST, EINVAL
+from app.core.errors import EBADF, EBUSY, EEXIST, EINVAL
+from app.core.gfn_range import GfnRange, address_spaces, handle_gfn_range, unmap
+from app.core.mmu import ZapFilter
 from app.models import state
 from app.models.kvm import (
     KVM_MEM_GUEST_MEMFD,
@@ -20,7 +23,11 @@ from app.models.kvm import (
     U64_MAX,
     USER_HVA_LIMIT,
     KvmUserspaceMemoryRegion2,
+    VmType,
 )
+
+if TYPE_CHECKING:
+    from app.core.kvm import Kvm
 
 
 @dataclass(eq=False)
@@ -152,6 +159,7 @@ def plan_set_memory_region(
     spaces: list[AddressSpace],
     gmem_files: dict[int, GuestMemfdFile],
     gmem_allowed: bool,
+    readonly_allowed: bool,
     max_gfn: int,
 ) -> MemslotPlan:
     """Every check of ``kvm_set_memory_region()``, in the kernel's order; changes nothing."""
@@ -161,7 +169,9 @@ def plan_set_memory_region(
         raise EINVAL(f"slot id {sid} >= KVM_USER_MEM_SLOTS ({KVM_USER_MEM_SLOTS})")
 
     # check_memory_region_flags()
-    valid = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
+    valid = KVM_MEM_LOG_DIRTY_PAGES
+    if readonly_allowed:
+        valid |= KVM_MEM_READONLY
     if gmem_allowed:
         valid |= KVM_MEM_GUEST_MEMFD
     if flags & KVM_MEM_GUEST_MEMFD:
@@ -229,3 +239,57 @@ def plan_set_memory_region(
     if base_gfn + npages - 1 > max_gfn:
         raise EINVAL(f"last gfn {base_gfn + npages - 1:#x} > max_gfn {max_gfn:#x}")
     return MemslotPlan(change, old, new, gmem)
+
+
+def set_memory_region(kvm: Kvm, raw_slot: int, req: KvmUserspaceMemoryRegion2) -> state.MemslotUpdate:
+    """``kvm_set_memory_region()``: plan (every check), then commit create/move/flags-only/delete."""
+    plan = plan_set_memory_region(
+        raw_slot=raw_slot,
+        req=req,
+        spaces=kvm.spaces,
+        gmem_files=kvm.gmem_files,
+        gmem_allowed=kvm.linux or kvm.has_private_mem,
+        # kvm_arch_has_readonly_mem(): not where the guest state is protected.
+        readonly_allowed=not (kvm.linux and kvm.type in (VmType.sev_es, VmType.snp, VmType.tdx)),
+        max_gfn=kvm.limits.max_gfn,
+    )
+    if plan.change == "none":
+        return state.MemslotUpdate(change="none", memslot=plan.old.model() if plan.old else None, pages_zapped=0)
+    if kvm.notifiers:
+        # kvm_swap_active_memslots() would sleep until mn_active_invalidate_count is 0.
+        raise EBUSY(f"{len(kvm.notifiers)} MMU-notifier invalidation(s) open; end them first")
+    old, new = plan.old, plan.new
+    space = kvm.spaces[raw_slot >> 16]
+    zapped = 0
+    if old is not None and plan.change in ("delete", "move"):
+        zapped = flush_shadow_memslot(kvm, old, plan.change)
+    if old is not None:
+        space.remove(old)
+        if old.gmem is not None and plan.change == "delete":
+            del old.gmem.bindings[old.slot]  # kvm_gmem_unbind()
+    if new is not None:
+        space.add(new)
+        if plan.gmem is not None:
+            plan.gmem.bindings[new.slot] = (new.gmem_offset, new.npages << PAGE_SHIFT)
+    target = new or old
+    assert target is not None
+    kvm.events.emit(
+        "memslot",
+        change=plan.change,
+        slot=target.slot,
+        base_gfn=target.base_gfn,
+        npages=target.npages,
+        flags=target.flags,
+        pages_zapped=zapped,
+    )
+    return state.MemslotUpdate(change=plan.change, memslot=new.model() if new else None, pages_zapped=zapped)
+
+
+def flush_shadow_memslot(kvm: Kvm, old: Memslot, cause: str) -> int:
+    """``kvm_arch_flush_shadow_memslot()``: with ``KVM_X86_QUIRK_SLOT_ZAP_ALL`` (on by default,
+    honoured only for default VMs since 6.12) every mapping of the VM, else the old slot's;
+    rfc-v9 predates the quirk, when the kernel always zapped everything."""
+    zap_all = not kvm.linux or kvm.type is VmType.default
+    ranges = address_spaces(kvm) if zap_all else [GfnRange(old.as_id, old, old.base_gfn, old.end_gfn)]
+    walk = handle_gfn_range(kvm, ranges, lambda r: unmap(kvm, r, ZapFilter.ALL, "memslot_" + cause))
+    return walk.zapped

@@ -37,6 +37,14 @@ class RunMap:
         i = self._d.bisect_right(x) - 1
         return int(self._d.peekitem(i)[1])
 
+    def run_at(self, x: int) -> Run:
+        """The maximal run holding ``x``."""
+        d = self._d
+        i = d.bisect_right(x) - 1
+        start, value = d.peekitem(i)
+        end = d.peekitem(i + 1)[0] if i + 1 < len(d) else self.limit
+        return int(start), int(end), int(value)
+
     def runs(self, start: int, end: int) -> Iterator[Run]:
         """Maximal runs clipped to ``[start, end)``, in order."""
         if start >= end:

@@ -137,14 +137,15 @@ class GfnInfo(BaseModel):
 
 
 class MemoryFaultExit(BaseModel):
-    """``kvm_run.memory_fault``: ``KVM_RUN`` returned -1/EFAULT with ``KVM_EXIT_MEMORY_FAULT``."""
+    """``kvm_run.memory_fault``. ``linux``: reason 39, flag bit 3, ``KVM_RUN`` fails with EFAULT.
+    ``rfc-v9`` (v9's ABI): reason 38, flag bit 0, ``KVM_RUN`` returns 0 (``errno`` null)."""
 
     reason: Literal["KVM_EXIT_MEMORY_FAULT"] = "KVM_EXIT_MEMORY_FAULT"
-    reason_code: Literal[39] = 39
-    flags: int = Field(description="8 (KVM_MEMORY_EXIT_FLAG_PRIVATE) when the access was private")
+    reason_code: Literal[38, 39] = Field(description="39 (linux) or 38 (v9's numbering)")
+    flags: int = Field(description="KVM_MEMORY_EXIT_FLAG_PRIVATE when the access was private: 8 (linux) or 1 (rfc-v9)")
     gpa: int
     size: int
-    errno: Literal["EFAULT"] = "EFAULT"
+    errno: Literal["EFAULT"] | None = Field(description="EFAULT (linux); null under rfc-v9, where KVM_RUN returned 0")
 
 
 class MmioExit(BaseModel):
@@ -169,10 +170,22 @@ class FaultResult(BaseModel):
     exit: MemoryFaultExit | MmioExit | None
 
 
+class GpaRange(BaseModel):
+    gpa: int
+    size: int
+
+
 class PrefaultResult(BaseModel):
-    mapped_pages: int
+    mapped_pages: int = Field(description="pages newly mapped")
     already_mapped_pages: int
-    skipped_pages: int
+    remaining: GpaRange = Field(description="what was not processed (size 0 when the walk finished)")
+    stopped: str | None = Field(description="errno of the page the walk stopped at, null when it finished")
+
+
+class GuestMemfdClose(BaseModel):
+    pages_zapped: int
+    invalidated: bool = Field(description="an invalidate begin/end pair ran (linux, at least one bound slot)")
+    mmu: Mmu
 
 
 class GfnRange(BaseModel):

@@ -49,7 +49,12 @@ def test_prefault_and_mapping_pages(client: TestClient, make_vm: MakeVm) -> None
     vm = make_vm("default", "linux")
     client.put(f"/v1/vms/{vm}/memslots/0", json={"guest_phys_addr": 0, "memory_size": "0x10000", "userspace_addr": HVA})
     r = client.post(f"/v1/vms/{vm}/prefault", json={"gpa": 0, "size": "0x20000"}).json()
-    assert r == {"mapped_pages": 16, "already_mapped_pages": 0, "skipped_pages": 16}
+    assert r == {
+        "mapped_pages": 16,
+        "already_mapped_pages": 0,
+        "remaining": {"gpa": 0x10000, "size": 0x10000},
+        "stopped": "ENOENT",
+    }
     assert client.get(f"/v1/vms/{vm}/mmu").json()["stats"]["faults"] == 0
     before = snapshot(client, vm)
     for bad in (
@@ -107,3 +112,38 @@ def test_events_api(client: TestClient, make_vm: MakeVm) -> None:
     assert first["next_after"] == 1
     assert client.get(f"/v1/vms/{vm}/events", params={"after": 3}).json()["events"][0]["type"] == "invalidate_end"
     assert_problem(client.get(f"/v1/vms/{vm}/events", params={"after": -1}), 422, "EINVAL")
+
+
+def test_prefault_errnos(client: TestClient, make_vm: MakeVm) -> None:
+    """semantics.md section 8: errno of the first page, and the VMs that cannot prefault."""
+    vm = make_vm("default", "linux")
+    client.put(f"/v1/vms/{vm}/memslots/0", json={"guest_phys_addr": 0, "memory_size": "0x10000", "userspace_addr": HVA})
+    before = snapshot(client, vm)
+    assert_problem(client.post(f"/v1/vms/{vm}/prefault", json={"gpa": "0x10000", "size": 4096}), 404, "ENOENT")
+    inv = client.post(f"/v1/vms/{vm}/mmu-notifier/invalidations", json={"hva_start": HVA, "hva_end": HVA + 4096})
+    assert_problem(client.post(f"/v1/vms/{vm}/prefault", json={"gpa": 0, "size": 4096}), 409, "EAGAIN")
+    client.delete(f"/v1/vms/{vm}/mmu-notifier/invalidations/{inv.json()['id']}")
+    assert snapshot(client, vm)["maps"] == before["maps"]
+    private = make_vm("sw_protected", "linux")
+    client.put(
+        f"/v1/vms/{private}/memslots/0", json={"guest_phys_addr": 0, "memory_size": "0x10000", "userspace_addr": HVA}
+    )
+    client.put(f"/v1/vms/{private}/memory-attributes", json={"address": 0, "size": 4096, "attributes": 8})
+    assert_problem(client.post(f"/v1/vms/{private}/prefault", json={"gpa": 0, "size": 4096}), 422, "EFAULT")
+    for vm_type, semantics, status, errno in (("snp", "linux", 400, "EOPNOTSUPP"), ("tdx", "rfc-v9", 400, "ENOTTY")):
+        other = make_vm(vm_type, semantics)
+        assert_problem(client.post(f"/v1/vms/{other}/prefault", json={"gpa": 0, "size": 4096}), status, errno)
+
+
+def test_rfc_v9_memory_fault_exit_abi(client: TestClient, make_vm: MakeVm) -> None:
+    vm = make_vm("sw_protected", "rfc-v9")
+    client.put(f"/v1/vms/{vm}/memslots/0", json={"guest_phys_addr": 0, "memory_size": "0x10000", "userspace_addr": HVA})
+    r = client.post(f"/v1/vms/{vm}/faults", json={"gpa": "0x1000"}).json()
+    assert r["exit"] == {
+        "reason": "KVM_EXIT_MEMORY_FAULT",
+        "reason_code": 38,
+        "flags": 1,
+        "gpa": 0x1000,
+        "size": 4096,
+        "errno": None,
+    }

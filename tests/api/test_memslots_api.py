@@ -115,9 +115,27 @@ def test_guest_memfds(client: TestClient, make_vm: MakeVm) -> None:
     assert client.get(f"/v1/vms/{vm}/memslots/10").json()["guest_memfd"] == fd
     assert_problem(client.post(f"/v1/vms/{vm}/guest-memfds", json={"size": 4095}), 422, "EINVAL")
     assert_problem(client.post(f"/v1/vms/{vm}/guest-memfds", json={"size": 4096, "flags": 4}), 422, "EINVAL")
-    assert client.post(f"/v1/vms/{vm}/guest-memfds", json={"size": 4096, "flags": "0x3"}).status_code == 201
-    assert client.delete(f"/v1/vms/{vm}/guest-memfds/{fd}").status_code == 204
+    # INIT_SHARED (2) only on VMs without private memory; size is a signed loff_t.
+    assert_problem(client.post(f"/v1/vms/{vm}/guest-memfds", json={"size": 4096, "flags": "0x3"}), 422, "EINVAL")
+    assert_problem(client.post(f"/v1/vms/{vm}/guest-memfds", json={"size": "0x8000000000000000"}), 422, "EINVAL")
+    assert client.post(f"/v1/vms/{vm}/guest-memfds", json={"size": 4096, "flags": "0x1"}).status_code == 201
+    client.put(f"/v1/vms/{vm}/memory-attributes", json={"address": hex(GIB4), "size": 4096, "attributes": 8})
+    assert client.post(f"/v1/vms/{vm}/faults", json={"gpa": hex(GIB4)}).json()["outcome"] == "mapped"
+    closed = client.delete(f"/v1/vms/{vm}/guest-memfds/{fd}")
+    assert closed.status_code == 200
+    body = closed.json()
+    assert (body["pages_zapped"], body["invalidated"], body["mmu"]["mmu_invalidate_seq"]) == (1, True, 2)
     assert_problem(client.get(f"/v1/vms/{vm}/guest-memfds/{fd}"), 404, "ENOENT")
     assert_problem(client.delete(f"/v1/vms/{vm}/guest-memfds/{fd}"), 404, "ENOENT")
     assert [g["fd"] for g in client.get(f"/v1/vms/{vm}/guest-memfds").json()["guest_memfds"]] == [fd + 1]
-    assert client.get(f"/v1/vms/{vm}/memslots").json()["memslots"][0]["guest_memfd"] == fd
+    slot = client.get(f"/v1/vms/{vm}/memslots").json()["memslots"][0]
+    assert (slot["guest_memfd"], slot["flags"]) == (None, 4), "the slot lost its file, not its flag"
+    fault = client.post(f"/v1/vms/{vm}/faults", json={"gpa": hex(GIB4)}).json()
+    assert fault["outcome"] == "memory_fault_exit" and fault["exit"]["errno"] == "EFAULT"
+
+
+def test_rfc_v9_guest_memfd_close_keeps_the_file(client: TestClient, make_vm: MakeVm) -> None:
+    vm = make_vm("sw_protected", "rfc-v9")
+    fd = gmem_slot(client, vm, slot=10, size=MIB2)
+    assert client.delete(f"/v1/vms/{vm}/guest-memfds/{fd}").json()["invalidated"] is False
+    assert client.get(f"/v1/vms/{vm}/memslots/10").json()["guest_memfd"] == fd

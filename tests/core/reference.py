@@ -10,7 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from app.core.errors import EBADF, EBUSY, EEXIST, EINVAL, ENOENT, ENOMEM, ENOTTY
+from app.core.errors import (
+    EAGAIN,
+    EBADF,
+    EBUSY,
+    EEXIST,
+    EFAULT,
+    EINVAL,
+    ENOENT,
+    ENOMEM,
+    ENOTTY,
+    EOPNOTSUPP,
+    KvmError,
+)
 from app.models.kvm import Semantics, VmType
 
 PAGE = 4096
@@ -43,6 +55,7 @@ class RefVM:
     vm_type: VmType
     semantics: Semantics
     max_gfn: int
+    hugepages: tuple[int, ...] = (512, 262144)
     attrs: dict[int, int] = field(default_factory=dict)
     slots: dict[tuple[int, int], RefSlot] = field(default_factory=dict)
     maps: dict[tuple[int, int], tuple[bool, bool]] = field(default_factory=dict)
@@ -83,6 +96,11 @@ class RefVM:
     def nr_as(self) -> int:
         return 1 if self.linux and self.private_mem else 2
 
+    @property
+    def tdx(self) -> bool:
+        """Only TDX (under linux) keeps private SPTEs apart, so only there an unmap's filter counts."""
+        return self.linux and self.vm_type is VmType.tdx
+
     def attr(self, gfn: int) -> int:
         default = PRIVATE if not self.linux and self.private_mem else 0
         return self.attrs.get(gfn, default)
@@ -110,6 +128,8 @@ class RefVM:
         self.in_progress -= 1
 
     def unmap(self, as_id: int, gfns: range, kind: str) -> int:
+        if not self.tdx:
+            kind = "all"
         n = 0
         for g in gfns:
             m = self.maps.get((as_id, g))
@@ -186,6 +206,8 @@ class RefVM:
             for a, g in hit:
                 self.add(g, g + 1)
                 zapped += self.unmap(a, range(g, g + 1), "shared" if attributes else "private")
+            for slot in {(a, s.id): s for a, g in hit if (s := self.slot_at(a, g)) is not None}.values():
+                self._widen(slot, range(max(gfns.start, slot.base), min(gfns.stop, slot.base + slot.npages)))
             self.flush(zapped)
         for g in gfns:
             self.attrs[g] = attributes
@@ -194,6 +216,17 @@ class RefVM:
         self.stats["attribute_updates"] += 1
         return {"noop": False, "invalidated": bool(hit), "pages_zapped": zapped}
 
+    def _widen(self, slot: RefSlot, part: range) -> None:
+        """The hugepages holding the first and last gfn of a slot's part, if inside the slot,
+        not wholly inside the part, and of one attribute value: added to the range."""
+        for n in self.hugepages:
+            for edge in {part.start - part.start % n, part[-1] - part[-1] % n}:
+                page = range(edge, edge + n)
+                inside = slot.base <= page.start and page.stop <= slot.base + slot.npages
+                covered = part.start <= page.start and page.stop <= part.stop
+                if inside and not covered and len({self.attr(h) for h in page}) == 1:
+                    self.add(page.start, page.stop)
+
     # -- memslots
     def set_region(
         self, raw: int, flags: int, gpa: int, size: int, hva: int, fd: int | None, off: int
@@ -201,7 +234,9 @@ class RefVM:
         as_id, sid = raw >> 16, raw & 0xFFFF
         if sid >= 32764:
             raise EINVAL("id")
-        allowed = LOG_DIRTY | READONLY
+        allowed = LOG_DIRTY
+        if not (self.linux and self.vm_type in (VmType.sev_es, VmType.snp, VmType.tdx)):
+            allowed |= READONLY
         if self.linux or self.private_mem:
             allowed |= GMEM
         if flags & GMEM:
@@ -255,7 +290,12 @@ class RefVM:
         zapped = 0
         if change in ("delete", "move"):
             assert old is not None
-            zapped = self.unmap(as_id, range(old.base, old.base + old.npages), "all")
+            if not self.linux or self.vm_type is VmType.default:  # KVM_X86_QUIRK_SLOT_ZAP_ALL
+                zapped = len(self.maps)
+                self.maps.clear()
+                self.stats["pages_zapped"] += zapped
+            else:
+                zapped = self.unmap(as_id, range(old.base, old.base + old.npages), "all")
             self.flush(zapped)
         if change == "delete":
             assert old is not None
@@ -272,17 +312,33 @@ class RefVM:
         return {"change": change, "pages_zapped": zapped}
 
     def create_gmem(self, size: int, flags: int) -> int:
-        if flags & ~(3 if self.linux else 0) or size == 0 or size % PAGE:
+        supported = (1 | (0 if self.private_mem else 2)) if self.linux else 0
+        if flags & ~supported or size == 0 or size % PAGE or size >= 2**63:
             raise EINVAL("gmem")
         fd = self.next_fd
         self.next_fd += 1
         self.gmem[fd] = {"size": size, "flags": flags, "bindings": {}}
         return fd
 
-    def close_gmem(self, fd: int) -> None:
+    def close_gmem(self, fd: int) -> tuple[int, bool]:
         if fd not in self.gmem:
             raise ENOENT("fd")
-        del self.gmem[fd]
+        f = self.gmem.pop(fd)
+        if not self.linux:
+            return 0, False
+        bound = [s for s in self.slots.values() if s.gmem_file is f]
+        for slot in bound:
+            slot.gmem_file, slot.gmem_fd = None, None
+        f["bindings"] = {}
+        zapped = 0
+        if bound:
+            self.begin()
+            for slot in sorted(bound, key=lambda x: (x.as_id, x.id)):
+                self.add(slot.base, slot.base + slot.npages)
+                zapped += self.unmap(slot.as_id, range(slot.base, slot.base + slot.npages), "private")
+            self.flush(zapped)
+            self.end()
+        return zapped, bool(bound)
 
     # -- faults
     def fault(self, as_id: int, gpa: int, write: bool, private: bool | None, mmu_seq: int | None) -> str:
@@ -294,43 +350,84 @@ class RefVM:
         snap = self.seq if mmu_seq is None else mmu_seq
         slot = self.slot_at(as_id, gfn)
         self.stats["faults"] += 1
-        if priv != attr_priv or (priv and (slot is None or not slot.flags & GMEM)):
-            self.stats["memory_fault_exits"] += 1
+        outcome = self._faultin(slot, gfn, priv, attr_priv, write, snap)
+        if outcome == "mapped":
+            assert slot is not None
+            present = self.maps.get((as_id, gfn))
+            if present is None:
+                self.maps[(as_id, gfn)] = (priv, slot.writable(write))
+            elif write and not present[1] and slot.writable(True):
+                self.maps[(as_id, gfn)] = (present[0], True)  # the write-protection fault upgrades it
+        else:
+            self.stats[
+                {"retry": "fault_retries", "memory_fault_exit": "memory_fault_exits", "mmio_exit": "mmio_exits"}[
+                    outcome
+                ]
+            ] += 1
+        return outcome
+
+    def _faultin(self, slot: RefSlot | None, gfn: int, priv: bool, attr_priv: bool, write: bool, snap: int) -> str:
+        """The checks of semantics.md section 6, in each semantics' order."""
+        gmem = slot is not None and slot.flags & GMEM
+        retry = self._would_retry(gfn) or self.seq != snap
+        if self.linux:
+            if priv != attr_priv:
+                return "memory_fault_exit"
+            if slot is None:
+                return "memory_fault_exit" if priv else "mmio_exit"
+            if retry:
+                return "retry"
+            if priv and (not gmem or slot.gmem_file is None):
+                return "memory_fault_exit"
+            if write and slot.flags & READONLY:
+                return "mmio_exit"
+            return "mapped"
+        if gmem and priv != attr_priv:
+            return "memory_fault_exit"
+        if priv and not gmem:
             return "memory_fault_exit"
         if slot is None or (write and slot.flags & READONLY):
-            self.stats["mmio_exits"] += 1
             return "mmio_exit"
-        if self._would_retry(gfn) or self.seq != snap:
-            self.stats["fault_retries"] += 1
-            return "retry"
-        present = self.maps.get((as_id, gfn))
-        if present is None:
-            self.maps[(as_id, gfn)] = (priv, slot.writable(write))
-        elif write and not present[1] and slot.writable(True):
-            self.maps[(as_id, gfn)] = (present[0], True)  # the write-protection fault upgrades it
-        return "mapped"
+        return "retry" if retry else "mapped"
 
     def _would_retry(self, gfn: int) -> bool:
         return bool(
             self.in_progress and self.rstart is not None and self.rend is not None and self.rstart <= gfn < self.rend
         )
 
-    def prefault(self, gpa: int, size: int, as_id: int) -> tuple[int, int, int]:
+    def prefault(self, gpa: int, size: int, as_id: int) -> tuple[int, int, str | None, int]:
+        """(newly mapped, already mapped, stopping errno, first gfn not processed)."""
+        if not self.linux:
+            raise ENOTTY("prefault")
         gfns = self._range(gpa, size)
         if as_id >= self.nr_as:
             raise EINVAL("as")
-        new = already = skipped = 0
+        if self.vm_type in (VmType.snp, VmType.tdx):
+            raise EOPNOTSUPP("prefault")
+        plan: dict[tuple[int, int], tuple[bool, bool]] = {}
+        already = 0
         for g in gfns:
             slot = self.slot_at(as_id, g)
             priv = bool(self.attr(g) & PRIVATE)
-            if slot is None or (priv and not slot.flags & GMEM) or self._would_retry(g):
-                skipped += 1
-            elif (as_id, g) in self.maps:
+            stop: type[KvmError] | None = None
+            if slot is None:
+                stop = EFAULT if priv else ENOENT
+            elif self._would_retry(g):
+                stop = EAGAIN
+            elif priv and (not slot.flags & GMEM or slot.gmem_file is None):
+                stop = EFAULT
+            if stop is not None:
+                if g == gfns.start:
+                    raise stop("prefault")
+                self.maps.update(plan)
+                return len(plan), already, stop.errno, g
+            assert slot is not None
+            if (as_id, g) in self.maps:
                 already += 1
             else:
-                self.maps[(as_id, g)] = (priv, slot.writable(False))
-                new += 1
-        return new, already, skipped
+                plan[(as_id, g)] = (priv, slot.writable(False))
+        self.maps.update(plan)
+        return len(plan), already, None, gfns.stop
 
     # -- host MMU notifier
     def notifier_start(self, hs: int, he: int) -> tuple[int, int]:

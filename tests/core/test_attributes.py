@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.core.errors import EINVAL, ENOMEM, ENOTTY, KvmError
+from app.core.vm import VirtualMachine
 from app.models.kvm import FaultRequest, KvmEncRegion, KvmMemoryAttributes
 from tests.core.conftest import GIB4, HVA, MakeVm, add_gmem_slot, region
 
@@ -195,12 +196,17 @@ def test_linux_reservation_failure_changes_nothing(make_vm: MakeVm) -> None:
     assert vm.fault_injection().fail_nth is None
 
 
-def test_linux_unmaps_only_the_opposite_kind(make_vm: MakeVm) -> None:
-    vm = make_vm("sw_protected", "linux")
+def _shared_and_private_mapping(vm: VirtualMachine) -> None:
     add_gmem_slot(vm)
     vm.fault(FaultRequest(gpa=GIB4))  # shared mapping at gfn 0
     vm.set_memory_attributes(attrs(GIB4 + 4096, 4096))
     vm.fault(FaultRequest(gpa=GIB4 + 4096))  # private mapping at gfn 1
+
+
+def test_linux_tdx_unmaps_only_the_opposite_kind(make_vm: MakeVm) -> None:
+    """TDX keeps private SPTEs in the mirror root: the filter of the unmap is honoured."""
+    vm = make_vm("tdx", "linux")
+    _shared_and_private_mapping(vm)
     # To private over both: only the shared mapping goes.
     up = vm.set_memory_attributes(attrs(GIB4, 2 * 4096))
     assert (up.pages_zapped, up.tlb_flushed, up.invalidated) == (1, True, True)
@@ -211,6 +217,52 @@ def test_linux_unmaps_only_the_opposite_kind(make_vm: MakeVm) -> None:
     assert up.mmu.stats.tlb_flushes == 1
     up = vm.set_memory_attributes(attrs(GIB4, 4 * 4096, attributes=0))
     assert up.pages_zapped == 1
+
+
+@pytest.mark.parametrize("vm_type", ["sw_protected", "snp"])
+def test_linux_without_mirrored_tdp_unmaps_every_mapping_in_range(make_vm: MakeVm, vm_type: str) -> None:
+    """kvm_gfn_range_filter_to_root_types(): without a mirror root the filter is ignored."""
+    vm = make_vm(vm_type, "linux")
+    _shared_and_private_mapping(vm)
+    up = vm.set_memory_attributes(attrs(GIB4, 2 * 4096))
+    assert (up.pages_zapped, up.tlb_flushed, up.invalidated) == (2, True, True)
+    assert vm.gfn_info(GFN4G + 1).mappings == []
+    assert up.mmu.mapped_pages == 0
+
+
+def test_linux_hugepage_widening_of_the_recorded_range(make_vm: MakeVm) -> None:
+    """kvm_arch_pre_set_memory_attributes(): uniform head/tail hugepages inside the slot widen the range."""
+    vm = make_vm("sw_protected", "linux")
+    add_gmem_slot(vm, size=0x4000_0000)  # 1 GiB at 4 GiB: gfns [0x100000, 0x140000)
+    base = GFN4G
+    up = vm.set_memory_attributes(attrs(GIB4 + 0x201000, 0x1000))  # gfn base + 0x201: inside one 2M page
+    # The 2M page [base + 0x200, base + 0x400) and the 1G page [base, base + 0x40000) are uniform and in the slot.
+    assert (up.mmu.mmu_invalidate_range_start, up.mmu.mmu_invalidate_range_end) == (base, base + 0x40000)
+    # Now that 2M page is mixed: only the 1G page widens... which is mixed too. Nothing but the range itself.
+    up = vm.set_memory_attributes(attrs(GIB4 + 0x203000, 0x1000))
+    assert (up.mmu.mmu_invalidate_range_start, up.mmu.mmu_invalidate_range_end) == (base + 0x203, base + 0x204)
+    # A neighbouring 2M page, still uniform: it widens (head), the 1G page does not (mixed).
+    up = vm.set_memory_attributes(attrs(GIB4 + 0x401000, 0x2000))
+    assert (up.mmu.mmu_invalidate_range_start, up.mmu.mmu_invalidate_range_end) == (base + 0x400, base + 0x600)
+    # Only what changes is unmapped: a mapping in the widened part stays.
+    vm.fault(FaultRequest(gpa=GIB4 + 0x600000))
+    up = vm.set_memory_attributes(attrs(GIB4 + 0x601000, 0x1000))
+    assert (up.mmu.mmu_invalidate_range_start, up.mmu.mmu_invalidate_range_end) == (base + 0x600, base + 0x800)
+    assert up.pages_zapped == 0 and up.mmu.mapped_pages == 1
+
+
+def test_linux_hugepage_widening_stays_inside_the_slot(make_vm: MakeVm) -> None:
+    vm = make_vm("sw_protected", "linux")
+    add_gmem_slot(vm, gpa=GIB4 + 0x1000, size=0x800000)  # starts one page into a 2M page
+    up = vm.set_memory_attributes(attrs(GIB4 + 0x2000, 0x1000))
+    # Head 2M page [base, base + 0x200) starts before the slot: no widening there.
+    assert (up.mmu.mmu_invalidate_range_start, up.mmu.mmu_invalidate_range_end) == (GFN4G + 2, GFN4G + 3)
+    # A range starting at a 2M page and ending inside it: that page widens it (the head).
+    up = vm.set_memory_attributes(attrs(GIB4 + 0x200000, 0x3000))
+    assert (up.mmu.mmu_invalidate_range_start, up.mmu.mmu_invalidate_range_end) == (GFN4G + 0x200, GFN4G + 0x400)
+    # Crossing from one uniform 2M page into the next: head and tail both widen it.
+    up = vm.set_memory_attributes(attrs(GIB4 + 0x5FF000, 0x2000))
+    assert (up.mmu.mmu_invalidate_range_start, up.mmu.mmu_invalidate_range_end) == (GFN4G + 0x400, GFN4G + 0x800)
 
 
 def test_linux_range_is_the_union_of_slot_intersections(make_vm: MakeVm) -> None:

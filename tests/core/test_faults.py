@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.core.errors import EINVAL, ENOENT, ENOMEM
+from app.core.errors import EAGAIN, EFAULT, EINVAL, ENOENT, ENOMEM, ENOTTY, EOPNOTSUPP
 from app.core.invalidation import MmuInvalidation
 from app.models.kvm import FaultRequest, KvmMemoryAttributes, NotifierRequest, PrefaultRequest
 from tests.core.conftest import GIB4, HVA, MakeVm, add_gmem_slot, region
@@ -107,27 +107,39 @@ def test_fault_bad_as_id(make_vm: MakeVm) -> None:
         make_vm("sw_protected", "linux").fault(FaultRequest(gpa=0, as_id=1))
 
 
-def test_notifier_zaps_only_shared_and_widens(make_vm: MakeVm) -> None:
-    vm = make_vm("sw_protected", "linux")
+@pytest.mark.parametrize(("vm_type", "zapped"), [("tdx", 3), ("sw_protected", 4)])
+def test_notifier_unmap_scope_and_widening(make_vm: MakeVm, vm_type: str, zapped: int) -> None:
+    """tdx: shared mappings only (private memory has no userspace mapping and lives in the
+    mirror root); every other type: all mappings, as the filter is ignored without mirrored TDP."""
+    vm = make_vm(vm_type, "linux")
     add_gmem_slot(vm)
     vm.set_memory_attributes(KvmMemoryAttributes(address=GIB4, size=0x1000, attributes=8))
-    vm.prefault(PrefaultRequest(gpa=GIB4, size=0x4000))
+    for page in range(4):
+        assert vm.fault(FaultRequest(gpa=GIB4 + page * 0x1000)).outcome == "mapped"
     a = vm.notifier_start(NotifierRequest(hva_start=HVA + 0x800, hva_end=HVA + 0x1800))  # pages 0 and 1
     assert [(g.start_gfn, g.end_gfn) for g in a.gfn_ranges] == [(GFN, GFN + 2)]
-    assert a.pages_zapped == 1, "gfn 0 is private: no userspace mapping to invalidate"
+    assert a.pages_zapped == zapped - 2
     b = vm.notifier_start(NotifierRequest(hva_start=HVA + 0x3000, hva_end=HVA + 0x3001))
     assert (b.mmu.mmu_invalidate_in_progress, b.mmu.mmu_invalidate_range_start, b.mmu.mmu_invalidate_range_end) == (
         2,
         GFN,
         GFN + 4,
     )
-    assert b.mmu.stats.tlb_flushes == 2
+    assert (b.pages_zapped, b.mmu.stats.tlb_flushes) == (1, 2)
     assert [i.id for i in vm.open_notifiers()] == [a.id, b.id]
     vm.notifier_end(a.id)
     end = vm.notifier_end(b.id).mmu
     assert (end.mmu_invalidate_seq, end.mmu_invalidate_in_progress, end.open_notifier_invalidations) == (3, 0, 0)
+    assert end.stats.pages_zapped == zapped - 1
     with pytest.raises(ENOENT):
         vm.notifier_end(a.id)
+
+
+def test_rfc_v9_notifier_zaps_all(make_vm: MakeVm) -> None:
+    vm = make_vm("tdx", "rfc-v9")  # private by default
+    add_gmem_slot(vm)
+    assert vm.fault(FaultRequest(gpa=GIB4)).outcome == "mapped"
+    assert vm.notifier_start(NotifierRequest(hva_start=HVA, hva_end=HVA + 0x1000)).pages_zapped == 1
 
 
 def test_notifier_without_slot_does_not_invalidate(make_vm: MakeVm) -> None:
@@ -148,16 +160,32 @@ def test_notifier_walks_both_address_spaces(make_vm: MakeVm) -> None:
     assert (inv.mmu.mmu_invalidate_range_start, inv.mmu.mmu_invalidate_range_end) == (3, 0x103)
 
 
-def test_prefault(make_vm: MakeVm) -> None:
+def test_prefault_walks_until_the_first_unmappable_page(make_vm: MakeVm) -> None:
+    """kvm_vcpu_pre_fault_memory(): page by page; the first page a fault would not map stops it."""
     vm = make_vm("sw_protected", "linux")
-    vm.set_user_memory_region(0, region(0, 0x4000))  # plain
-    vm.set_memory_attributes(KvmMemoryAttributes(address=0x1000, size=0x1000, attributes=8))
+    vm.set_user_memory_region(0, region(0, 0x4000))  # plain: no guest_memfd
+    vm.set_memory_attributes(KvmMemoryAttributes(address=0x2000, size=0x1000, attributes=8))
     r = vm.prefault(PrefaultRequest(gpa=0, size=0x8000))
-    assert (r.mapped_pages, r.already_mapped_pages, r.skipped_pages) == (3, 0, 5)
-    r = vm.prefault(PrefaultRequest(gpa=0, size=0x8000))
-    assert (r.mapped_pages, r.already_mapped_pages, r.skipped_pages) == (0, 3, 5)
+    assert (r.mapped_pages, r.already_mapped_pages, r.stopped) == (2, 0, "EFAULT")
+    assert (r.remaining.gpa, r.remaining.size) == (0x2000, 0x6000)
+    r = vm.prefault(PrefaultRequest(gpa=0, size=0x2000))
+    assert (r.mapped_pages, r.already_mapped_pages, r.stopped, r.remaining.size) == (0, 2, None, 0)
+    r = vm.prefault(PrefaultRequest(gpa=0x3000, size=0x2000))  # gfn 3 maps, gfn 4 has no slot
+    assert (r.mapped_pages, r.stopped, r.remaining.gpa) == (1, "ENOENT", 0x4000)
     mmu = vm.mmu_model()
-    assert (mmu.stats.faults, mmu.mapped_pages) == (0, 3)
+    assert (mmu.stats.faults, mmu.mapped_pages) == (0, 3), "not counted as faults"
+    # Stopped on the first page: that errno, nothing changes.
+    with pytest.raises(EFAULT):
+        vm.prefault(PrefaultRequest(gpa=0x2000, size=0x2000))
+    with pytest.raises(ENOENT):
+        vm.prefault(PrefaultRequest(gpa=0x4000, size=0x1000))
+    inv = vm.notifier_start(NotifierRequest(hva_start=HVA, hva_end=HVA + 0x1000))
+    with pytest.raises(EAGAIN):
+        vm.prefault(PrefaultRequest(gpa=0, size=0x1000))
+    r = vm.prefault(PrefaultRequest(gpa=0x3000, size=0x1000))  # outside the open range
+    assert (r.already_mapped_pages, r.stopped) == (1, None)
+    vm.notifier_end(inv.id)
+    assert vm.mmu_model().mapped_pages == 2
     for bad in (
         PrefaultRequest(gpa=0, size=0),
         PrefaultRequest(gpa=1, size=0x1000),
@@ -167,12 +195,35 @@ def test_prefault(make_vm: MakeVm) -> None:
             vm.prefault(bad)
 
 
+def test_prefault_stops_inside_an_open_invalidation_midway(make_vm: MakeVm) -> None:
+    vm = make_vm("default", "linux")
+    vm.set_user_memory_region(0, region(0, 0x10000, hva=0))
+    inv = vm.notifier_start(NotifierRequest(hva_start=0x4000, hva_end=0x6000))
+    r = vm.prefault(PrefaultRequest(gpa=0, size=0x10000))
+    assert (r.mapped_pages, r.stopped, r.remaining.gpa, r.remaining.size) == (4, "EAGAIN", 0x4000, 0xC000)
+    vm.notifier_end(inv.id)
+
+
+@pytest.mark.parametrize(
+    ("vm_type", "semantics", "errno"),
+    [("snp", "linux", EOPNOTSUPP), ("tdx", "linux", EOPNOTSUPP), ("sw_protected", "rfc-v9", ENOTTY)],
+)
+def test_prefault_refused(make_vm: MakeVm, vm_type: str, semantics: str, errno: type[Exception]) -> None:
+    with pytest.raises(errno):
+        make_vm(vm_type, semantics).prefault(PrefaultRequest(gpa=0, size=0x1000))
+
+
 def test_prefault_whole_slot_is_range_based(make_vm: MakeVm) -> None:
     vm = make_vm("default", "linux")
     size = 1 << 43  # 2^31 pages: too many for the kernel's 2^31 - 1 limit
     vm.set_user_memory_region(0, region(0, size - 0x1000, hva=0))
     r = vm.prefault(PrefaultRequest(gpa=0, size=size))
-    assert (r.mapped_pages, r.skipped_pages) == ((1 << 31) - 1, 1)
+    assert (r.mapped_pages, r.stopped, r.remaining.gpa, r.remaining.size) == (
+        (1 << 31) - 1,
+        "ENOENT",
+        size - 0x1000,
+        0x1000,
+    )
     assert len(vm.mapping_runs(0, 0, 1 << 52, 10)[0]) == 1
 
 
@@ -197,7 +248,7 @@ def test_events_explain_a_conversion(make_vm: MakeVm) -> None:
     add_gmem_slot(vm)
     vm.fault(FaultRequest(gpa=GIB4))
     vm.set_memory_attributes(KvmMemoryAttributes(address=GIB4, size=0x200000, attributes=8))
-    events, cursor = vm.events.page(0, 100)
+    events, cursor = vm.events_page(0, 100)
     assert cursor is None
     types = [e["type"] for e in events]
     tail = types[types.index("invalidate_begin") :]
@@ -209,9 +260,9 @@ def test_events_explain_a_conversion(make_vm: MakeVm) -> None:
         "attributes_store",
         "invalidate_end",
     ]
-    first, cursor = vm.events.page(0, 2)
+    first, cursor = vm.events_page(0, 2)
     assert cursor == first[-1]["id"]
-    assert vm.events.page(cursor, 1)[0][0]["id"] == cursor + 1
+    assert vm.events_page(cursor, 1)[0][0]["id"] == cursor + 1
 
 
 def test_event_log_is_bounded() -> None:
@@ -240,3 +291,39 @@ def test_write_fault_upgrades_a_dirty_logging_read_mapping(make_vm: MakeVm) -> N
     vm.fault(FaultRequest(gpa=0x10000))
     assert vm.fault(FaultRequest(gpa=0x10000, write=True)).outcome == "mmio_exit"
     assert [m.writable for m in vm.gfn_info(0x10).mappings] == [False]
+
+
+def test_linux_fault_order_v2(make_vm: MakeVm) -> None:
+    """6.18 kvm_mmu_faultin_pfn(): the early retry check runs before the guest_memfd and READONLY
+    checks; a private access with no memslot is a memory-fault exit (kvm_handle_noslot_fault())."""
+    vm = make_vm("sw_protected", "linux")
+    vm.set_memory_attributes(KvmMemoryAttributes(address=0, size=0x2000, attributes=8))
+    r = vm.fault(FaultRequest(gpa=0x10000 + 0x1000 * 0))  # shared, no slot
+    assert r.outcome == "mmio_exit"
+    r = vm.fault(FaultRequest(gpa=0))  # private, no slot
+    assert r.outcome == "memory_fault_exit" and r.exit is not None and r.exit.flags == 8
+    vm.set_user_memory_region(0, region(0, 0x4000))  # plain slot
+    inv = vm.notifier_start(NotifierRequest(hva_start=HVA, hva_end=HVA + 0x1000))
+    # Private on a plain slot, inside the open range: retry comes first.
+    assert vm.fault(FaultRequest(gpa=0)).outcome == "retry"
+    assert vm.fault(FaultRequest(gpa=0x1000)).outcome == "memory_fault_exit"
+    vm.notifier_end(inv.id)
+    # Stale snapshot beats the missing guest_memfd too.
+    assert vm.fault(FaultRequest(gpa=0x1000, mmu_seq=0)).outcome == "retry"
+
+
+def test_rfc_v9_fault_order_and_exit_abi(make_vm: MakeVm) -> None:
+    """v9 7/8: mismatch only checked on guest_memfd slots; its exit is reason 38, flag bit 0, no errno."""
+    vm = make_vm("sw_protected", "rfc-v9")  # private by default
+    vm.set_user_memory_region(0, region(0, 0x4000))  # plain slot
+    r = vm.fault(FaultRequest(gpa=0, private=False))  # mismatch, but not a guest_memfd slot: maps shared
+    assert r.outcome == "mapped" and not r.private
+    r = vm.fault(FaultRequest(gpa=0x1000))  # private access, slot without guest_memfd
+    assert r.outcome == "memory_fault_exit" and r.exit is not None
+    assert (r.exit.reason_code, r.exit.flags, r.exit.errno) == (38, 1, None)
+    add_gmem_slot(vm, raw=1, gpa=GIB4)
+    r = vm.fault(FaultRequest(gpa=GIB4, private=False))  # mismatch on a guest_memfd slot
+    assert r.exit is not None and (r.exit.reason_code, r.exit.flags, r.exit.errno) == (38, 0, None)
+    assert vm.fault(FaultRequest(gpa=GIB4 + 0x1000)).outcome == "mapped"
+    r = vm.fault(FaultRequest(gpa=8 * GIB4, private=False))  # no slot, shared
+    assert r.outcome == "mmio_exit"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from app.core.errors import EBADF, EBUSY, EEXIST, EINVAL, ENOENT
-from app.models.kvm import FaultRequest, KvmCreateGuestMemfd, NotifierRequest
+from app.models.kvm import FaultRequest, KvmCreateGuestMemfd, KvmMemoryAttributes, NotifierRequest
 from tests.core.conftest import GIB4, HVA, MakeVm, add_gmem_slot, region
 
 MIB2 = 0x200000
@@ -104,8 +104,9 @@ def test_guest_memfd_slot_can_only_be_deleted(make_vm: MakeVm) -> None:
         vm2.set_user_memory_region(0, region(GIB4, MIB2, flags=4, fd=fd2))
 
 
-def test_guest_memfd_binding(make_vm: MakeVm) -> None:
-    vm = make_vm("sw_protected", "linux")
+@pytest.mark.parametrize("semantics", ["linux", "rfc-v9"])
+def test_guest_memfd_binding(make_vm: MakeVm, semantics: str) -> None:
+    vm = make_vm("sw_protected", semantics)
     with pytest.raises(EBADF):
         vm.set_user_memory_region(0, region(GIB4, MIB2, flags=4, fd=42))
     with pytest.raises(EBADF):
@@ -121,8 +122,9 @@ def test_guest_memfd_binding(make_vm: MakeVm) -> None:
     vm.close_guest_memfd(fd)
     with pytest.raises(ENOENT):
         vm.guest_memfd(fd)
-    # The binding keeps the file alive; the fd can no longer be named.
-    assert vm.memslot(0).guest_memfd == fd
+    # rfc-v9: the binding keeps the file alive; linux: the slot lost it. Either way the fd is gone.
+    assert vm.memslot(0).guest_memfd == (None if semantics == "linux" else fd)
+    assert vm.memslot(0).flags == 4
     with pytest.raises(EBADF):
         vm.set_user_memory_region(2, region(3 * GIB4, MIB2, flags=4, fd=fd))
     assert vm.delete_memslot(0).change == "delete"
@@ -189,3 +191,96 @@ def test_attributes_survive_slot_changes(make_vm: MakeVm) -> None:
     vm.set_memory_attributes(KvmMemoryAttributes(address=GIB4, size=0x1000, attributes=8))
     vm.delete_memslot(10)
     assert vm.gfn_info(GIB4 >> 12).private
+
+
+@pytest.mark.parametrize(("vm_type", "zapped"), [("sw_protected", 2), ("tdx", 1)])
+def test_linux_guest_memfd_close_invalidates_bound_slots(make_vm: MakeVm, vm_type: str, zapped: int) -> None:
+    """kvm_gmem_release(): unbind every slot, then begin / range_add + unmap per slot / flush / end."""
+    vm = make_vm(vm_type, "linux")
+    fd = add_gmem_slot(vm, raw=0, gpa=GIB4, size=MIB2)
+    vm.set_memory_attributes(KvmMemoryAttributes(address=GIB4, size=0x1000, attributes=8))
+    assert vm.fault(FaultRequest(gpa=GIB4)).private
+    assert vm.fault(FaultRequest(gpa=GIB4 + 0x1000)).outcome == "mapped"  # shared
+    closed = vm.close_guest_memfd(fd)
+    assert (closed.pages_zapped, closed.invalidated) == (zapped, True)
+    mmu = closed.mmu
+    assert (mmu.mmu_invalidate_seq, mmu.mmu_invalidate_in_progress) == (2, 0)
+    assert (mmu.mmu_invalidate_range_start, mmu.mmu_invalidate_range_end) == (GIB4 >> 12, (GIB4 + MIB2) >> 12)
+    assert mmu.stats.tlb_flushes == 1
+    r = vm.fault(FaultRequest(gpa=GIB4))  # private, the file is gone: kvm_gmem_get_pfn() fails
+    assert r.outcome == "memory_fault_exit" and r.exit is not None and r.exit.flags == 8
+    assert vm.fault(FaultRequest(gpa=GIB4 + 0x2000)).outcome == "mapped", "shared faults still map"
+    assert vm.delete_memslot(0).change == "delete"
+
+
+def test_guest_memfd_close_without_binding_or_under_rfc_v9_does_not_invalidate(make_vm: MakeVm) -> None:
+    vm = make_vm("sw_protected", "linux")
+    fd = vm.create_guest_memfd(KvmCreateGuestMemfd(size=MIB2)).fd
+    closed = vm.close_guest_memfd(fd)
+    assert (closed.pages_zapped, closed.invalidated, closed.mmu.mmu_invalidate_seq) == (0, False, 0)
+    v9 = make_vm("sw_protected", "rfc-v9")
+    fd = add_gmem_slot(v9, raw=0, gpa=GIB4, size=MIB2)
+    assert v9.fault(FaultRequest(gpa=GIB4)).outcome == "mapped"
+    closed = v9.close_guest_memfd(fd)
+    assert (closed.pages_zapped, closed.invalidated, closed.mmu.mapped_pages) == (0, False, 1)
+    assert v9.fault(FaultRequest(gpa=GIB4 + 0x1000)).outcome == "mapped", "the slot keeps the file"
+
+
+@pytest.mark.parametrize(
+    ("vm_type", "semantics", "flags", "ok"),
+    [
+        ("sev_es", "linux", 2, False),
+        ("snp", "linux", 2, False),
+        ("tdx", "linux", 2, False),
+        ("sev", "linux", 2, True),
+        ("sw_protected", "linux", 2, True),
+        ("tdx", "rfc-v9", 2, True),
+    ],
+)
+def test_readonly_refused_where_state_is_protected(
+    make_vm: MakeVm, vm_type: str, semantics: str, flags: int, ok: bool
+) -> None:
+    """kvm_arch_has_readonly_mem() is !has_protected_state under linux."""
+    vm = make_vm(vm_type, semantics)
+    if ok:
+        assert vm.set_user_memory_region(0, region(0, 0x1000, flags=flags)).change == "create"
+    else:
+        with pytest.raises(EINVAL):
+            vm.set_user_memory_region(0, region(0, 0x1000, flags=flags))
+
+
+@pytest.mark.parametrize(
+    ("vm_type", "flags", "size", "ok"),
+    [
+        ("default", 2, 0x1000, True),
+        ("sw_protected", 2, 0x1000, False),
+        ("sw_protected", 1, 0x1000, True),
+        ("default", 0, 1 << 63, False),
+        ("default", 0, (1 << 63) - 0x1000, True),
+    ],
+)
+def test_guest_memfd_flags_and_size(make_vm: MakeVm, vm_type: str, flags: int, size: int, ok: bool) -> None:
+    """INIT_SHARED only without private memory; a size >= 2^63 is a negative loff_t."""
+    vm = make_vm(vm_type, "linux")
+    req = KvmCreateGuestMemfd(size=size, flags=flags)
+    if ok:
+        assert vm.create_guest_memfd(req).flags == flags
+    else:
+        with pytest.raises(EINVAL):
+            vm.create_guest_memfd(req)
+
+
+@pytest.mark.parametrize(
+    ("vm_type", "semantics", "zapped"), [("default", "linux", 2), ("sev", "linux", 1), ("sev", "rfc-v9", 2)]
+)
+def test_memslot_delete_zap_scope(make_vm: MakeVm, vm_type: str, semantics: str, zapped: int) -> None:
+    """KVM_X86_QUIRK_SLOT_ZAP_ALL: only default VMs zap everything under linux; rfc-v9 always did."""
+    vm = make_vm(vm_type, semantics)
+    vm.set_user_memory_region(0, region(0, 0x1000))
+    vm.set_user_memory_region(1, region(0x10000, 0x1000, hva=HVA + 0x10000))
+    vm.fault(FaultRequest(gpa=0))
+    vm.fault(FaultRequest(gpa=0x10000))
+    up = vm.delete_memslot(0)
+    assert up.pages_zapped == zapped
+    assert vm.mmu_model().mapped_pages == 2 - zapped
+    assert vm.mmu_model().mmu_invalidate_seq == 0, "no invalidation counters"

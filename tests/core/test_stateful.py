@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from app.core import Engine, EngineLimits, KvmError
+from app.core import Engine, EngineLimits, KvmError, attributes
 from app.core.vm import VirtualMachine
 from app.models.kvm import (
     FaultRequest,
@@ -30,6 +30,7 @@ from tests.core.reference import PAGE, RefVM
 WINDOW = 16  # gfns the rules touch: small, so slots, conversions and faults collide
 MAX_GFN = 13  # so some slots cross kvm_mmu_max_gfn()
 HVA_BASES = [0x10000000, 0x10010000, 0x10020000]
+HUGEPAGES = (2, 4)
 
 pages = st.integers(0, WINDOW - 1)
 small = st.integers(0, 10)
@@ -58,25 +59,32 @@ class EngineVsReference(RuleBasedStateMachine):
     ref: RefVM
 
     @initialize(
-        vm_type=st.sampled_from([VmType.sw_protected, VmType.default, VmType.snp, VmType.sev]),
+        vm_type=st.sampled_from(list(VmType)),
         semantics=st.sampled_from(list(Semantics)),
     )
     def create(self, vm_type: VmType, semantics: Semantics) -> None:
+        # Hugepages scaled down to the window (2 and 4 gfns), so the linux widening happens here.
+        self._levels = attributes.HUGEPAGE_LEVELS
+        attributes.HUGEPAGE_LEVELS = dict(zip(self._levels, HUGEPAGES, strict=True))
         engine = Engine(EngineLimits(max_gfn=MAX_GFN))
         self.vm = engine.create_vm(VmCreate(type=vm_type, semantics=semantics))
-        self.ref = RefVM(vm_type, semantics, MAX_GFN)
+        self.ref = RefVM(vm_type, semantics, MAX_GFN, hugepages=HUGEPAGES)
+
+    def teardown(self) -> None:
+        if hasattr(self, "_levels"):
+            attributes.HUGEPAGE_LEVELS = self._levels
 
     @rule(
-        sid=st.sampled_from([0, 1, 2, 3, 32764]),
-        as_id=st.sampled_from([0, 0, 1, 2]),
-        flags=st.sampled_from([0, 0, 1, 2, 3, 4, 4, 4, 5, 8]),
-        gpa_page=pages,
-        npages=st.integers(0, 6),
+        sid=st.sampled_from([0, 1, 2, 3, 0, 1, 32764]),
+        as_id=st.sampled_from([0, 0, 0, 1, 2]),
+        flags=st.sampled_from([0, 0, 0, 1, 2, 3, 4, 4, 4, 5, 8]),
+        gpa_page=st.integers(0, MAX_GFN),
+        npages=st.sampled_from([0, 1, 2, 3, 4, 4, 5, 6, 8]),
         hva_base=st.sampled_from(HVA_BASES),
         hva_page=st.integers(0, 4),
         fd=st.sampled_from([None, 3, 3, 3, 4, 5, 99]),
         off_page=st.integers(0, 4),
-        misalign=st.sampled_from([0] * 8 + [1, 0x800]),
+        misalign=st.sampled_from([0] * 16 + [1, 0x800]),
     )
     def set_region(
         self,
@@ -108,7 +116,7 @@ class EngineVsReference(RuleBasedStateMachine):
         if got is not None:
             assert (got.change, got.pages_zapped) == (want["change"], want["pages_zapped"])
 
-    @rule(size_pages=st.integers(0, 16), flags=st.sampled_from([0, 0, 1, 2, 4]))
+    @rule(size_pages=st.sampled_from([*range(17), 2**51]), flags=st.sampled_from([0, 0, 1, 2, 4]))
     def create_gmem(self, size_pages: int, flags: int) -> None:
         got, want = same(
             lambda: self.vm.create_guest_memfd(KvmCreateGuestMemfd(size=size_pages * PAGE, flags=flags)),
@@ -117,9 +125,34 @@ class EngineVsReference(RuleBasedStateMachine):
         if got is not None:
             assert got.fd == want
 
+    @rule(
+        sid=st.integers(0, 3),
+        gpa_page=st.integers(0, 10),
+        npages=st.integers(1, 6),
+        hva_base=st.sampled_from(HVA_BASES),
+    )
+    def gmem_slot(self, sid: int, gpa_page: int, npages: int, hva_base: int) -> None:
+        """A guest_memfd and a slot bound to all of it: the set-up of every private-memory test."""
+        size = npages * PAGE
+        got, fd = same(
+            lambda: self.vm.create_guest_memfd(KvmCreateGuestMemfd(size=size)),
+            lambda: self.ref.create_gmem(size, 0),
+        )
+        if got is None:
+            return
+        req = KvmUserspaceMemoryRegion2(
+            flags=4, guest_phys_addr=gpa_page * PAGE, memory_size=size, userspace_addr=hva_base, guest_memfd=fd
+        )
+        same(
+            lambda: self.vm.set_user_memory_region(sid, req),
+            lambda: self.ref.set_region(sid, 4, gpa_page * PAGE, size, hva_base, fd, 0),
+        )
+
     @rule(fd=st.integers(2, 6))
     def close_gmem(self, fd: int) -> None:
-        same(lambda: self.vm.close_guest_memfd(fd), lambda: self.ref.close_gmem(fd))
+        got, want = same(lambda: self.vm.close_guest_memfd(fd), lambda: self.ref.close_gmem(fd))
+        if got is not None:
+            assert (got.pages_zapped, got.invalidated) == want
 
     @rule(
         start=pages,
@@ -173,7 +206,9 @@ class EngineVsReference(RuleBasedStateMachine):
         req = PrefaultRequest(gpa=start * PAGE, size=npages * PAGE, as_id=as_id)
         got, want = same(lambda: self.vm.prefault(req), lambda: self.ref.prefault(req.gpa, req.size, as_id))
         if got is not None:
-            assert (got.mapped_pages, got.already_mapped_pages, got.skipped_pages) == want
+            new, already, stopped, stop_gfn = want
+            assert (got.mapped_pages, got.already_mapped_pages, got.stopped) == (new, already, stopped)
+            assert (got.remaining.gpa, got.remaining.gpa + got.remaining.size) == (stop_gfn * PAGE, req.gpa + req.size)
 
     @rule(base=st.sampled_from(HVA_BASES), start=st.integers(-2, 10), length=st.integers(0, 0x6000))
     def notifier_start(self, base: int, start: int, length: int) -> None:

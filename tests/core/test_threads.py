@@ -23,7 +23,7 @@ def test_concurrent_conversions_faults_and_notifiers() -> None:
                     KvmMemoryAttributes(address=GIB4 + page * 4096, size=4096 * (1 + i % 3), attributes=8 * (i % 2))
                 )
                 invalidations[n] += up.invalidated
-                vm.fault(FaultRequest(gpa=GIB4 + page * 4096, mmu_seq=vm.inval.seq))
+                vm.fault(FaultRequest(gpa=GIB4 + page * 4096, mmu_seq=vm.mmu_model().mmu_invalidate_seq))
                 if i % 10 == 0:
                     inv = vm.notifier_start(
                         NotifierRequest(hva_start=HVA + page * 4096, hva_end=HVA + page * 4096 + 8192)

@@ -65,8 +65,10 @@ async def regions(vm: VmDep) -> Response:
     description="`linux` VMs only (`rfc-v9`: `ENOTTY`). Body is `struct kvm_memory_attributes`; `attributes` 8 "
     "(`KVM_MEMORY_ATTRIBUTE_PRIVATE`) makes the range private, 0 shared. An already-matching range is a **no-op** "
     "(no seq bump). Otherwise one entry per gfn is reserved (an injected failure here changes nothing), then for "
-    "each memslot intersection: invalidate begin (first only), range_add, unmap the *opposite* kind of mapping; "
-    "flush if anything was unmapped; store; invalidate end. No memslot intersection: no begin/end at all.",
+    "each memslot intersection: invalidate begin (first only), range_add, hugepage widening of the recorded range "
+    "(2 MiB and 1 GiB head/tail pages inside the slot with uniform attributes), unmap (`tdx`: the opposite kind "
+    "only; other types: every mapping); flush if anything was unmapped; store; invalidate end. No memslot "
+    "intersection: no begin/end at all.",
     operation_id="set_memory_attributes",
     responses=error_responses("ENOENT", "ENOTTY", "ENOMEM"),
     response_model=AttributeUpdate,

@@ -77,6 +77,5 @@ async def get_events(
     after: Annotated[int, Query(ge=0, le=2**63 - 1, description="return events with a larger id")] = 0,
     limit: LimitQuery = 1000,
 ) -> Response:
-    with vm.lock:
-        events, cursor = vm.events.page(after, limit)
-        return model_response(EventPage(events=[TraceEvent.model_validate(e) for e in events], next_after=cursor))
+    events, cursor = vm.events_page(after, limit)
+    return model_response(EventPage(events=[TraceEvent.model_validate(e) for e in events], next_after=cursor))

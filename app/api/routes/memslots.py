@@ -10,7 +10,7 @@ from app.api.deps import VmDep
 from app.api.problems import error_responses
 from app.api.responses import model_response
 from app.models.kvm import KvmCreateGuestMemfd, KvmUserspaceMemoryRegion2
-from app.models.state import GuestMemfd, GuestMemfdList, Memslot, MemslotList, MemslotUpdate
+from app.models.state import GuestMemfd, GuestMemfdClose, GuestMemfdList, Memslot, MemslotList, MemslotUpdate
 from app.models.types import U32
 
 router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["memslots"])
@@ -26,9 +26,11 @@ FdPath = Annotated[int, Path(ge=0, le=2**31 - 1, description="guest_memfd fd")]
     "/memslots/{slot}",
     summary="Set a memslot (KVM_SET_USER_MEMORY_REGION2)",
     description="Does exactly what the ioctl does: **create**, **move** (new `guest_phys_addr`), **flags_only**, "
-    "identical re-set (**none**) or **delete** (`memory_size` 0). Checks run in the kernel's order (semantics.md "
-    "section 5). Delete and move zap the old range's mappings. While an MMU-notifier invalidation is open, any "
-    "change is `EBUSY`.",
+    "identical re-set (**none**) or **delete** (`memory_size` 0). Checks run in the kernel's order "
+    "(docs/semantics.md, Memslots). Delete and move unmap (`kvm_arch_flush_shadow_memslot()`): every mapping of "
+    "the VM on `linux` `default` VMs and on all `rfc-v9` VMs, the old slot's mappings otherwise. READONLY is "
+    "refused on `sev_es`, `snp` and `tdx` under `linux`. While an MMU-notifier invalidation is open, any change "
+    "is `EBUSY`.",
     operation_id="set_memslot",
     responses=error_responses("ENOENT", "EEXIST", "EBUSY", "EBADF"),
     response_model=MemslotUpdate,
@@ -77,8 +79,9 @@ async def delete_memslot(vm: VmDep, slot: SlotPath) -> Response:
     "/guest-memfds",
     status_code=201,
     summary="Create a guest_memfd (KVM_CREATE_GUEST_MEMFD)",
-    description="Size must be a non-zero multiple of 4 KiB. Flags: `linux` allows `GUEST_MEMFD_FLAG_MMAP` (1) and "
-    "`GUEST_MEMFD_FLAG_INIT_SHARED` (2); `rfc-v9` none. fds are per VM and unique while open.",
+    description="Size must be a non-zero multiple of 4 KiB below 2^63 (a signed `loff_t`). Flags: `linux` allows "
+    "`GUEST_MEMFD_FLAG_MMAP` (1) on every VM and `GUEST_MEMFD_FLAG_INIT_SHARED` (2) on VMs without private "
+    "memory; `rfc-v9` none. fds are per VM and unique while open.",
     operation_id="create_guest_memfd",
     responses=error_responses("ENOENT"),
     response_model=GuestMemfd,
@@ -111,12 +114,15 @@ async def get_guest_memfd(vm: VmDep, fd: FdPath) -> Response:
 
 @gmem_router.delete(
     "/guest-memfds/{fd}",
-    status_code=204,
-    summary="Close a guest_memfd",
-    description="Slots already bound keep using the file, as in the kernel; the fd can no longer be named.",
+    summary="Close a guest_memfd (kvm_gmem_release)",
+    description="The fd can no longer be named afterwards. `linux`: every bound slot loses its file (it keeps "
+    "`KVM_MEM_GUEST_MEMFD` until deleted) and, if any slot was bound, its mappings are invalidated: begin, "
+    "range_add + unmap per slot (`tdx`: private mappings only; other types: all), one TLB flush if anything was "
+    "unmapped, end. Later private faults there are memory-fault exits. `rfc-v9`: the bound slots keep the file "
+    "alive; nothing is unmapped. `invalidated` is true exactly when a begin/end pair ran.",
     operation_id="close_guest_memfd",
     responses=error_responses("ENOENT"),
+    response_model=GuestMemfdClose,
 )
 async def close_guest_memfd(vm: VmDep, fd: FdPath) -> Response:
-    vm.close_guest_memfd(fd)
-    return Response(status_code=204)
+    return model_response(vm.close_guest_memfd(fd))

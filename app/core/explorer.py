@@ -1,0 +1,323 @@
+"""The interleaving explorer: one vCPU fault raced against one conversion, every schedule.
+
+Both actors are the engine's own step sequences (``faults.Fault.steps()`` and
+``attributes.Conversion``), run one step at a time on a scratch VM; the historical variants of
+the v9 review are ``V9Delta``s of the engine's rfc-v9 sequence, not copies of it. Schedules
+are enumerated depth first, each replayed from a fresh VM (stateless model checking): a
+conversion has at most a few dozen steps and a fault three, so a run stays small.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from app.core import guest_memfd
+from app.core.attributes import Conversion, Unterminated, V9Delta
+from app.core.errors import EINVAL, KvmError
+from app.core.faults import Fault
+from app.core.kvm import PRIVATE, Kvm
+from app.core.limits import EngineLimits
+from app.core.memslots import set_memory_region
+from app.core.mmu import UNMAPPED, spte_private
+from app.core.steps import Step, Steps
+from app.models.kvm import (
+    GFN_LIMIT,
+    KVM_MEM_GUEST_MEMFD,
+    PAGE_SHIFT,
+    KvmUserspaceMemoryRegion2,
+    Semantics,
+    VmType,
+)
+
+MAX_SCHEDULES = 100_000
+MAX_NPAGES = 8
+_HVA = 0x7F00_0000_0000
+_LIMITS = EngineLimits(max_gfn=GFN_LIMIT - 1, max_events=64)
+
+Invariant = Literal["stale_mapping", "rollback_not_exact", "no_termination"]
+FaultAccess = Literal["private", "shared", "attribute"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    semantics: Semantics
+    delta: V9Delta | None = None
+
+    @property
+    def historical(self) -> bool:
+        return self.delta is not None
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant(
+            "rfc-v9",
+            "The engine's own rfc-v9 conversion: begin before the stores, exact unwind, end (seq bump) on the error "
+            "path too; mmu_lock held throughout.",
+            Semantics.rfc_v9,
+        ),
+        Variant(
+            "linux",
+            "The engine's own kvm_vm_set_mem_attributes(): xa_reserve first (a failure changes nothing), "
+            "pre_set_range (begin + unmap under mmu_lock), stores under slots_lock only, post_set_range (end).",
+            Semantics.linux,
+        ),
+        Variant(
+            "v9-as-posted",
+            "rfc-v9 with the unwind as posted: for (; i > start; i--) xa_erase(i). It erases the failing index, "
+            "leaves start converted and makes every erased gfn private whatever it was.",
+            Semantics.rfc_v9,
+            V9Delta(unwind="as-posted"),
+        ),
+        Variant(
+            "v9-naive-unwind",
+            "rfc-v9 with the obvious fix i >= start: with an unsigned i it never ends when start is gfn 0.",
+            Semantics.rfc_v9,
+            V9Delta(unwind="naive"),
+        ),
+        Variant(
+            "reviewer-reorder",
+            "The order proposed in review: the stores first, then begin, unmap and end; a failed store only unwinds "
+            "(exactly), so no seq bump tells a racing fault that it read a value that was undone.",
+            Semantics.rfc_v9,
+            V9Delta(stores_first=True),
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    variant: str
+    start_gfn: int = 0
+    npages: int = 2
+    to_private: bool = True
+    fail_nth: int | None = None
+    initial_private: frozenset[int] | None = None  # offsets; None: the opposite of the target everywhere
+    fault_gfn_offset: int = 0
+    fault_access: FaultAccess = "attribute"
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise EINVAL(f"unknown variant {self.variant!r}; one of {', '.join(VARIANTS)}")
+        if not 1 <= self.npages <= MAX_NPAGES:
+            raise EINVAL(f"npages must be 1..{MAX_NPAGES}")
+        if self.start_gfn + self.npages >= GFN_LIMIT:
+            raise EINVAL(f"the range must end below gfn 2^52 - 1 (start_gfn {self.start_gfn:#x})")
+        if not 0 <= self.fault_gfn_offset < self.npages:
+            raise EINVAL(f"fault_gfn_offset {self.fault_gfn_offset} outside [0, {self.npages})")
+        bad = sorted(o for o in self.initial_private or () if not 0 <= o < self.npages)
+        if bad:
+            raise EINVAL(f"initial_private offsets {bad} outside [0, {self.npages})")
+        if self.fail_nth is not None and self.fail_nth < 1:
+            raise EINVAL("fail_nth must be >= 1")
+
+    def initial(self) -> list[bool]:
+        if self.initial_private is None:
+            return [not self.to_private] * self.npages
+        return [o in self.initial_private for o in range(self.npages)]
+
+
+@dataclass
+class TraceEntry:
+    step: str
+    actor: Literal["vcpu", "conversion"]
+    seq: int
+    in_progress: int
+    attributes: list[bool]
+    mapping: bool | None  # the fault gfn's SPTE: None = not present, else private
+
+
+@dataclass
+class _Actor:
+    name: Literal["vcpu", "conversion"]
+    steps: Steps
+    next: Step | None = None
+    holds_mmu_lock: bool = False
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.next = next(self.steps)  # announces the first step; nothing runs yet
+
+    @property
+    def done(self) -> bool:
+        return self.next is None
+
+    def perform(self) -> Step:
+        step = self.next
+        assert step is not None
+        try:
+            self.next = next(self.steps)
+            self.holds_mmu_lock = step.holds_mmu_lock
+        except StopIteration:
+            self.next, self.holds_mmu_lock = None, False
+        except (KvmError, Unterminated) as e:
+            self.next, self.error = None, e
+            # A loop that never ends never drops mmu_lock.
+            self.holds_mmu_lock = isinstance(e, Unterminated)
+        return step
+
+
+class _Run:
+    """One schedule in progress on a fresh scratch VM."""
+
+    def __init__(self, sc: Scenario) -> None:
+        variant = VARIANTS[sc.variant]
+        self.sc, self.start, self.end = sc, sc.start_gfn, sc.start_gfn + sc.npages
+        kvm = self.kvm = Kvm("explorer", None, VmType.sw_protected, variant.semantics, _LIMITS)
+        gmem = guest_memfd.create(kvm, sc.npages << PAGE_SHIFT, 0)
+        region = KvmUserspaceMemoryRegion2(
+            flags=KVM_MEM_GUEST_MEMFD,
+            guest_phys_addr=self.start << PAGE_SHIFT,
+            memory_size=sc.npages << PAGE_SHIFT,
+            userspace_addr=_HVA,
+            guest_memfd=gmem.fd,
+        )
+        set_memory_region(kvm, 0, region)
+        self.before = sc.initial()
+        for offset, private in enumerate(self.before):
+            kvm.attributes.assign(self.start + offset, self.start + offset + 1, PRIVATE if private else 0)
+        kvm.fail_nth = sc.fail_nth
+        conv = Conversion(kvm, self.start, self.end, PRIVATE if sc.to_private else 0, fine=True)
+        steps = conv.linux() if variant.delta is None and kvm.linux else conv.rfc_v9(variant.delta or V9Delta())
+        access = {"private": True, "shared": False, "attribute": None}[sc.fault_access]
+        self.fault = Fault(
+            kvm, 0, (self.start + sc.fault_gfn_offset) << PAGE_SHIFT, write=False, private=access, mmu_seq=None
+        )
+        self.vcpu = _Actor("vcpu", self.fault.steps())
+        self.conv = _Actor("conversion", steps)
+        self.actors = (self.vcpu, self.conv)
+        self.choices: list[int] = []
+        self.trace: list[TraceEntry] = []
+
+    def enabled(self) -> list[int]:
+        out = []
+        for i, actor in enumerate(self.actors):
+            if actor.next is None:
+                continue
+            if actor is self.vcpu and actor.next.takes_mmu_lock and self.conv.holds_mmu_lock:
+                continue
+            out.append(i)
+        return out
+
+    def step(self, i: int) -> None:
+        actor = self.actors[i]
+        step = actor.perform()
+        self.choices.append(i)
+        kvm = self.kvm
+        spte = kvm.mmu.lookup(0, self.fault.gfn)
+        self.trace.append(
+            TraceEntry(
+                step=step.label,
+                actor=actor.name,
+                seq=kvm.inval.seq,
+                in_progress=kvm.inval.in_progress,
+                attributes=self.attributes(),
+                mapping=None if spte == UNMAPPED else spte_private(spte),
+            )
+        )
+
+    def attributes(self) -> list[bool]:
+        return [bool(v & PRIVATE) for s, e, v in self.kvm.attributes.runs(self.start, self.end) for _ in range(s, e)]
+
+    def violation(self) -> tuple[Invariant, str] | None:
+        """The first invariant this finished schedule breaks: termination, rollback, stale mapping."""
+        if isinstance(self.conv.error, Unterminated):
+            return "no_termination", f"the unwind passed gfn 0 and wrapped: {self.conv.error}"
+        after = self.attributes()
+        if self.conv.error is not None and after != self.before:
+            wrong = [
+                f"gfn {self.start + o:#x} was {_kind(b)}, is {_kind(a)}"
+                for o, (b, a) in enumerate(zip(self.before, after, strict=True))
+                if a != b
+            ]
+            return "rollback_not_exact", "the conversion failed but " + "; ".join(wrong)
+        for s, e, v in self.kvm.mmu.mapped_runs(0, self.start, self.end):
+            for gfn in range(s, e):
+                private = self.kvm.gfn_is_private(gfn)
+                if spte_private(v) != private:
+                    return "stale_mapping", (
+                        f"gfn {gfn:#x} is mapped {_kind(spte_private(v))} but its attribute is {_kind(private)}"
+                    )
+        return None
+
+
+def _kind(private: bool) -> str:
+    return "private" if private else "shared"
+
+
+@dataclass
+class Counterexample:
+    schedule: list[str]
+    violated: Invariant
+    detail: str
+    trace: list[TraceEntry]
+
+
+@dataclass
+class Result:
+    variant: str
+    schedules: int = 0
+    violations: int = 0
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("mapped", "retry", "memory_fault_exit"), 0))
+    counterexample: Counterexample | None = None
+    trace: list[TraceEntry] | None = None  # of the one schedule replayed, when one was given
+
+
+def explore(sc: Scenario, schedule: list[str] | None = None) -> Result:
+    """Run every schedule of ``sc`` (or exactly ``schedule``), checking the invariants after each."""
+    sc.validate()
+    result = Result(sc.variant)
+    if schedule is not None:
+        run = _replay(sc, schedule)
+        _record(result, run)
+        result.trace = run.trace
+        return result
+    pending: list[list[int]] = [[]]
+    while pending:
+        prefix = pending.pop()
+        run = _Run(sc)
+        for i in prefix:
+            run.step(i)
+        while enabled := run.enabled():
+            for alt in reversed(enabled[1:]):  # other branches, explored after this one
+                pending.append([*run.choices, alt])
+            run.step(enabled[0])
+        _record(result, run)
+        if result.schedules > MAX_SCHEDULES:
+            raise EINVAL(f"more than {MAX_SCHEDULES} schedules: narrow the scenario")
+    return result
+
+
+def _record(result: Result, run: _Run) -> None:
+    result.schedules += 1
+    if run.vcpu.done:
+        result.outcomes[run.fault.outcome] += 1
+    found = run.violation()
+    if found is None:
+        return
+    result.violations += 1
+    best = result.counterexample
+    if best is None or len(run.trace) < len(best.trace):
+        result.counterexample = Counterexample([t.step for t in run.trace], found[0], found[1], run.trace)
+
+
+def _replay(sc: Scenario, schedule: list[str]) -> _Run:
+    run = _Run(sc)
+    for n, label in enumerate(schedule):
+        match = [i for i in run.enabled() if _label(run.actors[i].next) == label]
+        if not match:
+            nexts = ", ".join(f"{a.name}: {_label(a.next)}" for a in run.actors if a.next is not None)
+            raise EINVAL(f"schedule step {n} {label!r} cannot run here (next: {nexts or 'nothing'})")
+        run.step(match[0])
+    if run.enabled():
+        raise EINVAL(f"the schedule ends after {len(schedule)} steps, before both actors are done")
+    return run
+
+
+def _label(step: Step | None) -> str | None:
+    return None if step is None else step.label

@@ -1,0 +1,68 @@
+"""guest_memfd files: ``kvm_gmem_create()`` and ``kvm_gmem_release()`` (``virt/kvm/guest_memfd.c``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.core.errors import EINVAL, ENOENT
+from app.core.gfn_range import gmem_ranges, handle_gfn_range, invalidate_and_unmap, invalidate_begin, invalidate_end
+from app.core.kvm import Kvm
+from app.core.memslots import GuestMemfdFile
+from app.core.mmu import ZapFilter
+from app.models.kvm import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, PAGE_SIZE
+
+
+def supported_flags(kvm: Kvm) -> int:
+    """``kvm_gmem_get_supported_flags()``: MMAP always; INIT_SHARED only without private memory."""
+    if not kvm.linux:
+        return 0
+    return GUEST_MEMFD_FLAG_MMAP | (0 if kvm.has_private_mem else GUEST_MEMFD_FLAG_INIT_SHARED)
+
+
+def create(kvm: Kvm, size: int, flags: int) -> GuestMemfdFile:
+    """``KVM_CREATE_GUEST_MEMFD``."""
+    supported = supported_flags(kvm)
+    if flags & ~supported:
+        raise EINVAL(f"guest_memfd flags {flags:#x} outside {supported:#x}")
+    # The kernel's size is a signed loff_t: 2^63 and above read as negative.
+    if size == 0 or size % PAGE_SIZE or size >= 1 << 63:
+        raise EINVAL("guest_memfd size must be a non-zero multiple of 4 KiB below 2^63")
+    gmem = GuestMemfdFile(kvm.next_fd, size, flags)
+    kvm.next_fd += 1
+    kvm.gmem_files[gmem.fd] = gmem
+    kvm.events.emit("guest_memfd_create", fd=gmem.fd, size=size, flags=flags)
+    return gmem
+
+
+@dataclass(frozen=True)
+class Close:
+    pages_zapped: int
+    invalidated: bool
+
+
+def close(kvm: Kvm, fd: int) -> Close:
+    """``close(fd)``, the last reference. linux (``kvm_gmem_release()``): the slots hold no
+    reference, so every bound slot loses its file (it keeps KVM_MEM_GUEST_MEMFD) and its
+    mappings are invalidated. rfc-v9 (restrictedmem): the slots keep the file alive."""
+    gmem = kvm.gmem_files.pop(fd, None)
+    if gmem is None:
+        raise ENOENT(f"no open guest_memfd {fd}")
+    zapped, invalidated = 0, False
+    if kvm.linux:
+        ranges = gmem_ranges(kvm, gmem)
+        for r in ranges:
+            assert r.slot is not None
+            r.slot.gmem, r.slot.gmem_fd = None, None
+        gmem.bindings.clear()
+        # __kvm_gmem_invalidate_begin()/end(): private mappings (all of them outside TDX).
+        walk = handle_gfn_range(
+            kvm,
+            ranges,
+            invalidate_and_unmap(kvm, ZapFilter.PRIVATE, "guest_memfd_close"),
+            on_lock=lambda: invalidate_begin(kvm, source="guest_memfd"),
+        )
+        if walk.found:
+            invalidate_end(kvm)
+        zapped, invalidated = walk.zapped, walk.found
+    kvm.events.emit("guest_memfd_close", fd=fd, pages_zapped=zapped, invalidated=invalidated)
+    return Close(zapped, invalidated)

@@ -1,0 +1,121 @@
+"""``struct kvm``: the state of one VM, and the few facts every concept module asks of it.
+
+The behaviour lives beside it, one module per kernel concept (``attributes``, ``faults``,
+``mmu_notifier``, ``guest_memfd``, ``memslots``, ``sev``), each taking a ``Kvm`` the way the
+kernel's functions take a ``struct kvm *``. ``vm.VirtualMachine`` is the locked front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from app.core.errors import EINVAL
+from app.core.events import EventLog
+from app.core.invalidation import MmuInvalidation
+from app.core.limits import EngineLimits
+from app.core.memslots import AddressSpace, GuestMemfdFile
+from app.core.mmu import Mmu, ZapFilter
+from app.core.runs import RunMap
+from app.models.kvm import GFN_LIMIT, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE, U64_MAX, Semantics, VmType
+
+PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE
+
+
+@dataclass
+class Stats:
+    attribute_updates: int = 0
+    tlb_flushes: int = 0
+    pages_zapped: int = 0
+    faults: int = 0
+    fault_retries: int = 0
+    memory_fault_exits: int = 0
+    mmio_exits: int = 0
+
+
+@dataclass
+class NotifierInvalidation:
+    """One open ``invalidate_range_start()`` and the gfn ranges it matched."""
+
+    id: int
+    hva_start: int
+    hva_end: int
+    gfn_ranges: list[tuple[int, int, int]]  # (as_id, start_gfn, end_gfn)
+
+
+@dataclass(eq=False)
+class Kvm:
+    """What one VM fd controls: attributes, memslots, SPTEs, the invalidation counters."""
+
+    id: str
+    name: str | None
+    type: VmType
+    semantics: Semantics
+    limits: EngineLimits
+    attributes: RunMap = field(init=False)
+    spaces: list[AddressSpace] = field(init=False)
+    mmu: Mmu = field(init=False)
+    inval: MmuInvalidation = field(default_factory=MmuInvalidation)
+    stats: Stats = field(default_factory=Stats)
+    events: EventLog = field(init=False)
+    gmem_files: dict[int, GuestMemfdFile] = field(default_factory=dict)
+    next_fd: int = 3
+    pinned: list[tuple[int, int]] = field(default_factory=list)
+    notifiers: dict[int, NotifierInvalidation] = field(default_factory=dict)
+    next_notifier_id: int = 1
+    fail_nth: int | None = None
+
+    def __post_init__(self) -> None:
+        # rfc-v9 stored only shared gfns: private by default on private-memory VMs.
+        default = PRIVATE if not self.linux and self.has_private_mem else 0
+        self.attributes = RunMap(GFN_LIMIT, default)
+        self.spaces = [AddressSpace() for _ in range(self.nr_as)]
+        self.mmu = Mmu(self.nr_as)
+        self.events = EventLog(self.limits.max_events)
+
+    @property
+    def linux(self) -> bool:
+        return self.semantics is Semantics.linux
+
+    @property
+    def has_private_mem(self) -> bool:
+        """``kvm_arch_has_private_mem()``."""
+        return self.type.has_private_mem
+
+    @property
+    def nr_as(self) -> int:
+        """``kvm_arch_nr_memslot_as_ids()``: since 6.8 private-memory VMs have no SMM space."""
+        return 1 if self.linux and self.has_private_mem else 2
+
+    @property
+    def sev_guest(self) -> bool:
+        """``sev_guest()``: under rfc-v9 an SNP VM has private memory and takes the GPA path."""
+        return self.type in (VmType.sev, VmType.sev_es) or (self.linux and self.type is VmType.snp)
+
+    @property
+    def mirrored_tdp(self) -> bool:
+        """``kvm_has_mirrored_tdp()``: only TDX keeps private SPTEs in a separate root, where the
+        filter of an unmap matters (``kvm_gfn_range_filter_to_root_types()``)."""
+        return self.linux and self.type is VmType.tdx
+
+    def unmap_filter(self, wanted: ZapFilter) -> ZapFilter:
+        """The mappings an unmap asking for ``wanted`` really zaps: all of them without mirrored TDP."""
+        return wanted if self.mirrored_tdp else ZapFilter.ALL
+
+    def check_as(self, as_id: int) -> None:
+        if not 0 <= as_id < self.nr_as:
+            raise EINVAL(f"as_id {as_id} >= {self.nr_as} address spaces of this VM")
+
+    def gfn_is_private(self, gfn: int) -> bool:
+        """``kvm_mem_is_private()``: a lockless read of ``mem_attr_array``."""
+        return bool(self.attributes.value_at(gfn) & PRIVATE)
+
+
+def check_gpa_range(addr: int, size: int) -> tuple[int, int]:
+    """The common range checks: non-empty, no u64 wrap, 4 KiB aligned -> ``[start, end)`` gfns."""
+    if size == 0:
+        raise EINVAL("size must not be 0")
+    if addr + size > U64_MAX:
+        raise EINVAL("address + size wraps past 2^64")
+    if addr % PAGE_SIZE or size % PAGE_SIZE:
+        raise EINVAL("address and size must be 4 KiB aligned")
+    return addr >> PAGE_SHIFT, (addr + size) >> PAGE_SHIFT

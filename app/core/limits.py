@@ -1,0 +1,20 @@
+"""The bounds of one simulated ``/dev/kvm``, declared once: ``Settings`` inherits these fields
+(so each is also an environment variable) and hands them to the engine."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.models.kvm import DEFAULT_MAX_GFN, GFN_LIMIT
+
+
+class EngineLimits(BaseModel):
+    """Bounds that keep one client from exhausting the server; past one, a call fails with ENOMEM."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_gfn: int = Field(DEFAULT_MAX_GFN, gt=0, lt=GFN_LIMIT, description="kvm_mmu_max_gfn(): bounds memslots only")
+    max_vms: int = Field(1024, ge=1, description="VMs per server; beyond it KVM_CREATE_VM fails with ENOMEM")
+    max_attribute_runs: int = Field(1_000_000, ge=1, description="per VM; beyond it an update fails with ENOMEM")
+    max_mapping_runs: int = Field(1_000_000, ge=1, description="per VM; beyond it a fault fails with ENOMEM")
+    max_events: int = Field(10_000, ge=1, description="events kept per VM")

@@ -1,0 +1,23 @@
+"""The legacy SEV path: ``sev_mem_enc_register_region()`` / ``sev_mem_enc_unregister_region()``."""
+
+from __future__ import annotations
+
+from app.core.errors import EINVAL
+from app.core.kvm import Kvm
+from app.models.kvm import U64_MAX
+
+
+def register_region(kvm: Kvm, addr: int, size: int) -> None:
+    """Pin an HVA range (duplicates and overlaps allowed, each recorded)."""
+    if size == 0 or addr + size > U64_MAX:
+        raise EINVAL("size 0 or addr + size wraps")
+    kvm.pinned.append((addr, size))
+    kvm.events.emit("sev_region", op="reg", addr=addr, size=size)
+
+
+def unregister_region(kvm: Kvm, addr: int, size: int) -> None:
+    """Unpin a region registered with exactly this addr and size."""
+    if (addr, size) not in kvm.pinned:
+        raise EINVAL("no pinned region with exactly this addr and size")
+    kvm.pinned.remove((addr, size))
+    kvm.events.emit("sev_region", op="unreg", addr=addr, size=size)

@@ -1,0 +1,103 @@
+"""Read-side views of a ``Kvm``: the models the API returns, built from the engine's state."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import Any
+
+from app.core.kvm import PRIVATE, Kvm, NotifierInvalidation
+from app.core.mmu import UNMAPPED, spte_private, spte_writable
+from app.models import state
+from app.models.kvm import PAGE_SHIFT
+
+
+def vm(kvm: Kvm) -> state.Vm:
+    return state.Vm(
+        id=kvm.id,
+        name=kvm.name,
+        type=kvm.type,
+        type_value=kvm.type.value_code,
+        semantics=kvm.semantics,
+        has_private_mem=kvm.has_private_mem,
+        address_spaces=kvm.nr_as,
+        memslot_count=sum(len(s) for s in kvm.spaces),
+        mmu=mmu(kvm),
+    )
+
+
+def mmu(kvm: Kvm) -> state.Mmu:
+    inv = kvm.inval
+    return state.Mmu(
+        mmu_invalidate_seq=inv.seq,
+        mmu_invalidate_in_progress=inv.in_progress,
+        mmu_invalidate_range_start=inv.range_start,
+        mmu_invalidate_range_end=inv.range_end,
+        mapped_pages=kvm.mmu.mapped_pages,
+        open_notifier_invalidations=len(kvm.notifiers),
+        stats=vars(kvm.stats),  # a dict validates in Rust, cheaper than building a model
+    )
+
+
+def usage(kvm: Kvm) -> dict[str, int]:
+    """What /metrics sums over VMs: sizes, counters and the invalidation state."""
+    return {
+        "memslots": sum(len(s) for s in kvm.spaces),
+        "attribute_runs": len(kvm.attributes),
+        "mapping_runs": kvm.mmu.runs(),
+        "mapped_pages": kvm.mmu.mapped_pages,
+        "open_notifier_invalidations": len(kvm.notifiers),
+        "mmu_invalidate_in_progress": kvm.inval.in_progress,
+        "mmu_invalidate_seq": kvm.inval.seq,
+        **vars(kvm.stats),
+    }
+
+
+def page_of_runs(runs: Iterator[Any], limit: int, end_of: Callable[[Any], int]) -> tuple[list[Any], int | None]:
+    """Take ``limit`` items; the cursor is the end of the last one exactly when more remain."""
+    out = list(islice(runs, limit + 1))
+    if len(out) > limit:
+        out = out[:limit]
+        return out, end_of(out[-1])
+    return out, None
+
+
+def attribute_runs(kvm: Kvm, start: int, end: int, limit: int) -> tuple[list[state.AttributeRun], int | None]:
+    runs = (
+        state.AttributeRun(start_gfn=s, end_gfn=e, attributes=v, private=bool(v & PRIVATE))
+        for s, e, v in kvm.attributes.runs(start, end)
+    )
+    return page_of_runs(runs, limit, lambda r: r.end_gfn)
+
+
+def mapping_runs(kvm: Kvm, as_id: int, start: int, end: int, limit: int) -> tuple[list[state.MappingRun], int | None]:
+    kvm.check_as(as_id)
+    runs = (
+        state.MappingRun(as_id=as_id, start_gfn=s, end_gfn=e, private=spte_private(v), writable=spte_writable(v))
+        for s, e, v in kvm.mmu.mapped_runs(as_id, start, end)
+    )
+    return page_of_runs(runs, limit, lambda r: r.end_gfn)
+
+
+def gfn_info(kvm: Kvm, gfn: int) -> state.GfnInfo:
+    attrs = kvm.attributes.value_at(gfn)
+    slots, maps = [], []
+    for as_id, space in enumerate(kvm.spaces):
+        slot = space.find(gfn)
+        if slot is not None:
+            slots.append(state.GfnMemslotRef(as_id=as_id, slot=slot.slot, id=slot.id))
+        v = kvm.mmu.lookup(as_id, gfn)
+        if v != UNMAPPED:
+            maps.append(state.GfnMapping(as_id=as_id, private=spte_private(v), writable=spte_writable(v)))
+    return state.GfnInfo(
+        gfn=gfn, gpa=gfn << PAGE_SHIFT, attributes=attrs, private=bool(attrs & PRIVATE), memslots=slots, mappings=maps
+    )
+
+
+def notifier(inv: NotifierInvalidation) -> state.NotifierInvalidation:
+    return state.NotifierInvalidation(
+        id=inv.id,
+        hva_start=inv.hva_start,
+        hva_end=inv.hva_end,
+        gfn_ranges=[state.GfnRange(as_id=a, start_gfn=s, end_gfn=e) for a, s, e in inv.gfn_ranges],
+    )
