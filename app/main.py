@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app.api import problems
 from app.api.metrics import Metrics
 from app.api.middleware import ServiceMiddleware
-from app.api.routes import activity, attributes, inspect, memslots, system, testing, vms
+from app.api.routes import activity, attributes, explorer, inspect, memslots, system, testing, vms
 from app.core import Engine
 from app.core.journal import SqliteJournal
 from app.logs import configure
@@ -53,6 +53,7 @@ TAGS = [
     {"name": "state", "description": "Per-gfn view, MMU state, mappings and the event trace"},
     {"name": "guest and host activity", "description": "vCPU faults, prefault and host MMU-notifier invalidations"},
     {"name": "test support", "description": "Fault injection"},
+    {"name": "explorer", "description": "Every interleaving of a vCPU fault with a conversion, checked"},
     {"name": "capabilities", "description": "KVM_CHECK_EXTENSION on /dev/kvm"},
     {"name": "service", "description": "Health and metrics"},
 ]
@@ -108,6 +109,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         inspect.router,
         vms.router,
         testing.router,
+        explorer.router,
     ):
         app.include_router(router)
 

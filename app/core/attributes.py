@@ -83,7 +83,7 @@ class Conversion:
             if failed is not None:
                 yield from self._unwind(failed, delta.unwind)
                 yield Step("invalidate_end", holds_mmu_lock=False)
-                invalidate_end(kvm)  # racing faults must still retry
+                self._end_after_failure()
                 raise ENOMEM(f"attribute store {failed} of {end - start} failed; restored the previous attributes")
         yield Step("unmap", holds_mmu_lock=True)
         walk = handle_gfn_range(kvm, memslot_ranges(kvm, start, end), self._unmap_all)
@@ -91,6 +91,11 @@ class Conversion:
         yield Step("invalidate_end", holds_mmu_lock=False)
         invalidate_end(kvm)
         kvm.stats.attribute_updates += 1
+
+    def _end_after_failure(self) -> None:
+        """The review's point: a fault may have read a store that was just undone, so the error
+        path must bump the seq too."""
+        invalidate_end(self.kvm)
 
     def _unmap_all(self, r: GfnRange) -> int:
         return unmap(self.kvm, r, ZapFilter.ALL, "attributes")

@@ -9,8 +9,9 @@ conversion has at most a few dozen steps and a fault three, so a run stays small
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal, get_args
 
 from app.core import guest_memfd
 from app.core.attributes import Conversion, Unterminated, V9Delta
@@ -21,6 +22,8 @@ from app.core.limits import EngineLimits
 from app.core.memslots import set_memory_region
 from app.core.mmu import UNMAPPED, spte_private
 from app.core.steps import Step, Steps
+from app.models import explorer as model
+from app.models.explorer import FaultAccess, Invariant, VariantName
 from app.models.kvm import (
     GFN_LIMIT,
     KVM_MEM_GUEST_MEMFD,
@@ -35,13 +38,10 @@ MAX_NPAGES = 8
 _HVA = 0x7F00_0000_0000
 _LIMITS = EngineLimits(max_gfn=GFN_LIMIT - 1, max_events=64)
 
-Invariant = Literal["stale_mapping", "rollback_not_exact", "no_termination"]
-FaultAccess = Literal["private", "shared", "attribute"]
-
 
 @dataclass(frozen=True)
 class Variant:
-    name: str
+    name: VariantName
     description: str
     semantics: Semantics
     delta: V9Delta | None = None
@@ -88,11 +88,12 @@ VARIANTS = {
         ),
     )
 }
+assert tuple(VARIANTS) == get_args(VariantName)
 
 
 @dataclass(frozen=True)
 class Scenario:
-    variant: str
+    variant: VariantName
     start_gfn: int = 0
     npages: int = 2
     to_private: bool = True
@@ -120,16 +121,6 @@ class Scenario:
         if self.initial_private is None:
             return [not self.to_private] * self.npages
         return [o in self.initial_private for o in range(self.npages)]
-
-
-@dataclass
-class TraceEntry:
-    step: str
-    actor: Literal["vcpu", "conversion"]
-    seq: int
-    in_progress: int
-    attributes: list[bool]
-    mapping: bool | None  # the fault gfn's SPTE: None = not present, else private
 
 
 @dataclass
@@ -165,8 +156,9 @@ class _Actor:
 class _Run:
     """One schedule in progress on a fresh scratch VM."""
 
-    def __init__(self, sc: Scenario) -> None:
+    def __init__(self, sc: Scenario, *, tracing: bool = False) -> None:
         variant = VARIANTS[sc.variant]
+        self.tracing = tracing
         self.sc, self.start, self.end = sc, sc.start_gfn, sc.start_gfn + sc.npages
         kvm = self.kvm = Kvm("explorer", None, VmType.sw_protected, variant.semantics, _LIMITS)
         gmem = guest_memfd.create(kvm, sc.npages << PAGE_SHIFT, 0)
@@ -192,7 +184,8 @@ class _Run:
         self.conv = _Actor("conversion", steps)
         self.actors = (self.vcpu, self.conv)
         self.choices: list[int] = []
-        self.trace: list[TraceEntry] = []
+        self.labels: list[str] = []
+        self.trace: list[model.ExplorerTraceEntry] = []
 
     def enabled(self) -> list[int]:
         out = []
@@ -208,16 +201,19 @@ class _Run:
         actor = self.actors[i]
         step = actor.perform()
         self.choices.append(i)
+        self.labels.append(step.label)
+        if not self.tracing:
+            return
         kvm = self.kvm
         spte = kvm.mmu.lookup(0, self.fault.gfn)
         self.trace.append(
-            TraceEntry(
+            model.ExplorerTraceEntry(
                 step=step.label,
                 actor=actor.name,
                 seq=kvm.inval.seq,
                 in_progress=kvm.inval.in_progress,
                 attributes=self.attributes(),
-                mapping=None if spte == UNMAPPED else spte_private(spte),
+                mapping=None if spte == UNMAPPED else model.SpteView(private=spte_private(spte)),
             )
         )
 
@@ -250,33 +246,46 @@ def _kind(private: bool) -> str:
     return "private" if private else "shared"
 
 
-@dataclass
-class Counterexample:
-    schedule: list[str]
-    violated: Invariant
-    detail: str
-    trace: list[TraceEntry]
-
-
-@dataclass
-class Result:
-    variant: str
-    schedules: int = 0
-    violations: int = 0
-    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(("mapped", "retry", "memory_fault_exit"), 0))
-    counterexample: Counterexample | None = None
-    trace: list[TraceEntry] | None = None  # of the one schedule replayed, when one was given
-
-
-def explore(sc: Scenario, schedule: list[str] | None = None) -> Result:
-    """Run every schedule of ``sc`` (or exactly ``schedule``), checking the invariants after each."""
+def explore(sc: Scenario, schedule: list[str] | None = None) -> model.ExplorerRun:
+    """Run every schedule of ``sc`` (or exactly ``schedule``), checking the invariants after each;
+    the answer carries the shortest violating schedule, replayed with its trace."""
     sc.validate()
-    result = Result(sc.variant)
+    runs = [_replay(sc, schedule)] if schedule is not None else _enumerate(sc)
+    outcomes = dict.fromkeys(("mapped", "retry", "memory_fault_exit"), 0)
+    schedules, violations, shortest = 0, 0, None
+    for run in runs:
+        schedules += 1
+        if run.vcpu.done:
+            outcomes[run.fault.outcome] += 1
+        if run.violation() is not None:
+            violations += 1
+            if shortest is None or len(run.choices) < len(shortest):
+                shortest = run.choices
+    counterexample = None
+    if shortest is not None:
+        run = _Run(sc, tracing=True)
+        for i in shortest:
+            run.step(i)
+        found = run.violation()
+        assert found is not None, "replaying a schedule reproduces it"
+        counterexample = model.Counterexample(schedule=run.labels, violated=found[0], detail=found[1], trace=run.trace)
+    traced = None
     if schedule is not None:
-        run = _replay(sc, schedule)
-        _record(result, run)
-        result.trace = run.trace
-        return result
+        traced = counterexample.trace if counterexample is not None else _replay(sc, schedule, tracing=True).trace
+    return model.ExplorerRun(
+        variant=sc.variant,
+        schedules=schedules,
+        violations=violations,
+        outcomes=model.FaultOutcomes(**outcomes),
+        counterexample=counterexample,
+        trace=traced,
+    )
+
+
+def _enumerate(sc: Scenario) -> Iterator[_Run]:
+    """Every schedule the locks allow, depth first: each run forks at every point where both
+    actors could go, the other branch queued as a prefix of choices to replay."""
+    count = 0
     pending: list[list[int]] = [[]]
     while pending:
         prefix = pending.pop()
@@ -284,30 +293,17 @@ def explore(sc: Scenario, schedule: list[str] | None = None) -> Result:
         for i in prefix:
             run.step(i)
         while enabled := run.enabled():
-            for alt in reversed(enabled[1:]):  # other branches, explored after this one
+            for alt in reversed(enabled[1:]):
                 pending.append([*run.choices, alt])
             run.step(enabled[0])
-        _record(result, run)
-        if result.schedules > MAX_SCHEDULES:
-            raise EINVAL(f"more than {MAX_SCHEDULES} schedules: narrow the scenario")
-    return result
+        count += 1
+        if count > MAX_SCHEDULES:
+            raise EINVAL(f"more than {MAX_SCHEDULES:,} schedules: narrow the scenario")
+        yield run
 
 
-def _record(result: Result, run: _Run) -> None:
-    result.schedules += 1
-    if run.vcpu.done:
-        result.outcomes[run.fault.outcome] += 1
-    found = run.violation()
-    if found is None:
-        return
-    result.violations += 1
-    best = result.counterexample
-    if best is None or len(run.trace) < len(best.trace):
-        result.counterexample = Counterexample([t.step for t in run.trace], found[0], found[1], run.trace)
-
-
-def _replay(sc: Scenario, schedule: list[str]) -> _Run:
-    run = _Run(sc)
+def _replay(sc: Scenario, schedule: list[str], *, tracing: bool = False) -> _Run:
+    run = _Run(sc, tracing=tracing)
     for n, label in enumerate(schedule):
         match = [i for i in run.enabled() if _label(run.actors[i].next) == label]
         if not match:
@@ -321,3 +317,12 @@ def _replay(sc: Scenario, schedule: list[str]) -> _Run:
 
 def _label(step: Step | None) -> str | None:
     return None if step is None else step.label
+
+
+def variants() -> model.ExplorerVariants:
+    return model.ExplorerVariants(
+        variants=[
+            model.ExplorerVariant(name=v.name, description=v.description, historical=v.historical)
+            for v in VARIANTS.values()
+        ]
+    )

@@ -1,0 +1,93 @@
+"""The interleaving explorer's request and answer (``/v1/explorer``)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.models.kvm import _Struct
+from app.models.types import U64
+
+VariantName = Literal["rfc-v9", "linux", "v9-as-posted", "v9-naive-unwind", "reviewer-reorder"]
+Invariant = Literal["stale_mapping", "rollback_not_exact", "no_termination"]
+FaultAccess = Literal["private", "shared", "attribute"]
+
+
+class ExplorerRunRequest(_Struct):
+    """One vCPU fault on ``start_gfn + fault_gfn_offset`` races one conversion of the range."""
+
+    # Literals arrive as JSON strings; strict mode is fine for them.
+    variant: VariantName
+    start_gfn: U64 = 0
+    npages: int = Field(2, description="1..8 gfns in the converted range")
+    to: Literal["private", "shared"] = "private"
+    fail_nth: int | None = Field(None, description="the nth per-gfn store (or reservation, linux) fails")
+    initial_private: list[int] | None = Field(
+        None,
+        max_length=8,
+        description="offsets private before the conversion (default: the opposite of `to` everywhere)",
+    )
+    fault_gfn_offset: int = 0
+    fault_access: FaultAccess = Field("attribute", description="attribute: as private as the gfn reads")
+    schedule: list[str] | None = Field(
+        None, max_length=128, description="replay exactly this interleaving (step labels of an earlier answer)"
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"variant": "reviewer-reorder", "npages": 2, "to": "private", "fail_nth": 2},
+                {"variant": "rfc-v9", "npages": 2, "fail_nth": 2},
+            ]
+        }
+    )
+
+
+class ExplorerVariant(BaseModel):
+    name: VariantName
+    description: str
+    historical: bool
+
+
+class ExplorerVariants(BaseModel):
+    variants: list[ExplorerVariant]
+
+
+class SpteView(BaseModel):
+    private: bool
+
+
+class ExplorerTraceEntry(BaseModel):
+    """The state right after one step."""
+
+    step: str
+    actor: Literal["vcpu", "conversion"]
+    seq: int = Field(description="mmu_invalidate_seq")
+    in_progress: int = Field(description="mmu_invalidate_in_progress")
+    attributes: list[bool] = Field(description="private, per gfn of the range")
+    mapping: SpteView | None = Field(description="the fault gfn's SPTE, null when not present")
+
+
+class Counterexample(BaseModel):
+    schedule: list[str]
+    violated: Invariant
+    detail: str
+    trace: list[ExplorerTraceEntry]
+
+
+class FaultOutcomes(BaseModel):
+    mapped: int
+    retry: int
+    memory_fault_exit: int
+
+
+class ExplorerRun(BaseModel):
+    variant: VariantName
+    schedules: int
+    violations: int = Field(description="schedules that broke an invariant")
+    outcomes: FaultOutcomes = Field(description="how the fault ended, over all schedules")
+    counterexample: Counterexample | None = Field(description="the shortest violating schedule")
+    trace: list[ExplorerTraceEntry] | None = Field(
+        None, description="when a `schedule` was given: the trace of that one interleaving"
+    )
