@@ -274,7 +274,81 @@ def build_parser() -> argparse.ArgumentParser:
     x = cmd("inject", "fail the nth allocation of the next update (no N: show; 'off': disarm)", _inject)
     x.add_argument("vm")
     x.add_argument("nth", nargs="?", help="a number, or 'off'")
+
+    x = cmd("explore", "race a vCPU fault against a conversion: every interleaving, checked", None)
+    x.set_defaults(explore=True)
+    which = x.add_mutually_exclusive_group(required=True)
+    which.add_argument("--variant", choices=VARIANT_NAMES, help="the conversion to race")
+    which.add_argument("--all", action="store_true", help="every variant on the review's scenario, one table")
+    x.add_argument("--start-gfn", type=number, default=0, help="first gfn of the range (default 0)")
+    x.add_argument("--npages", type=int, default=2, help="gfns in the range, 1..8 (default 2)")
+    x.add_argument("--to", choices=["private", "shared"], default="private", help="default: private")
+    x.add_argument("--fail-nth", type=int, help="the nth per-gfn store (linux: reservation) fails")
+    x.add_argument("--initial-private", help="comma-separated offsets private before (default: opposite of --to)")
+    x.add_argument("--fault-offset", type=int, default=0, help="which gfn of the range the vCPU faults on")
+    x.add_argument("--access", choices=["attribute", "private", "shared"], default="attribute")
+    x.add_argument("--schedule", help="comma-separated step labels: replay exactly this interleaving")
     return p
+
+
+VARIANT_NAMES = ["rfc-v9", "linux", "v9-as-posted", "v9-naive-unwind", "reviewer-reorder"]
+
+
+def _explore(client: Client, args: argparse.Namespace, out: Output) -> None:
+    from app.timeline import REVIEW_SCENARIO, show_run, summary
+
+    if args.all:
+        runs = [client.run_explorer(v, **REVIEW_SCENARIO) for v in VARIANT_NAMES]  # type: ignore[arg-type]
+        if out.as_json:
+            print(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
+        elif not out.quiet:
+            out.console.print(summary(runs))
+        return
+    scenario: dict[str, Any] = {
+        "start_gfn": args.start_gfn,
+        "npages": args.npages,
+        "to": args.to,
+        "fail_nth": args.fail_nth,
+        "initial_private": None if args.initial_private is None else _int_list(args.initial_private),
+        "fault_gfn_offset": args.fault_offset,
+        "fault_access": args.access,
+    }
+    schedule = None if args.schedule is None else [s.strip() for s in args.schedule.split(",") if s.strip()]
+    run = client.run_explorer(args.variant, schedule=schedule, **scenario)
+    if out.as_json:
+        print(json.dumps(run.model_dump(mode="json"), indent=2))
+    elif not out.quiet:
+        defaults = {
+            "start_gfn": 0,
+            "npages": 2,
+            "to": "private",
+            "fail_nth": None,
+            "initial_private": None,
+            "fault_gfn_offset": 0,
+            "fault_access": "attribute",
+        }
+        flags = {
+            "start_gfn": "--start-gfn",
+            "npages": "--npages",
+            "to": "--to",
+            "fail_nth": "--fail-nth",
+            "initial_private": "--initial-private",
+            "fault_gfn_offset": "--fault-offset",
+            "fault_access": "--access",
+        }
+        replay = "".join(
+            f" {flags[k]} {','.join(map(str, v)) if isinstance(v, list) else hex(v) if k == 'start_gfn' else v}"
+            for k, v in scenario.items()
+            if v != defaults[k]
+        )
+        show_run(out.console, run, replay)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise SystemExit(f"kvm-memattr: --initial-private takes comma-separated offsets: {e}") from e
 
 
 def _inject(client: Client, args: argparse.Namespace) -> Any:
@@ -321,7 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     url = args.url or os.environ.get("KVM_MEMATTR_URL") or DEFAULT_URL
     try:
         with Client(url, token=args.token) as client:
-            out.show(args.run(client, args))
+            if getattr(args, "explore", False):
+                _explore(client, args, out)
+            else:
+                out.show(args.run(client, args))
     except KvmMemattrError as e:
         out.errors.print(f"kvm-memattr: {e.errno} (HTTP {e.status}): {e.detail}", markup=False)
         return 1

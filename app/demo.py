@@ -16,6 +16,7 @@ from rich.table import Table
 
 from app.client import DEFAULT_URL, Client, KvmMemattrError
 from app.models.state import GfnRange, MemoryFaultExit, Mmu
+from app.timeline import REVIEW_SCENARIO, timeline
 
 GPA = 0x1_0000_0000  # 4 GiB, as private_mem_conversions_test uses
 HVA = 0x7F00_0000_0000
@@ -212,11 +213,33 @@ def _tell(s: Story, where: str) -> None:
     s.attributes()
     s.mmu()
 
+    s.step(
+        "Why the error path must bump the seq",
+        "The interleaving explorer races a vCPU fault against the conversion, one kernel step at a time, over every "
+        "schedule. The review's ordering (stores first; on failure only an unwind) against the engine's rfc-v9.",
+    )
+    bad = kvm.run_explorer("reviewer-reorder", **REVIEW_SCENARIO)  # type: ignore[arg-type]
+    if bad.counterexample is not None:
+        s.say(
+            f"  reviewer-reorder: {bad.violations} of {bad.schedules} schedules end with {bad.counterexample.violated}"
+        )
+        s.console.print(timeline(bad.counterexample.trace, ""))
+        s.say(
+            "  The vCPU read the store that the unwind then undid; nothing bumped mmu_invalidate_seq, so"
+            " install_spte saw no reason to retry and mapped the page private."
+        )
+    good = kvm.run_explorer("rfc-v9", **REVIEW_SCENARIO)  # type: ignore[arg-type]
+    s.say(
+        f"  rfc-v9 (begin before the stores, end on the error path too): {good.violations} of {good.schedules}"
+        f" schedules violate anything; fault outcomes: {good.outcomes.retry} retries, {good.outcomes.mapped} mapped."
+    )
+
     s.console.print()
     s.console.print(
         Panel.fit(
             "Next: open Swagger UI at /docs and try the same calls; GET /v1/vms/{id}/events shows every protocol step;\n"
-            "create a VM with semantics 'linux' to see KVM_SET_MEMORY_ATTRIBUTES' no-op and no-memslot shortcuts.\n"
+            "create a VM with semantics 'linux' to see KVM_SET_MEMORY_ATTRIBUTES' no-op and no-memslot shortcuts;\n"
+            "kvm-memattr explore --all compares the five conversion variants of the v9 review.\n"
             f"This VM is {s.vm}.",
             title="where to look next",
         )

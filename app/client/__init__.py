@@ -133,6 +133,8 @@ class Client:
     list_invalidations = _sync(ops.list_invalidations)
     set_fault_injection = _sync(ops.set_fault_injection)
     get_fault_injection = _sync(ops.get_fault_injection)
+    list_explorer_variants = _sync(ops.list_explorer_variants)
+    run_explorer = _sync(ops.run_explorer)
 
 
 class AsyncClient:
@@ -196,6 +198,8 @@ class AsyncClient:
     list_invalidations = _async(ops.list_invalidations)
     set_fault_injection = _async(ops.set_fault_injection)
     get_fault_injection = _async(ops.get_fault_injection)
+    list_explorer_variants = _async(ops.list_explorer_variants)
+    run_explorer = _async(ops.run_explorer)
 
 
 __all__ = ["AsyncClient", "Client", "KvmMemattrError", "Op"]

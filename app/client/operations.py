@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from app.models import state
+from app.models import explorer, state
 
 T = TypeVar("T")
 Int = int | str
@@ -215,6 +215,38 @@ def set_fault_injection(vm_id: str, fail_nth: int | None) -> Op[state.FaultInjec
 
 def get_fault_injection(vm_id: str) -> Op[state.FaultInjectionState]:
     return Op("GET", _vm(vm_id, "/fault-injection"), state.FaultInjectionState.model_validate)
+
+
+# -- the interleaving explorer
+def list_explorer_variants() -> Op[explorer.ExplorerVariants]:
+    return Op("GET", "/v1/explorer/variants", explorer.ExplorerVariants.model_validate)
+
+
+def run_explorer(
+    variant: str,
+    *,
+    start_gfn: Int = 0,
+    npages: int = 2,
+    to: str = "private",
+    fail_nth: int | None = None,
+    initial_private: list[int] | None = None,
+    fault_gfn_offset: int = 0,
+    fault_access: str = "attribute",
+    schedule: list[str] | None = None,
+) -> Op[explorer.ExplorerRun]:
+    """Race a vCPU fault against a conversion: every schedule, or exactly ``schedule``."""
+    body = _body(
+        variant=variant,
+        start_gfn=start_gfn,
+        npages=npages,
+        to=to,
+        fail_nth=fail_nth,
+        initial_private=initial_private,
+        fault_gfn_offset=fault_gfn_offset,
+        fault_access=fault_access,
+        schedule=schedule,
+    )
+    return Op("POST", "/v1/explorer/runs", explorer.ExplorerRun.model_validate, json=body)
 
 
 def _enc_result(data: Any) -> state.AttributeUpdate | state.SevRegionUpdate:

@@ -221,17 +221,31 @@ class _Run:
         return [bool(v & PRIVATE) for s, e, v in self.kvm.attributes.runs(self.start, self.end) for _ in range(s, e)]
 
     def violation(self) -> tuple[Invariant, str] | None:
-        """The first invariant this finished schedule breaks: termination, rollback, stale mapping."""
+        """The first invariant this finished schedule breaks (termination, rollback, stale
+        mapping), its detail naming any other it breaks too."""
+        found = [v for v in (self._termination(), self._rollback(), self._stale()) if v is not None]
+        if not found:
+            return None
+        detail = found[0][1] + "".join(f"; also {name}: {d}" for name, d in found[1:])
+        return found[0][0], detail
+
+    def _termination(self) -> tuple[Invariant, str] | None:
         if isinstance(self.conv.error, Unterminated):
             return "no_termination", f"the unwind passed gfn 0 and wrapped: {self.conv.error}"
+        return None
+
+    def _rollback(self) -> tuple[Invariant, str] | None:
         after = self.attributes()
-        if self.conv.error is not None and after != self.before:
-            wrong = [
-                f"gfn {self.start + o:#x} was {_kind(b)}, is {_kind(a)}"
-                for o, (b, a) in enumerate(zip(self.before, after, strict=True))
-                if a != b
-            ]
-            return "rollback_not_exact", "the conversion failed but " + "; ".join(wrong)
+        if self.conv.error is None or after == self.before:
+            return None
+        wrong = [
+            f"gfn {self.start + o:#x} was {_kind(b)}, is {_kind(a)}"
+            for o, (b, a) in enumerate(zip(self.before, after, strict=True))
+            if a != b
+        ]
+        return "rollback_not_exact", "the conversion failed but " + ", ".join(wrong)
+
+    def _stale(self) -> tuple[Invariant, str] | None:
         for s, e, v in self.kvm.mmu.mapped_runs(0, self.start, self.end):
             for gfn in range(s, e):
                 private = self.kvm.gfn_is_private(gfn)

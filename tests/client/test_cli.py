@@ -133,6 +133,8 @@ def test_demo_tells_the_story_in_process() -> None:
         "invalidation_in_progress",
         "ENOMEM",
         "attributes identical to before: True",
+        "reviewer-reorder: 7 of 19 schedules end with stale_mapping",
+        "rfc-v9 (begin before the stores, end on the error path too): 0 of 32 schedules",
         "where to look next",
     ):
         assert needle in out, needle
@@ -145,3 +147,37 @@ def test_demo_against_a_server(url: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert f"talking to {url}" in result.stdout
+
+
+def test_cli_explore_timeline_and_replay(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out, _ = run(url, capsys, "explore", "--variant", "reviewer-reorder", "--fail-nth", "2")
+    assert code == 0
+    assert "7 of 19 schedules violate an invariant" in out
+    assert "stale_mapping: gfn 0x0 is mapped private but its attribute is shared" in out
+    lines = out.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("#"))
+    assert header.split() == ["#", "vCPU", "conversion", "seq", "in_prog", "attrs", "spte"]
+    assert any(line.split()[-3:] == ["0", "ss", "P"] and "install_spte" in line for line in lines)
+    replay = next(line for line in lines if "--schedule" in line)
+    assert all(len(line) <= 80 for line in lines if line is not replay)
+    schedule = replay.split("--schedule ")[1].strip("'")
+    code, out, _ = run(
+        url, capsys, "explore", "--variant", "reviewer-reorder", "--fail-nth", "2", "--schedule", schedule
+    )
+    assert code == 0 and "this schedule violates an invariant" in out
+
+
+def test_cli_explore_all_and_json(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(url, capsys, "explore", "--all")
+    assert code == 0
+    rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 4}
+    assert "stale_mapping" in rows["reviewer-reorder"] and "no_termination" in rows["v9-naive-unwind"]
+    assert "rollback_not_exact" in rows["v9-as-posted"]
+    assert rows["rfc-v9"].split("│")[3].strip() == "0" and rows["linux"].split("│")[3].strip() == "0"
+    code, out, _ = run(url, capsys, "--json", "explore", "--variant", "rfc-v9", "--npages", "3", "--fail-nth", "2")
+    assert code == 0 and json.loads(out)["violations"] == 0
+    code, _, err = run(url, capsys, "explore", "--variant", "rfc-v9", "--npages", "9")
+    assert code == 1 and "EINVAL" in err

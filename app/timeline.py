@@ -1,0 +1,81 @@
+"""Terminal views of explorer runs: a verdict, the counterexample as a two-lane timeline
+(vCPU | conversion) with the state after each step, and the one-table summary of ``--all``."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from app.models.explorer import ExplorerRun, ExplorerTraceEntry
+
+REVIEW_SCENARIO = {"npages": 2, "start_gfn": 0, "to": "private", "fail_nth": 2}
+"""The review's case: two gfns from gfn 0 made private, the second store fails."""
+
+
+def _attrs(private: list[bool]) -> str:
+    return "".join("P" if p else "s" for p in private)
+
+
+def _spte(entry: ExplorerTraceEntry) -> str:
+    return "-" if entry.mapping is None else ("P" if entry.mapping.private else "s")
+
+
+def timeline(trace: list[ExplorerTraceEntry], title: str) -> Table:
+    """One row per step, the acting lane filled in; attributes P = private, s = shared."""
+    table = Table(title=title or None, title_justify="left", box=None, pad_edge=False, header_style="bold")
+    for col, justify in (
+        ("#", "right"),
+        ("vCPU", "left"),
+        ("conversion", "left"),
+        ("seq", "right"),
+        ("in_prog", "right"),
+        ("attrs", "left"),
+        ("spte", "left"),
+    ):
+        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for n, e in enumerate(trace, 1):
+        vcpu, conv = (e.step, "") if e.actor == "vcpu" else ("", e.step)
+        table.add_row(str(n), vcpu, conv, str(e.seq), str(e.in_progress), _attrs(e.attributes), _spte(e))
+    return table
+
+
+def show_run(console: Console, run: ExplorerRun, replay_args: str) -> None:
+    o = run.outcomes
+    if run.trace is not None:  # one schedule replayed
+        verdict = "violates an invariant" if run.violations else "keeps every invariant"
+        console.print(f"[bold]{run.variant}[/]: this schedule {verdict}")
+        console.print("attrs and spte: P private, s shared, - not mapped", style="dim")
+        console.print(timeline(run.trace, ""))
+    elif run.violations:
+        console.print(f"[bold]{run.variant}[/]: {run.violations} of {run.schedules} schedules violate an invariant")
+    else:
+        console.print(f"[bold]{run.variant}[/]: all {run.schedules} schedules keep every invariant")
+    console.print(f"fault outcomes: mapped {o.mapped}, retry {o.retry}, memory_fault_exit {o.memory_fault_exit}")
+    ce = run.counterexample
+    if ce is None:
+        return
+    console.print(f"[bold red]{ce.violated}[/]: {ce.detail}", highlight=False)
+    if run.trace is None:
+        console.print("shortest counterexample; attrs and spte: P private, s shared, - not mapped", style="dim")
+        console.print(timeline(ce.trace, ""))
+    console.print("replay it:", style="dim")
+    console.print(
+        f"  kvm-memattr explore --variant {run.variant}{replay_args} --schedule '{','.join(ce.schedule)}'",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def summary(runs: list[ExplorerRun]) -> Table:
+    table = Table(
+        title="the review's scenario: gfns 0-1 made private, the 2nd store fails",
+        title_justify="left",
+        header_style="bold",
+    )
+    for col in ("variant", "schedules", "violations", "first violated"):
+        table.add_column(col, no_wrap=True)
+    for run in runs:
+        first = run.counterexample.violated if run.counterexample else "-"
+        table.add_row(run.variant, str(run.schedules), str(run.violations), first)
+    return table
