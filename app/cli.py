@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--name")
     cmd("list", "list VMs", lambda c, a: c.list_vms(), parent=vm)
     cmd("get", "show a VM", lambda c, a: c.get_vm(a.vm), parent=vm).add_argument("vm")
-    cmd("delete", "destroy a VM", lambda c, a: c.delete_vm(a.vm), parent=vm).add_argument("vm")
+    x = cmd("delete", "destroy a VM (--all: every VM)", _delete_vm, parent=vm)
+    x.add_argument("vm", nargs="?")
+    x.add_argument("--all", action="store_true", help="destroy every VM (a reset between tests)")
 
     ms = group("memslot", "memslots: KVM_SET_USER_MEMORY_REGION2")
     x = cmd(
@@ -349,6 +351,12 @@ def _int_list(text: str) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError as e:
         raise SystemExit(f"kvm-memattr: --initial-private takes comma-separated offsets: {e}") from e
+
+
+def _delete_vm(client: Client, args: argparse.Namespace) -> Any:
+    if args.all == (args.vm is not None):
+        raise SystemExit("kvm-memattr: vm delete takes a VM id or --all")
+    return client.delete_all_vms() if args.all else client.delete_vm(args.vm)
 
 
 def _inject(client: Client, args: argparse.Namespace) -> Any:

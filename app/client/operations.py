@@ -65,6 +65,11 @@ def delete_vm(vm_id: str) -> Op[None]:
     return Op("DELETE", _vm(vm_id), None)
 
 
+def delete_all_vms() -> Op[None]:
+    """Destroy every VM: a reset between tests."""
+    return Op("DELETE", "/v1/vms", None)
+
+
 def vm_capabilities(vm_id: str) -> Op[state.Capabilities]:
     """KVM_CHECK_EXTENSION on a VM fd."""
     return Op("GET", _vm(vm_id, "/capabilities"), state.Capabilities.model_validate)

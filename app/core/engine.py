@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from typing import Any
@@ -99,6 +100,15 @@ class Engine:
             if self.journal is not None:
                 with vm.lock:  # after any call in flight on it has been journaled
                     self.journal.forget_vm(vm_id)
+
+    def destroy_all(self) -> int:
+        """Destroy every VM (a reset for test suites); returns how many there were."""
+        with self._lock:
+            ids = list(self._vms)
+        for vm_id in ids:
+            with contextlib.suppress(ENOENT):  # destroyed meanwhile by another request
+                self.destroy_vm(vm_id)
+        return len(ids)
 
     def replay(self, vm_id: str, op: str, args: list[Any]) -> None:
         """Re-run one journaled call (``create_vm`` or an entry of ``vm.OPERATIONS``)."""

@@ -81,7 +81,7 @@ def test_service_endpoints(client: TestClient) -> None:
     assert_problem(client.get("/no/such/path"), 404, "ENOENT")
     wrong_method = client.patch("/v1/vms")
     assert_problem(wrong_method, 405, "EINVAL")
-    assert wrong_method.headers["allow"] == "GET, POST"
+    assert wrong_method.headers["allow"] == "DELETE, GET, POST"
     # Starlette named only the first route's methods; the path has three (found by schemathesis).
     assert client.options("/v1/vms/x/memslots/0").headers["allow"] == "DELETE, GET, PUT"
 
@@ -99,3 +99,17 @@ def test_openapi_documents_problems(client: TestClient) -> None:
     put_attrs = spec["paths"]["/v1/vms/{vm_id}/memory-attributes"]["put"]
     assert {"400", "404", "422", "507"} <= put_attrs["responses"].keys()
     assert "KVM_SET_MEMORY_ATTRIBUTES" in put_attrs["summary"]
+
+
+def test_delete_all_vms_resets_the_service(client: TestClient, make_vm: MakeVm) -> None:
+    """DELETE /v1/vms: a reset for test suites."""
+    first, second = make_vm(), make_vm("default", "rfc-v9")
+    client.put(f"/v1/vms/{first}/memslots/0", json={"guest_phys_addr": 0, "memory_size": 4096, "userspace_addr": 0})
+    r = client.delete("/v1/vms")
+    assert r.status_code == 204 and r.content == b""
+    assert client.get("/v1/vms").json() == {"vms": []}
+    assert client.get("/healthz").json()["vms"] == 0
+    for vm in (first, second):
+        assert_problem(client.get(f"/v1/vms/{vm}"), 404, "ENOENT")
+    assert client.delete("/v1/vms").status_code == 204, "idempotent"
+    assert client.post("/v1/vms", json={}).status_code == 201

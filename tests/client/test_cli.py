@@ -181,3 +181,11 @@ def test_cli_explore_all_and_json(url: str, capsys: pytest.CaptureFixture[str]) 
     assert code == 0 and json.loads(out)["violations"] == 0
     code, _, err = run(url, capsys, "explore", "--variant", "rfc-v9", "--npages", "9")
     assert code == 1 and "EINVAL" in err
+
+
+def test_cli_vm_delete_all(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(url, capsys, "-q", "vm", "create")[0] == 0
+    assert run(url, capsys, "vm", "delete", "--all")[0] == 0
+    assert json.loads(run(url, capsys, "--json", "vm", "list")[1]) == {"vms": []}
+    with pytest.raises(SystemExit):
+        run(url, capsys, "vm", "delete")  # neither an id nor --all

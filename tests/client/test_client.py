@@ -96,3 +96,12 @@ def test_async_client() -> None:
             assert (await kvm.get_fault_injection(priv.id)).fail_nth is None
 
     asyncio.run(story())
+
+
+def test_reset_destroys_every_vm() -> None:
+    with Client.in_process() as kvm:
+        kvm.create_vm()
+        kvm.create_vm(type="default", semantics="linux")
+        assert len(kvm.list_vms().vms) == 2
+        kvm.reset()
+        assert kvm.list_vms().vms == []

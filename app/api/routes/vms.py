@@ -35,6 +35,19 @@ async def list_vms(engine: EngineDep) -> Response:
     return model_response(VmList(vms=[vm.model() for vm in engine.vms()]))
 
 
+@router.delete(
+    "",
+    status_code=204,
+    summary="Destroy every VM (a reset for test suites)",
+    description="`kvm_destroy_vm()` on every VM the service holds, as a test suite's reset between tests. "
+    "Journaled state (`KVM_MEMATTR_STATE_FILE`) is dropped with them.",
+    operation_id="delete_all_vms",
+)
+async def delete_all_vms(engine: EngineDep) -> Response:
+    engine.destroy_all()
+    return Response(status_code=204)
+
+
 @router.get(
     "/{vm_id}",
     summary="Get a VM",
