@@ -254,6 +254,14 @@ def run_explorer(
     return Op("POST", "/v1/explorer/runs", explorer.ExplorerRun.model_validate, json=body)
 
 
+def get_memory_map(
+    vm_id: str, start_gfn: Int | None = None, end_gfn: Int | None = None, buckets: int = 1024
+) -> Op[state.MemoryMap]:
+    """Per-bucket counts of private, memslot-backed and mapped pages."""
+    params = _body(start_gfn=start_gfn, end_gfn=end_gfn, buckets=buckets)
+    return Op("GET", _vm(vm_id, "/memory-map"), state.MemoryMap.model_validate, params=params)
+
+
 def _enc_result(data: Any) -> state.AttributeUpdate | state.SevRegionUpdate:
     """The REG/UNREG answer: an AttributeUpdate on the GPA path, a SevRegionUpdate on SEV."""
     if "pinned_regions" in data:

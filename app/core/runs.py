@@ -7,7 +7,10 @@ O(log n + runs touched), never O(pages).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from bisect import bisect_right
+from collections.abc import Callable, Iterator
+from itertools import accumulate
+from operator import mul, sub
 
 from sortedcontainers import SortedDict
 
@@ -23,11 +26,13 @@ class RunMap:
     number of maximal runs.
     """
 
-    __slots__ = ("_d", "limit")
+    __slots__ = ("_d", "_indexes", "limit", "version")
 
     def __init__(self, limit: int, default: int = 0) -> None:
         self.limit = limit
         self._d: SortedDict = SortedDict({0: default})
+        self.version = 0  # bumped by every assign, so indexes know when they are stale
+        self._indexes: dict[Callable[[int], bool], _PrefixIndex] = {}
 
     def __len__(self) -> int:
         return len(self._d)
@@ -76,10 +81,19 @@ class RunMap:
         # One assign adds at most two runs: count exactly only near the limit.
         return len(self._d) + 2 > limit and self.count_after_assign(start, end, value) > limit
 
+    def count(self, start: int, end: int, selected: Callable[[int], bool]) -> int:
+        """How many x in ``[start, end)`` have a selected value: O(log n) from a prefix-sum index
+        over all runs, which is rebuilt (O(n), in C) only after the map changed."""
+        index = self._indexes.get(selected)
+        if index is None or index.version != self.version:
+            index = self._indexes[selected] = _PrefixIndex(self, selected)
+        return index.below(end) - index.below(start)
+
     def assign(self, start: int, end: int, value: int) -> None:
         """Set every x in ``[start, end)`` to ``value``, keeping runs maximal."""
         if start >= end:
             return
+        self.version += 1
         d = self._d
         before, after = self._neighbours(start, end)
         for k in list(d.irange(start, end)):
@@ -95,3 +109,23 @@ class RunMap:
         before = self.value_at(start - 1) if start > 0 else None
         after = self.value_at(end) if end < self.limit else None
         return before, after
+
+
+class _PrefixIndex:
+    """Run starts, whether each run is selected, and the selected points before each start."""
+
+    __slots__ = ("cum", "flags", "starts", "version")
+
+    def __init__(self, runs: RunMap, selected: Callable[[int], bool]) -> None:
+        self.version = runs.version
+        self.starts: list[int] = list(runs._d.keys())
+        self.flags: list[bool] = list(map(selected, runs._d.values()))
+        lengths = map(sub, [*self.starts[1:], runs.limit], self.starts)
+        self.cum: list[int] = [0, *accumulate(map(mul, lengths, self.flags))]
+
+    def below(self, x: int) -> int:
+        """Selected points in ``[0, x)``."""
+        i = bisect_right(self.starts, x) - 1
+        if i < 0:
+            return 0
+        return self.cum[i] + (x - self.starts[i] if self.flags[i] else 0)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from itertools import islice
+from itertools import islice, pairwise
 from typing import Any
 
 from app.core.kvm import PRIVATE, Kvm, NotifierInvalidation
+from app.core.memslots import Memslot
 from app.core.mmu import UNMAPPED, spte_private, spte_writable
 from app.models import state
 from app.models.kvm import PAGE_SHIFT
@@ -101,3 +102,55 @@ def notifier(inv: NotifierInvalidation) -> state.NotifierInvalidation:
         hva_end=inv.hva_end,
         gfn_ranges=[state.GfnRange(as_id=a, start_gfn=s, end_gfn=e) for a, s, e in inv.gfn_ranges],
     )
+
+
+def _is_private(value: int) -> bool:
+    return bool(value & PRIVATE)
+
+
+def _is_mapped(value: int) -> bool:
+    return value != UNMAPPED
+
+
+def memory_map(kvm: Kvm, start: int, end: int, buckets: int) -> state.MemoryMap:
+    """Counts per bucket from prefix sums over the runs: O(buckets x log runs), however
+    fragmented the VM is. Buckets split ``[start, end)`` into near-equal parts of >= 1 gfn."""
+    n = min(buckets, end - start)
+    edges = [start + (end - start) * i // n for i in range(n + 1)]
+    slots = [slot for space in kvm.spaces for slot in space.overlapping(start, end)]
+    out = []
+    for a, b in pairwise(edges):
+        out.append(
+            state.MemoryMapBucket(
+                start_gfn=a,
+                end_gfn=b,
+                private_pages=kvm.attributes.count(a, b, _is_private),
+                memslot_pages=_covered(slots, a, b),
+                mapped_pages=[space.count(a, b, _is_mapped) for space in kvm.mmu.spaces],
+            )
+        )
+    inv, window = kvm.inval, None
+    rs, re_ = inv.range_start, inv.range_end
+    if inv.in_progress and rs is not None and re_ is not None and rs < end and start < re_:
+        window = state.GfnWindow(start_gfn=rs, end_gfn=re_)
+    return state.MemoryMap(
+        start_gfn=start,
+        end_gfn=end,
+        buckets=out,
+        memslots=[slot.model() for slot in slots],
+        invalidation=window,
+    )
+
+
+def _covered(slots: list[Memslot], start: int, end: int) -> int:
+    """Pages of ``[start, end)`` inside at least one slot (slots of different address spaces may overlap)."""
+    parts = sorted(
+        (max(start, s.base_gfn), min(end, s.end_gfn)) for s in slots if s.base_gfn < end and start < s.end_gfn
+    )
+    total, reach = 0, start
+    for a, b in parts:
+        a = max(a, reach)
+        if b > a:
+            total += b - a
+            reach = b
+    return total

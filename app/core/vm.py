@@ -233,6 +233,11 @@ class VirtualMachine:
         return views.mapping_runs(self.kvm, as_id, start, end, limit)
 
     @locked
+    def memory_map(self, start: int, end: int, buckets: int) -> state.MemoryMap:
+        """Per-bucket counts of private, memslot-backed and mapped pages over ``[start, end)``."""
+        return views.memory_map(self.kvm, start, end, buckets)
+
+    @locked
     def gfn_info(self, gfn: int) -> state.GfnInfo:
         """Attributes, memslots and mappings of one gfn."""
         return views.gfn_info(self.kvm, gfn)

@@ -260,6 +260,29 @@ class MappingRuns(BaseModel):
     next_gfn: int | None
 
 
+class MemoryMapBucket(BaseModel):
+    start_gfn: int
+    end_gfn: int
+    private_pages: int
+    memslot_pages: int = Field(description="pages inside a memslot of any address space")
+    mapped_pages: list[int] = Field(description="present SPTEs, per address space")
+
+
+class GfnWindow(BaseModel):
+    start_gfn: int
+    end_gfn: int
+
+
+class MemoryMap(BaseModel):
+    """A summary for drawing: counts per bucket, never one entry per run."""
+
+    start_gfn: int
+    end_gfn: int
+    buckets: list[MemoryMapBucket]
+    memslots: list[Memslot] = Field(description="memslots overlapping the window, all address spaces")
+    invalidation: GfnWindow | None = Field(description="the open invalidation range, if it overlaps the window")
+
+
 class TraceEvent(BaseModel):
     """One protocol step; fields beyond id/time/type depend on the type."""
 

@@ -41,3 +41,22 @@ def test_whole_space_assign_is_two_runs() -> None:
     assert len(m) == 3
     m.assign(5, 6, 0)
     assert len(m) == 1
+
+
+def _odd(value: int) -> bool:
+    return bool(value & 1)
+
+
+@given(ops, st.lists(st.tuples(st.integers(0, LIMIT), st.integers(0, LIMIT)), min_size=1, max_size=8))
+def test_count_matches_a_list_across_changes(
+    assignments: list[tuple[int, int, int]], windows: list[tuple[int, int]]
+) -> None:
+    """The prefix-sum index behind the memory map: exact, and rebuilt after every change."""
+    m, ref = RunMap(LIMIT, 0), [0] * LIMIT
+    for a, b, v in assignments:
+        s, e = min(a, b), max(a, b)
+        m.assign(s, e, v)
+        ref[s:e] = [v] * (e - s)
+        for x, y in windows:
+            lo, hi = min(x, y), max(x, y)
+            assert m.count(lo, hi, _odd) == sum(map(_odd, ref[lo:hi]))

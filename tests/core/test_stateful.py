@@ -261,6 +261,14 @@ class EngineVsReference(RuleBasedStateMachine):
             for fd, f in ref.gmem.items()
         }
         assert [(r.addr, r.size) for r in vm.pinned_regions()] == ref.pinned
+        mm = vm.memory_map(0, span, 7)
+        for b in mm.buckets:
+            gfns = range(b.start_gfn, b.end_gfn)
+            assert b.private_pages == sum(bool(ref.attr(g) & 8) for g in gfns)
+            assert b.mapped_pages == [sum((a, g) in ref.maps for g in gfns) for a in range(vm.nr_as)]
+            assert b.memslot_pages == sum(any(s.has(g) for s in ref.slots.values()) for g in gfns)
+        assert all(a.end_gfn == b.start_gfn for a, b in itertools.pairwise(mm.buckets)), "buckets tile the window"
+        assert (mm.buckets[0].start_gfn, mm.buckets[-1].end_gfn, len(mm.buckets)) == (0, span, 7)
 
 
 EngineVsReference.TestCase.settings = settings(

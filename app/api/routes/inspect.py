@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Query, Response
 from app.api.deps import EndGfnQuery, EngineDep, GfnValue, LimitQuery, StartGfnQuery, VmDep, gfn_window
 from app.api.problems import error_responses
 from app.api.responses import model_response
-from app.models.state import EventPage, GfnInfo, MappingRuns, Mmu, TraceEvent
+from app.models.state import EventPage, GfnInfo, MappingRuns, MemoryMap, Mmu, TraceEvent
 
 router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["state"])
 
@@ -61,6 +61,29 @@ async def get_mappings(
     start, end = gfn_window(engine, start_gfn, end_gfn)
     runs, next_gfn = vm.mapping_runs(as_id, start, end, limit)
     return model_response(MappingRuns(runs=runs, next_gfn=next_gfn))
+
+
+@router.get(
+    "/memory-map",
+    summary="Memory map: per-bucket counts for drawing",
+    description="Splits `[start_gfn, end_gfn)` (defaults and bounds as for the attribute runs) into `buckets` "
+    "near-equal parts (1..4096, default 1024; never narrower than one gfn) and counts, per bucket, private "
+    "pages, pages inside a memslot, and present mappings per address space; plus the memslots overlapping the "
+    "window and the open invalidation range. Computed from prefix sums over the runs: the cost does not grow "
+    "with the number of pages or runs in the window.",
+    operation_id="get_memory_map",
+    responses=error_responses("ENOENT"),
+    response_model=MemoryMap,
+)
+async def get_memory_map(
+    engine: EngineDep,
+    vm: VmDep,
+    start_gfn: StartGfnQuery = None,
+    end_gfn: EndGfnQuery = None,
+    buckets: Annotated[int, Query(ge=1, le=4096, description="number of buckets, 1..4096")] = 1024,
+) -> Response:
+    start, end = gfn_window(engine, start_gfn, end_gfn)
+    return model_response(vm.memory_map(start, end, buckets))
 
 
 @router.get(
