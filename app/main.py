@@ -43,6 +43,12 @@ memory regions* patch) or `linux` (the design merged in 6.8: `KVM_SET_MEMORY_ATT
 
 Integers that mirror a kernel `__u64`/`__u32` accept a JSON integer or a decimal/`0x`-hex string.
 Errors are RFC 9457 `application/problem+json` with the kernel `errno` name.
+
+**Why the order matters:** `POST /v1/explorer/runs` races a vCPU fault against a conversion over
+every interleaving and shows the shortest one that breaks an invariant.
+
+The full reference (behaviour per kernel function, the errno table, an API guide) is in the
+`docs/` folder of the source tree.
 """
 
 TAGS = [
