@@ -55,6 +55,10 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_PRINTED = object()
+"""A command that printed its own output (``vm export``)."""
+
+
 class Output:
     """Human tables or JSON; colours only on a terminal (rich decides), nothing with --quiet."""
 
@@ -64,7 +68,7 @@ class Output:
         self.errors = Console(stderr=True, highlight=False)
 
     def show(self, result: Any, title: str | None = None) -> None:
-        if self.quiet:
+        if self.quiet or result is _PRINTED:
             return
         data = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
         if self.as_json:
@@ -155,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--name")
     cmd("list", "list VMs", lambda c, a: c.list_vms(), parent=vm)
     cmd("get", "show a VM", lambda c, a: c.get_vm(a.vm), parent=vm).add_argument("vm")
+    x = cmd("export", "print the VM's snapshot (JSON) to stdout", _export_vm, parent=vm)
+    x.add_argument("vm")
+    x = cmd("import", "create a VM from a snapshot file ('-': stdin)", _import_vm, parent=vm)
+    x.add_argument("file")
+    x.add_argument("--name", help="name of the new VM (default: the snapshot's)")
     x = cmd("delete", "destroy a VM (--all: every VM)", _delete_vm, parent=vm)
     x.add_argument("vm", nargs="?")
     x.add_argument("--all", action="store_true", help="destroy every VM (a reset between tests)")
@@ -351,6 +360,20 @@ def _int_list(text: str) -> list[int]:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError as e:
         raise SystemExit(f"kvm-memattr: --initial-private takes comma-separated offsets: {e}") from e
+
+
+def _export_vm(client: Client, args: argparse.Namespace) -> Any:
+    print(client.get_vm_snapshot(args.vm).model_dump_json(indent=2))
+    return _PRINTED
+
+
+def _import_vm(client: Client, args: argparse.Namespace) -> Any:
+    try:
+        text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()  # noqa: SIM115
+        doc = json.loads(text)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"kvm-memattr: cannot read a snapshot from {args.file}: {e}") from e
+    return client.import_vm(doc, name=args.name)
 
 
 def _delete_vm(client: Client, args: argparse.Namespace) -> Any:

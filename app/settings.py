@@ -26,6 +26,9 @@ class Settings(BaseSettings, EngineLimits):
     )
     log_json: bool = Field(False, description="one JSON object per log line")
     max_body_bytes: int = Field(65_536, ge=1024, description="larger request bodies get 413")
+    max_import_bytes: int = Field(
+        256 << 20, ge=1024, description="the body limit of POST /v1/vms/import (a snapshot holds every run)"
+    )
     api_token: str | None = Field(None, description="when set, /v1 needs 'Authorization: Bearer <token>'")
     state_file: str | None = Field(None, description="SQLite journal: state survives restarts (default: in memory)")
 

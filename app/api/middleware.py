@@ -38,15 +38,20 @@ class _Refused(Exception):
 class ServiceMiddleware:
     _prefix = secrets.token_hex(4)
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, api_token: str | None) -> None:
+    IMPORT_PATH = "/v1/vms/import"
+
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, max_import_bytes: int, api_token: str | None
+    ) -> None:
         self.app, self.metrics, self.max_body, self.token = app, metrics, max_body_bytes, api_token
+        self.max_import = max_import_bytes  # a snapshot holds every run of a VM
         # Unique per process and cheap: a random prefix and a counter (uuid4 costs a syscall).
         self._ids = (f"{self._prefix}{n:08x}" for n in itertools.count(1))
 
-    def _too_large(self) -> _Refused:
-        return _Refused(413, "E2BIG", f"request body larger than {self.max_body} bytes")
+    def _too_large(self, limit: int) -> _Refused:
+        return _Refused(413, "E2BIG", f"request body larger than {limit} bytes")
 
-    async def _read_limited(self, receive: Receive) -> list[Message]:
+    async def _read_limited(self, receive: Receive, limit: int) -> list[Message]:
         """Read a body of unknown length, refusing it as soon as it passes the limit."""
         parts, size = [], 0
         while True:
@@ -55,8 +60,8 @@ class ServiceMiddleware:
             if message["type"] != "http.request":
                 return parts
             size += len(message.get("body", b""))
-            if size > self.max_body:
-                raise self._too_large()
+            if size > limit:
+                raise self._too_large(limit)
             if not message.get("more_body", False):
                 return parts
 
@@ -92,14 +97,15 @@ class ServiceMiddleware:
                 refused = check_bearer(headers.get(b"authorization"), self.token)
                 if refused is not None:
                     raise _Refused(refused[0], "EPERM", refused[1])
+            limit = self.max_import if scope["path"] == self.IMPORT_PATH else self.max_body
             length = headers.get(b"content-length")
             if length is not None:
                 # uvicorn holds the body to its Content-Length, so the header is the whole check.
-                if not length.isdigit() or int(length) > self.max_body:
-                    raise self._too_large()
+                if not length.isdigit() or int(length) > limit:
+                    raise self._too_large(limit)
                 await self.app(scope, receive, send_with_id)
             else:
-                body_parts = await self._read_limited(receive)
+                body_parts = await self._read_limited(receive, limit)
                 await self.app(scope, replay_receive, send_with_id)
         except _Refused as refused:
             if response_started:

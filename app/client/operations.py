@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from app.models import explorer, state
+from app.models.snapshot import VmSnapshot
 
 T = TypeVar("T")
 Int = int | str
@@ -63,6 +64,19 @@ def get_vm(vm_id: str) -> Op[state.Vm]:
 def delete_vm(vm_id: str) -> Op[None]:
     """kvm_destroy_vm()."""
     return Op("DELETE", _vm(vm_id), None)
+
+
+def get_vm_snapshot(vm_id: str) -> Op[VmSnapshot]:
+    """The VM's whole state as one versioned document."""
+    return Op("GET", _vm(vm_id, "/snapshot"), VmSnapshot.model_validate)
+
+
+def import_vm(snapshot: VmSnapshot | dict[str, Any], name: str | None = None) -> Op[state.Vm]:
+    """A new VM from a snapshot (``name``: give it another name)."""
+    doc = snapshot.model_dump(mode="json") if isinstance(snapshot, VmSnapshot) else dict(snapshot)
+    if name is not None:
+        doc["name"] = name
+    return Op("POST", "/v1/vms/import", state.Vm.model_validate, json=doc)
 
 
 def delete_all_vms() -> Op[None]:

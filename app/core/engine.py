@@ -7,6 +7,9 @@ import threading
 import uuid
 from typing import Any
 
+from pydantic import BaseModel
+
+from app.core import snapshot
 from app.core.errors import ENOENT, ENOMEM
 from app.core.journal import Journal
 from app.core.limits import EngineLimits
@@ -22,6 +25,7 @@ from app.models.kvm import (
     VmCreate,
     VmType,
 )
+from app.models.snapshot import VmSnapshot
 
 
 class Engine:
@@ -70,13 +74,21 @@ class Engine:
 
     def create_vm(self, req: VmCreate, vm_id: str | None = None) -> VirtualMachine:
         """``KVM_CREATE_VM`` (``vm_id`` only when replaying a journal)."""
+        vm = VirtualMachine.create(vm_id or uuid.uuid4().hex, req.name, req.type, req.semantics, self.limits)
+        return self._add(vm, "create_vm", req)
+
+    def import_vm(self, doc: VmSnapshot, vm_id: str | None = None) -> VirtualMachine:
+        """A new VM with exactly the state of a snapshot (``vm_id`` only when replaying a journal)."""
+        vm = VirtualMachine(snapshot.load(doc, vm_id or uuid.uuid4().hex, self.limits))
+        return self._add(vm, "import_vm", doc)
+
+    def _add(self, vm: VirtualMachine, op: str, arg: BaseModel) -> VirtualMachine:
         lim = self.limits
-        vm = VirtualMachine(vm_id or uuid.uuid4().hex, req.name, req.type, req.semantics, lim)
         with self._lock:
             if len(self._vms) >= lim.max_vms:
                 raise ENOMEM(f"server already holds the maximum of {lim.max_vms} VMs")
             if self.journal is not None:
-                self.journal.record(vm.id, "create_vm", (req,))
+                self.journal.record(vm.id, op, (arg,))
                 vm.journal = self.journal
             self._vms[vm.id] = vm
         return vm
@@ -114,6 +126,9 @@ class Engine:
         """Re-run one journaled call (``create_vm`` or an entry of ``vm.OPERATIONS``)."""
         if op == "create_vm":
             self.create_vm(args[0], vm_id=vm_id)
+            return
+        if op == "import_vm":
+            self.import_vm(args[0], vm_id=vm_id)
             return
         method = OPERATIONS.get(op)
         if method is None:  # not a KvmError: replay must stop, not skip it

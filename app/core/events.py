@@ -15,6 +15,8 @@ class EventLog:
         self.next_id = 1
 
     def emit(self, type_: str, **fields: Any) -> None:
+        if fields.keys() & {"id", "time", "type"}:
+            raise ValueError(f"event field names id, time and type are the log's own: {sorted(fields)}")
         self._events.append({"id": self.next_id, "time": time.time(), "type": type_, **fields})
         self.next_id += 1
 

@@ -20,14 +20,16 @@ from pydantic import BaseModel
 
 from app.core.errors import KvmError
 from app.models import kvm as kvm_models
+from app.models import snapshot as snapshot_models
 
 if TYPE_CHECKING:
     from app.core.engine import Engine
 
 _MODELS: dict[str, type[BaseModel]] = {
     name: cls
-    for name, cls in vars(kvm_models).items()
-    if isinstance(cls, type) and issubclass(cls, BaseModel) and cls.__module__ == kvm_models.__name__
+    for module in (kvm_models, snapshot_models)
+    for name, cls in vars(module).items()
+    if isinstance(cls, type) and issubclass(cls, BaseModel) and cls.__module__ == module.__name__
 }
 
 

@@ -23,7 +23,7 @@ def invalidate_range_start(kvm: Kvm, hva_start: int, hva_end: int) -> tuple[Noti
     inv = NotifierInvalidation(kvm.next_notifier_id, hva_start, hva_end, [(r.as_id, r.start, r.end) for r in ranges])
     kvm.next_notifier_id += 1
     kvm.notifiers[inv.id] = inv
-    kvm.events.emit("notifier_start", id=inv.id, hva_start=hva_start, hva_end=hva_end, matched=walk.found)
+    kvm.events.emit("notifier_start", invalidation=inv.id, hva_start=hva_start, hva_end=hva_end, matched=walk.found)
     return inv, walk.zapped
 
 
@@ -34,4 +34,4 @@ def invalidate_range_end(kvm: Kvm, inv_id: int) -> None:
         raise ENOENT(f"no open MMU-notifier invalidation {inv_id}")
     if inv.gfn_ranges:
         invalidate_end(kvm)
-    kvm.events.emit("notifier_end", id=inv_id)
+    kvm.events.emit("notifier_end", invalidation=inv_id)

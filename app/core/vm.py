@@ -8,7 +8,7 @@ from collections.abc import Callable
 from functools import wraps
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from app.core import guest_memfd, mmu_notifier, sev, steps, views
+from app.core import guest_memfd, mmu_notifier, sev, snapshot, steps, views
 from app.core.attributes import Conversion
 from app.core.errors import EINVAL, ENOENT, ENOTTY
 from app.core.faults import Fault, prefault
@@ -28,6 +28,7 @@ from app.models.kvm import (
     Semantics,
     VmType,
 )
+from app.models.snapshot import VmSnapshot
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -67,12 +68,25 @@ def mutation(method: Callable[Concatenate[VirtualMachine, P], R]) -> Callable[Co
 class VirtualMachine:
     """A VM fd: what ``KVM_CREATE_VM`` returned."""
 
-    def __init__(self, vm_id: str, name: str | None, vm_type: VmType, semantics: Semantics, limits: EngineLimits):
-        self.kvm = Kvm(vm_id, name, vm_type, semantics, limits)
-        self.id = vm_id
+    def __init__(self, kvm: Kvm) -> None:
+        self.kvm = kvm
+        self.id = kvm.id
         self.lock = threading.RLock()
         self.journal: Journal | None = None
-        self.kvm.events.emit("vm_create", vm_type=vm_type.value, semantics=semantics.value)
+
+    @classmethod
+    def create(
+        cls, vm_id: str, name: str | None, vm_type: VmType, semantics: Semantics, limits: EngineLimits
+    ) -> VirtualMachine:
+        """``KVM_CREATE_VM``: a fresh ``struct kvm``."""
+        vm = cls(Kvm(vm_id, name, vm_type, semantics, limits))
+        vm.kvm.events.emit("vm_create", vm_type=vm_type.value, semantics=semantics.value)
+        return vm
+
+    @locked
+    def snapshot(self) -> VmSnapshot:
+        """The VM's whole state as one versioned document."""
+        return snapshot.dump(self.kvm)
 
     @property
     def nr_as(self) -> int:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -189,3 +190,21 @@ def test_cli_vm_delete_all(url: str, capsys: pytest.CaptureFixture[str]) -> None
     assert json.loads(run(url, capsys, "--json", "vm", "list")[1]) == {"vms": []}
     with pytest.raises(SystemExit):
         run(url, capsys, "vm", "delete")  # neither an id nor --all
+
+
+def test_cli_vm_export_import(url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    vm = json.loads(run(url, capsys, "--json", "vm", "create", "--semantics", "linux")[1])["id"]
+    assert run(url, capsys, "-q", "attrs", "set", vm, "4G", "8K", "--private")[0] == 0
+    code, out, _ = run(url, capsys, "vm", "export", vm)
+    assert code == 0 and json.loads(out)["version"] == 1
+    path = tmp_path / "vm.json"
+    path.write_text(out)
+    code, out, _ = run(url, capsys, "--json", "vm", "import", str(path), "--name", "copy")
+    assert code == 0
+    copy = json.loads(out)
+    assert copy["name"] == "copy" and copy["id"] != vm
+    code, again, _ = run(url, capsys, "vm", "export", copy["id"])
+    assert {**json.loads(again), "name": None} == {**json.loads(path.read_text()), "name": None}
+    path.write_text("{}")
+    code, _, err = run(url, capsys, "vm", "import", str(path))
+    assert code == 1 and "EINVAL" in err

@@ -327,3 +327,14 @@ def test_rfc_v9_fault_order_and_exit_abi(make_vm: MakeVm) -> None:
     assert vm.fault(FaultRequest(gpa=GIB4 + 0x1000)).outcome == "mapped"
     r = vm.fault(FaultRequest(gpa=8 * GIB4, private=False))  # no slot, shared
     assert r.outcome == "mmio_exit"
+
+
+def test_event_ids_stay_in_order_through_notifier_events(make_vm: MakeVm) -> None:
+    """Regression: notifier events once carried their invalidation id as the event's "id"."""
+    vm = make_vm("default", "linux")
+    vm.set_user_memory_region(0, region(0, 0x1000, hva=HVA))
+    inv = vm.notifier_start(NotifierRequest(hva_start=HVA, hva_end=HVA + 0x1000))
+    vm.notifier_end(inv.id)
+    events, _ = vm.events_page(0, 100)
+    assert [e["id"] for e in events] == list(range(1, len(events) + 1))
+    assert [e["invalidation"] for e in events if e["type"].startswith("notifier_")] == [inv.id, inv.id]

@@ -87,6 +87,8 @@ def test_replay_rebuilds_engine_state_exactly(tmp_path: Path) -> None:
     linux.notifier_end(inv.id)
     with pytest.raises(EBUSY):
         linux.delete_memslot(10)  # a notifier invalidation is still open
+    copy = engine.import_vm(linux.snapshot())  # journaled as one call carrying the snapshot
+    copy.fault(FaultRequest(gpa=GIB4 + 0x5000))
     before = engine_state(engine)
     fresh = Engine()
     SqliteJournal(db).replay(fresh)

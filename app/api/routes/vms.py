@@ -10,6 +10,7 @@ from app.api.deps import EngineDep, VmDep
 from app.api.problems import error_responses
 from app.api.responses import model_response
 from app.models.kvm import VmCreate
+from app.models.snapshot import VmSnapshot
 from app.models.state import Capabilities, Vm, VmList
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"])
@@ -28,6 +29,23 @@ router = APIRouter(prefix="/v1/vms", tags=["vms"])
 )
 async def create_vm(engine: EngineDep, req: Annotated[VmCreate | None, Body()] = None) -> Response:
     return model_response(engine.create_vm(req or VmCreate()).model(), 201)
+
+
+@router.post(
+    "/import",
+    status_code=201,
+    summary="Create a VM from a snapshot",
+    description="Loads a document from `GET /v1/vms/{vm_id}/snapshot` (its `name` may be changed) as a new VM with "
+    "a new id and identical observable state. A malformed, tampered or inconsistent document (an unknown "
+    "version, overlapping slots, a binding past its file, runs out of order, counters that disagree) is 422 "
+    "`EINVAL` naming what is wrong, and creates nothing. The VM limit and the per-VM run budgets apply. The body "
+    "may be up to `max_import_bytes`.",
+    operation_id="import_vm",
+    responses=error_responses("ENOMEM"),
+    response_model=Vm,
+)
+async def import_vm(engine: EngineDep, doc: VmSnapshot) -> Response:
+    return model_response(engine.import_vm(doc).model(), 201)
 
 
 @router.get("", summary="List VMs", operation_id="list_vms", response_model=VmList)
@@ -71,6 +89,20 @@ async def get_vm(vm: VmDep) -> Response:
 async def delete_vm(engine: EngineDep, vm: VmDep) -> Response:
     engine.destroy_vm(vm.id)
     return Response(status_code=204)
+
+
+@router.get(
+    "/{vm_id}/snapshot",
+    summary="The VM's whole state as one document",
+    description="Type, semantics, attributes as runs, memslots of every address space, guest_memfd files and "
+    "bindings, mappings, the invalidation counters and range, open notifier invalidations, pinned SEV regions, "
+    "fault injection, statistics and the next event id; versioned. `POST /v1/vms/import` loads it again.",
+    operation_id="get_vm_snapshot",
+    responses=error_responses("ENOENT"),
+    response_model=VmSnapshot,
+)
+async def get_snapshot(vm: VmDep) -> Response:
+    return model_response(vm.snapshot())
 
 
 @router.get(
