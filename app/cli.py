@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--in-process", action="store_true", help="do not look for a server; run in this process")
     d.set_defaults(demo=True)
 
+    v = cmd("verify-host", "check the engine against this host's /dev/kvm, step by step", None)
+    v.add_argument("--steps", type=int, default=20_000, help="about this many steps (default 20000)")
+    v.add_argument("--seed", type=int, default=1, help="seed of the random sequences (default 1)")
+    v.add_argument("--device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
+    v.set_defaults(verify_host=True)
+
     cmd("health", "GET /healthz", lambda c, a: c.healthz())
     caps = cmd(
         "caps",
@@ -419,6 +425,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "serve", False):
         return _serve(args)
     out = Output(args.json, args.quiet)
+    if getattr(args, "verify_host", False):
+        from app.hostkvm.report import run
+
+        return run(args.steps, args.seed, args.json, out.console, args.device)
     if getattr(args, "demo", False):
         from app.demo import run_demo
 

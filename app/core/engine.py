@@ -17,7 +17,6 @@ from app.core.vm import OPERATIONS, VirtualMachine
 from app.models.kvm import (
     KVM_API_VERSION,
     KVM_CAP_VM_TYPES_MASK,
-    KVM_MAX_NR_ADDRESS_SPACES,
     KVM_MEMORY_ATTRIBUTE_PRIVATE,
     KVM_USER_MEM_SLOTS,
     PAGE_SIZE,
@@ -57,7 +56,7 @@ class Engine:
             "caps": {
                 "KVM_CAP_USER_MEMORY": 1,
                 "KVM_CAP_NR_MEMSLOTS": KVM_USER_MEM_SLOTS,
-                "KVM_CAP_MULTI_ADDRESS_SPACE": KVM_MAX_NR_ADDRESS_SPACES,
+                "KVM_CAP_MULTI_ADDRESS_SPACE": self.limits.address_spaces,
                 "KVM_CAP_USER_MEMORY2": 1,
                 "KVM_CAP_MEMORY_FAULT_INFO": 1,
                 "KVM_CAP_MEMORY_ATTRIBUTES": KVM_MEMORY_ATTRIBUTE_PRIVATE,

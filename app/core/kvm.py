@@ -83,8 +83,9 @@ class Kvm:
 
     @property
     def nr_as(self) -> int:
-        """``kvm_arch_nr_memslot_as_ids()``: since 6.8 private-memory VMs have no SMM space."""
-        return 1 if self.linux and self.has_private_mem else 2
+        """``kvm_arch_nr_memslot_as_ids()``: since 6.8 private-memory VMs have no SMM space (and a
+        host without SMM support has one address space)."""
+        return 1 if self.linux and self.has_private_mem else self.limits.address_spaces
 
     @property
     def sev_guest(self) -> bool:

@@ -18,3 +18,6 @@ class EngineLimits(BaseModel):
     max_attribute_runs: int = Field(1_000_000, ge=1, description="per VM; beyond it an update fails with ENOMEM")
     max_mapping_runs: int = Field(1_000_000, ge=1, description="per VM; beyond it a fault fails with ENOMEM")
     max_events: int = Field(10_000, ge=1, description="events kept per VM")
+    address_spaces: int = Field(
+        2, ge=1, le=2, description="KVM_CAP_MULTI_ADDRESS_SPACE of the simulated host: 1 drops the SMM space"
+    )

@@ -229,7 +229,10 @@ def plan_set_memory_region(
             raise EBADF(f"guest_memfd {req.guest_memfd} is not an open guest_memfd of this VM")
         gmem = gmem_files[req.guest_memfd]
         off = req.guest_memfd_offset
-        if off + size > gmem.size:
+        # kvm_gmem_bind() compares in loff_t: an offset of 2^63 or more is negative, and an
+        # offset + size that passes 2^63 overflows to a negative value that passes the check
+        # (a real 6.18 host accepts such a binding; verify-host found it).
+        if _loff(off) < 0 or _loff(off + size) > gmem.size:
             raise EINVAL(f"guest_memfd_offset + memory_size beyond the file ({gmem.size:#x} bytes)")
         if gmem.bind_conflict(off, size):
             raise EINVAL("range of the guest_memfd already bound to another slot")
@@ -239,6 +242,11 @@ def plan_set_memory_region(
     if base_gfn + npages - 1 > max_gfn:
         raise EINVAL(f"last gfn {base_gfn + npages - 1:#x} > max_gfn {max_gfn:#x}")
     return MemslotPlan(change, old, new, gmem)
+
+
+def _loff(value: int) -> int:
+    """A u64 as the kernel's signed ``loff_t``."""
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def set_memory_region(kvm: Kvm, raw_slot: int, req: KvmUserspaceMemoryRegion2) -> state.MemslotUpdate:

@@ -276,7 +276,8 @@ class RefVM:
                     raise EBADF("fd")
                 gfile = self.gmem[fd]
                 binds: dict[int, tuple[int, int]] = gfile["bindings"]  # type: ignore[assignment]
-                if off + size > gfile["size"]:  # type: ignore[operator]
+                end = off + size  # loff_t: past 2^63 it is negative and passes the check
+                if off >= 2**63 or (end < 2**63 and end > gfile["size"]):  # type: ignore[operator]
                     raise EINVAL("gmem size")
                 for o, s in binds.values():
                     if off < o + s and o < off + size:

@@ -284,3 +284,17 @@ def test_memslot_delete_zap_scope(make_vm: MakeVm, vm_type: str, semantics: str,
     assert up.pages_zapped == zapped
     assert vm.mmu_model().mapped_pages == 2 - zapped
     assert vm.mmu_model().mmu_invalidate_seq == 0, "no invalidation counters"
+
+
+def test_guest_memfd_binding_end_overflows_loff_t_like_the_kernel(make_vm: MakeVm) -> None:
+    """Found by verify-host on a 6.18 host: kvm_gmem_bind() adds in a signed loff_t, so an end
+    past 2^63 wraps negative and passes the size check; an offset of 2^63 or more is refused."""
+    vm = make_vm("default", "linux")
+    big = (1 << 63) - 0x1000
+    fd = vm.create_guest_memfd(KvmCreateGuestMemfd(size=big)).fd
+    assert vm.set_user_memory_region(0, region(GIB4, MIB2, flags=4, fd=fd, off=big)).change == "create"
+    small = vm.create_guest_memfd(KvmCreateGuestMemfd(size=MIB2)).fd
+    with pytest.raises(EINVAL):  # an end below 2^63 still has to fit in the file
+        vm.set_user_memory_region(1, region(2 * GIB4, MIB2, hva=HVA + MIB2, flags=4, fd=small, off=0x1000))
+    with pytest.raises(EINVAL):  # a negative offset
+        vm.set_user_memory_region(2, region(3 * GIB4, MIB2, hva=HVA + 2 * MIB2, flags=4, fd=fd, off=1 << 63))

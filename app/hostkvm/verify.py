@@ -1,0 +1,419 @@
+"""``kvm-memattr verify-host``: the same operations on the engine and on this host's ``/dev/kvm``.
+
+Each sequence starts a fresh VM on both sides (the engine configured as the host: its
+capabilities, its number of address spaces, its largest guest physical address) and runs its
+steps on both, comparing success or errno step by step. A divergence is shrunk to a minimal
+sequence (steps removed while it still diverges) and printed as a reproducer.
+
+Steps name guest_memfd files by creation order, not fd number: the host reuses fd numbers, the
+engine does not. A closed or missing file is passed as an fd no process has (the engine's
+closed fd, the host's ``0xffffffff``): both must answer ``EBADF``.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.core import Engine
+from app.core.errors import KvmError
+from app.core.limits import EngineLimits
+from app.core.vm import VirtualMachine
+from app.hostkvm import ioctls
+from app.hostkvm.ioctls import HostKvmError, Kvm, VmFd
+from app.models.kvm import GFN_LIMIT, KvmCreateGuestMemfd, KvmUserspaceMemoryRegion2, Semantics, VmCreate, VmType
+
+Step = dict[str, Any]
+"""``{"op": "set", "slot", "flags", "gpa", "size", "hva", "file", "offset"}``,
+``{"op": "gmem", "size", "flags"}`` or ``{"op": "close", "file"}``."""
+
+NO_FD = 0xFFFF_FFFF
+PAGE = 4096
+SAFE_PAGES = 1 << 20
+"""The largest slot sent to the host that it might accept: the kernel allocates per-page
+metadata for an accepted slot (8 bytes a page for rmaps), so 2^31 - 1 pages would cost 16 GiB."""
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    """What the host's KVM answers, and the largest guest physical address it accepts."""
+
+    api_version: int
+    nr_memslots: int
+    address_spaces: int
+    vm_types: int
+    memory_attributes: int
+    guest_memfd: int
+    guest_memfd_flags: int
+    readonly_mem: int
+    max_gfn: int
+
+    def limits(self) -> EngineLimits:
+        """The engine configured as this host."""
+        return EngineLimits(max_gfn=self.max_gfn, address_spaces=self.address_spaces)
+
+
+def read_profile(kvm: Kvm) -> HostProfile:
+    """Capabilities from ``KVM_CHECK_EXTENSION``; ``max_gfn`` by probing one-page memslots."""
+    cap = kvm.check_extension
+    vm = kvm.create_vm()
+    try:
+        lo, hi = 0, GFN_LIMIT  # lo is accepted; find the last accepted gfn below hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            try:
+                vm.set_user_memory_region(0, 0, mid * PAGE, PAGE, 0x1000_0000)
+                vm.set_user_memory_region(0, 0, mid * PAGE, 0, 0x1000_0000)
+                lo = mid
+            except HostKvmError:
+                hi = mid
+    finally:
+        vm.close()
+    return HostProfile(
+        api_version=kvm.api_version(),
+        nr_memslots=cap(ioctls.KVM_CAP_NR_MEMSLOTS),
+        # 0: the capability is absent, so one address space.
+        address_spaces=max(1, cap(ioctls.KVM_CAP_MULTI_ADDRESS_SPACE)),
+        vm_types=cap(ioctls.KVM_CAP_VM_TYPES),
+        memory_attributes=cap(ioctls.KVM_CAP_MEMORY_ATTRIBUTES),
+        guest_memfd=cap(ioctls.KVM_CAP_GUEST_MEMFD),
+        guest_memfd_flags=cap(ioctls.KVM_CAP_GUEST_MEMFD_FLAGS),
+        readonly_mem=cap(ioctls.KVM_CAP_READONLY_MEM),
+        max_gfn=lo,
+    )
+
+
+# ---------------------------------------------------------------- running a sequence
+
+
+@dataclass
+class _File:
+    engine_fd: int
+    host_fd: int
+    open: bool = True
+
+
+@dataclass
+class _Pair:
+    """A fresh VM on each side, and the files created so far."""
+
+    engine_vm: VirtualMachine
+    host_vm: VmFd
+    files: list[_File | None] = field(default_factory=list)  # one per gmem step; None: it failed
+
+    def file(self, index: int | None) -> _File | None:
+        return self.files[index] if index is not None and index < len(self.files) else None
+
+    def fds(self, index: int | None) -> tuple[int | None, int]:
+        f = self.file(index)
+        if f is None:
+            return None, NO_FD
+        return f.engine_fd, f.host_fd if f.open else NO_FD
+
+    def close(self) -> None:
+        for f in self.files:
+            if f is not None and f.open:
+                os.close(f.host_fd)
+        self.host_vm.close()
+
+
+def _engine(pair: _Pair, step: Step) -> tuple[str, int | None]:
+    vm = pair.engine_vm
+    try:
+        if step["op"] == "set":
+            fd, _ = pair.fds(step.get("file"))
+            req = KvmUserspaceMemoryRegion2(
+                flags=step["flags"],
+                guest_phys_addr=step["gpa"],
+                memory_size=step["size"],
+                userspace_addr=step["hva"],
+                guest_memfd=fd,
+                guest_memfd_offset=step.get("offset", 0),
+            )
+            vm.set_user_memory_region(step["slot"], req)
+        elif step["op"] == "gmem":
+            return "ok", vm.create_guest_memfd(KvmCreateGuestMemfd(size=step["size"], flags=step["flags"])).fd
+        else:
+            f = pair.file(step["file"])
+            assert f is not None
+            vm.close_guest_memfd(f.engine_fd)
+    except KvmError as e:
+        return e.errno, None
+    return "ok", None
+
+
+def _host(pair: _Pair, step: Step) -> tuple[str, int | None]:
+    vm = pair.host_vm
+    try:
+        if step["op"] == "set":
+            if SAFE_PAGES * PAGE < step["size"] < (1 << 31) * PAGE:
+                raise ValueError(f"refusing a {step['size']:#x}-byte slot: the host could accept it at great cost")
+            _, fd = pair.fds(step.get("file"))
+            vm.set_user_memory_region2(
+                step["slot"], step["flags"], step["gpa"], step["size"], step["hva"], fd, step.get("offset", 0)
+            )
+        elif step["op"] == "gmem":
+            return "ok", vm.create_guest_memfd(step["size"], step["flags"])
+        else:
+            f = pair.file(step["file"])
+            assert f is not None
+            os.close(f.host_fd)
+    except HostKvmError as e:
+        return e.errno_name, None
+    return "ok", None
+
+
+@dataclass
+class Outcome:
+    steps: list[Step]
+    results: list[tuple[str, str]]  # (engine, host) per step run
+    diverged_at: int | None
+
+
+def run_sequence(kvm: Kvm, profile: HostProfile, steps: list[Step]) -> Outcome:
+    """Run ``steps`` on a fresh VM pair until they disagree."""
+    engine = Engine(profile.limits())
+    pair = _Pair(engine.create_vm(VmCreate(type=VmType.default, semantics=Semantics.linux)), kvm.create_vm(0))
+    results: list[tuple[str, str]] = []
+    try:
+        for n, step in enumerate(steps):
+            if step["op"] == "close":
+                f = pair.file(step["file"])
+                if f is None or not f.open:
+                    results.append(("skipped", "skipped"))  # nothing to close there
+                    continue
+            (mine, engine_fd), (theirs, host_fd) = _engine(pair, step), _host(pair, step)
+            results.append((mine, theirs))
+            if step["op"] == "gmem":
+                both = engine_fd is not None and host_fd is not None
+                pair.files.append(_File(engine_fd, host_fd) if both else None)  # type: ignore[arg-type]
+                if host_fd is not None and not both:
+                    os.close(host_fd)
+            elif step["op"] == "close" and mine == "ok":
+                f = pair.file(step["file"])
+                assert f is not None
+                f.open = False
+            if mine != theirs:
+                return Outcome(steps, results, n)
+    finally:
+        pair.close()
+    return Outcome(steps, results, None)
+
+
+def shrink(kvm: Kvm, profile: HostProfile, steps: list[Step]) -> Outcome:
+    """Remove steps one at a time while the sequence still diverges, until none can go."""
+    best = run_sequence(kvm, profile, steps)
+    assert best.diverged_at is not None
+    steps = steps[: best.diverged_at + 1]
+    changed = True
+    while changed:
+        changed = False
+        for i in range(len(steps) - 1, -1, -1):
+            trial = _renumber(steps, i)
+            outcome = run_sequence(kvm, profile, trial)
+            if outcome.diverged_at is not None:
+                steps, best, changed = trial[: outcome.diverged_at + 1], outcome, True
+                break
+    return run_sequence(kvm, profile, steps)
+
+
+def _renumber(steps: list[Step], drop: int) -> list[Step]:
+    """``steps`` without step ``drop``; file references after a dropped ``gmem`` shift down."""
+    gone = steps[drop]
+    files_before = sum(1 for s in steps[:drop] if s["op"] == "gmem")
+    out = []
+    for s in steps[:drop] + steps[drop + 1 :]:
+        f = s.get("file")
+        if gone["op"] == "gmem" and isinstance(f, int) and f >= files_before:
+            s = {**s, "file": None if f == files_before else f - 1}
+        if s["op"] == "close" and s.get("file") is None:
+            continue
+        out.append(s)
+    return out
+
+
+# ---------------------------------------------------------------- generating sequences
+
+
+class Generator:
+    """Random sequences biased to the edges where kernel checks live: overlaps and adjacency,
+    alignment, wrap, the slot-id and address-space bits, the user-half limit, max_gfn, guest_memfd
+    offsets and double binding, delete / move / flags-only, READONLY toggles."""
+
+    def __init__(self, rng: random.Random, profile: HostProfile) -> None:
+        self.rng, self.profile = rng, profile
+
+    def sequence(self, length: int) -> list[Step]:
+        self.slots: dict[int, Step] = {}
+        self.files: list[int] = []  # sizes, by creation order
+        return [self.step() for _ in range(length)]
+
+    def step(self) -> Step:
+        r = self.rng.random()
+        if r < 0.2:
+            step = self.gmem()
+        elif r < 0.27 and self.files:
+            step = {"op": "close", "file": self.rng.randrange(len(self.files))}
+        else:
+            step = self.memslot()
+        return step
+
+    def gmem(self) -> Step:
+        rng = self.rng
+        size = rng.choice([PAGE, 2 * PAGE, 0x200000, 0x400000, 0, PAGE + 1, 0x800, 1 << 63, (1 << 63) - PAGE, 1 << 40])
+        flags = rng.choice([0, 0, 0, 1, 2, 3, 4, 8])
+        self.files.append(size)  # files are numbered by gmem step, whether or not it succeeds
+        return {"op": "gmem", "size": size, "flags": flags}
+
+    def memslot(self) -> Step:
+        """Mostly a well-formed request (so later steps meet real slots), with at most one edge."""
+        rng = self.rng
+        if self.slots and rng.random() < 0.45:
+            return self.modify(rng.choice(list(self.slots)))
+        sid = rng.randrange(4)
+        flags = rng.choice([0, 0, 1, 2, 3, 4, 4, 4])
+        npages = rng.choice([1, 1, 2, 4, 16, 512])
+        step: Step = {
+            "op": "set",
+            "slot": sid,
+            "flags": flags,
+            "gpa": self.gpa(npages),
+            "size": npages * PAGE,
+            "hva": 0x1000_0000 + rng.randrange(8) * 0x100_0000,
+        }
+        if rng.random() < 0.4:
+            self.edge(step)
+        if step["flags"] & 4 or rng.random() < 0.05:
+            step |= self.binding(step["size"])
+        if step["size"]:
+            self.slots[step["slot"]] = step
+        return step
+
+    def edge(self, step: Step) -> None:
+        """One parameter at a boundary of a kernel check."""
+        rng = self.rng
+        size = step["size"]
+        kind = rng.randrange(9)
+        if kind == 0:
+            step["slot"] = rng.choice([1, 2, 0x7FFF]) << 16 | step["slot"]
+        elif kind == 1:
+            step["slot"] = rng.choice([32763, 32764, 65535])
+        elif kind == 2:
+            step["flags"] = rng.choice([5, 6, 7, 8, 0x80000000])
+        elif kind == 3:
+            key = rng.choice(["size", "gpa", "hva"])
+            step[key] = (step[key] + 0x800) % (1 << 64)
+        elif kind == 4:
+            # 2^31 pages is refused before anything is allocated; an accepted slot costs the host
+            # per-page metadata (rmaps), so accepted sizes stay small.
+            step["size"] = rng.choice([1 << 31, (1 << 31) + 1]) * PAGE
+        elif kind == 5:
+            top = self.profile.max_gfn + 1
+            step["gpa"] = (top - rng.choice([size // PAGE, size // PAGE - 1, 1])) * PAGE
+        elif kind == 6:
+            step["gpa"] = (1 << 64) - rng.choice([PAGE, size, 2 * size])
+        elif kind == 7:
+            step["hva"] = 0x7FFF_FFFF_F000 - size + rng.choice([0, PAGE])
+        else:
+            step["size"] = 0  # a delete of whatever is (not) there
+
+    def gpa(self, npages: int) -> int:
+        rng = self.rng
+        top = self.profile.max_gfn + 1
+        existing = [s for s in self.slots.values() if s["size"]]
+        choices = [0x1_0000_0000, 0, 0x2000, (top - npages) * PAGE, (top - npages + 1) * PAGE, (1 << 64) - PAGE]
+        if existing:
+            other = rng.choice(existing)
+            start, end = other["gpa"], other["gpa"] + other["size"]
+            choices += [end, start - npages * PAGE, start + PAGE, start] * 2  # adjacency and overlap
+        return (rng.choice(choices) + rng.choice([0] * 16 + [0x800])) % (1 << 64)
+
+    def binding(self, size: int) -> Step:
+        rng = self.rng
+        file = rng.randrange(len(self.files)) if self.files and rng.random() < 0.9 else None
+        fsize = self.files[file] if file is not None else 0
+        offset = rng.choice([0, 0, 0, PAGE, 0x200000, max(0, fsize - size), fsize, 0x800, (1 << 64) - PAGE])
+        return {"file": file, "offset": offset}
+
+    def modify(self, slot: int) -> Step:
+        """Delete, move, flags-only, identical, READONLY toggle, or a changed size/hva of an existing slot."""
+        rng = self.rng
+        old = self.slots[slot]
+        kind = rng.choice(["delete", "move", "flags", "same", "readonly", "size", "hva", "gmem"])
+        step = dict(old)
+        if kind == "delete":
+            step["size"] = 0
+            del self.slots[slot]
+        elif kind == "move":
+            step["gpa"] = self.gpa(old["size"] // PAGE)
+        elif kind == "flags":
+            step["flags"] = old["flags"] ^ 1
+        elif kind == "readonly":
+            step["flags"] = old["flags"] ^ 2
+        elif kind == "size":
+            step["size"] = old["size"] + PAGE
+        elif kind == "hva":
+            step["hva"] = old["hva"] + PAGE
+        elif kind == "gmem":
+            step["flags"] = old["flags"] | 4
+            step |= self.binding(old["size"])
+        return step
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class Report:
+    profile: HostProfile
+    seed: int
+    steps: int = 0
+    vms: int = 0
+    divergences: list[Outcome] = field(default_factory=list)
+
+
+def verify(kvm: Kvm, profile: HostProfile, steps: int, seed: int, progress: Any = None) -> Iterator[Report]:
+    """Run about ``steps`` steps in sequences of 4 to 24; yields the report after each sequence."""
+    rng = random.Random(seed)
+    gen = Generator(rng, profile)
+    report = Report(profile, seed)
+    seen: set[str] = set()
+    while report.steps < steps:
+        seq = gen.sequence(rng.randint(4, 24))
+        outcome = run_sequence(kvm, profile, seq)
+        report.steps += len(outcome.results)
+        report.vms += 1
+        if outcome.diverged_at is not None:
+            small = shrink(kvm, profile, seq)
+            key = repr([(s["op"], r) for s, r in zip(small.steps, small.results, strict=False)])
+            if key not in seen:  # the same shape of divergence once
+                seen.add(key)
+                report.divergences.append(small)
+        yield report
+
+
+def cli_lines(outcome: Outcome) -> list[str]:
+    """The reproducer as ``kvm-memattr`` commands (the engine numbers fds 3, 4, ... as created)."""
+    lines = ["VM=$(kvm-memattr --json vm create --type default --semantics linux | jq -r .id)"]
+    fds: list[int | None] = []
+    next_fd = 3
+    for s, (mine, _) in zip(outcome.steps, outcome.results, strict=False):
+        if s["op"] == "gmem":
+            fds.append(next_fd if mine == "ok" else None)
+            next_fd += mine == "ok"
+            lines.append(f"kvm-memattr gmem create $VM --size {s['size']:#x} --flags {s['flags']}")
+        elif s["op"] == "close" and mine != "skipped":
+            lines.append(f"kvm-memattr gmem close $VM {fds[s['file']]}")
+        elif s["op"] == "set":
+            line = (
+                f"kvm-memattr memslot set $VM {s['slot']:#x} --gpa {s['gpa']:#x} --size {s['size']:#x}"
+                f" --hva {s['hva']:#x} --flags {s['flags']:#x}"
+            )
+            fd = fds[s["file"]] if s.get("file") is not None and s["file"] < len(fds) else None
+            if fd is not None:
+                line += f" --gmem {fd} --gmem-offset {s.get('offset', 0):#x}"
+            lines.append(line)
+    return lines

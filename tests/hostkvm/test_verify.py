@@ -1,0 +1,93 @@
+"""verify-host against this machine's /dev/kvm (``pytest -m host``; skipped without a usable device)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import pytest
+
+from app.cli import main
+from app.core.memslots import AddressSpace, Memslot
+from app.hostkvm import verify as v
+from app.hostkvm.ioctls import HostKvmError, Kvm
+
+pytestmark = [
+    pytest.mark.host,
+    pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="no usable /dev/kvm on this machine"),
+]
+
+
+@pytest.fixture(scope="module")
+def kvm() -> Kvm:
+    return Kvm()
+
+
+@pytest.fixture(scope="module")
+def profile(kvm: Kvm) -> v.HostProfile:
+    return v.read_profile(kvm)
+
+
+def test_profile(profile: v.HostProfile) -> None:
+    assert profile.api_version == 12
+    assert 1 <= profile.address_spaces <= 2 and profile.nr_memslots == 32764
+    assert 0 < profile.max_gfn < 1 << 52
+
+
+def test_the_ioctl_layer_returns_the_kernels_errno(kvm: Kvm) -> None:
+    vm = kvm.create_vm()
+    try:
+        vm.set_user_memory_region2(0, 0, 0x1_0000_0000, 0x200000, 0x1000_0000)
+        with pytest.raises(HostKvmError) as overlap:
+            vm.set_user_memory_region2(1, 0, 0x1_0010_0000, 0x200000, 0x2000_0000)
+        assert overlap.value.errno_name == "EEXIST"
+        with pytest.raises(HostKvmError) as unaligned:
+            vm.set_user_memory_region2(2, 0, 0x800, 0x1000, 0x3000_0000)
+        assert unaligned.value.errno_name == "EINVAL"
+        fd = vm.create_guest_memfd(0x200000)
+        assert fd > 2
+        os.close(fd)
+    finally:
+        vm.close()
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_engine_agrees_with_the_host(kvm: Kvm, profile: v.HostProfile, seed: int) -> None:
+    seen: collections.Counter[str] = collections.Counter()
+    report = list(v.verify(kvm, profile, 4000, seed))[-1]
+    assert report.steps >= 4000
+    assert report.divergences == [], [d.steps for d in report.divergences]
+    # The sequences reach every kind of answer, not only EINVAL.
+    rng_outcomes = v.run_sequence(kvm, profile, v.Generator(__import__("random").Random(seed), profile).sequence(400))
+    seen.update(theirs for _, theirs in rng_outcomes.results)
+    assert {"ok", "EINVAL", "EEXIST"} <= seen.keys()
+
+
+def test_a_planted_bug_is_found_and_shrunk(kvm: Kvm, profile: v.HostProfile, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Allow overlapping memslots in the engine: verify-host must report it in at most 3 steps."""
+
+    def never_overlaps(self: AddressSpace, start: int, end: int, exclude: Memslot | None) -> bool:
+        return False
+
+    monkeypatch.setattr(AddressSpace, "overlaps_other", never_overlaps)
+    report = None
+    for report in v.verify(kvm, profile, 2000, 1):
+        if report.divergences:
+            break
+    assert report is not None and report.divergences
+    d = report.divergences[0]
+    assert len(d.steps) <= 3
+    mine, theirs = d.results[-1]
+    assert theirs == "EEXIST" and mine != "EEXIST", d
+    lines = v.cli_lines(d)
+    assert lines[0].startswith("VM=$(kvm-memattr") and sum("memslot set" in line for line in lines) >= 2
+
+
+def test_cli_json_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--json", "verify-host", "--steps", "300", "--seed", "5"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["divergences"] == [] and doc["steps"] >= 300 and doc["profile"]["api_version"] == 12
+    assert main(["verify-host", "--device", "/nonexistent/kvm"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a usable KVM device" in err and "Traceback" not in err
