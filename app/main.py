@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app import web
 from app.api import problems
 from app.api.metrics import Metrics
 from app.api.middleware import ServiceMiddleware
@@ -106,6 +107,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     problems.install(app)
     app.include_router(system.router)
+    web.install(app)
     # Hot paths first: routing tries routes in order.
     for router in (
         attributes.router,

@@ -130,8 +130,12 @@ def install(app: FastAPI) -> None:
 
 def _allowed_methods(request: Request) -> set[str]:
     # Read from the OpenAPI paths rather than router internals, which differ across FastAPI versions.
+    # As OpenAPI resolves paths, a concrete path (/v1/vms/import) wins over a template (/v1/vms/{vm_id}).
+    paths = request.app.openapi().get("paths", {})
+    if request.url.path in paths:
+        return {m.upper() for m in paths[request.url.path]}
     methods: set[str] = set()
-    for template, item in request.app.openapi().get("paths", {}).items():
+    for template, item in paths.items():
         if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)), request.url.path):
             methods |= {m.upper() for m in item}
     return methods

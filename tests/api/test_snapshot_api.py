@@ -132,3 +132,10 @@ def test_import_budgets_and_large_documents() -> None:
         client.post("/v1/vms", json={})
         assert_problem(client.post("/v1/vms/import", json=client.get(f"/v1/vms/{vm}/snapshot").json()), 507, "ENOMEM")
         assert len(client.get("/v1/vms").json()["vms"]) == 3
+
+
+def test_import_path_allows_only_post(client: TestClient) -> None:
+    """A concrete path wins over /v1/vms/{vm_id} (found by schemathesis)."""
+    r = client.options("/v1/vms/import")
+    assert_problem(r, 405, "EINVAL")
+    assert r.headers["allow"] == "POST"

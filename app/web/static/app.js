@@ -1,0 +1,548 @@
+// kvm-memattr memory map: draws one VM's gfn space from the JSON API. No framework, no CDN.
+"use strict";
+
+const MAX_GFN = BigInt(document.body.dataset.maxGfn);
+const GFN_LIMIT = 1n << 52n;
+const LABEL_W = 130;
+const LANE_H = 26;
+const PROTOCOL = new Set(["invalidate_begin", "invalidate_range_add", "unmap", "tlb_flush",
+  "attributes_store", "invalidate_end", "attributes_rollback", "attributes_store_failed"]);
+const $ = (sel) => document.querySelector(sel);
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+const state = {
+  token: sessionStorage.getItem("kvm-memattr-token") || "",
+  vm: null,
+  start: 0n,
+  end: MAX_GFN + 1n,
+  lastEvent: 0,
+  traceSince: 0,  // events up to here were there when the VM was opened: not highlighted
+  stream: null,
+  poll: null,
+  drawn: 0,
+};
+
+// ------------------------------------------------------------------ the API
+
+async function api(method, path, body) {
+  const headers = {};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  if (state.token) headers["Authorization"] = `Bearer ${state.token}`;
+  const r = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (r.status === 204) return null;
+  const data = await r.json();
+  if (!r.ok) {
+    if (r.status === 401 || r.status === 403) $("#token-form").hidden = false;
+    const err = new Error(data.detail || r.statusText);
+    err.errno = data.errno || String(r.status);
+    err.status = r.status;
+    throw err;
+  }
+  return data;
+}
+
+function showError(err) {
+  const box = $("#error");
+  box.hidden = false;
+  box.replaceChildren();
+  const b = document.createElement("b");
+  b.textContent = err.errno || "error";
+  box.append(b, ` (HTTP ${err.status || "?"}): ${err.message}`);
+}
+
+function clearError() { $("#error").hidden = true; }
+
+async function act(fn) {
+  clearError();
+  try {
+    const result = await fn();
+    if (result !== undefined) $("#last-result").textContent = summarize(result);
+  } catch (err) {
+    showError(err);
+  }
+  if (state.vm) await refresh();
+}
+
+function summarize(result) {
+  if (!result || typeof result !== "object") return String(result);
+  const keep = ["change", "outcome", "retry_reason", "noop", "invalidated", "pages_zapped", "tlb_flushed",
+    "mapped_pages", "already_mapped_pages", "stopped", "id", "fail_nth", "fd"];
+  const parts = keep.filter((k) => k in result).map((k) => `${k}=${JSON.stringify(result[k])}`);
+  if (result.exit) parts.push(`exit=${result.exit.reason}(${result.exit.reason_code}) flags=${result.exit.flags}`);
+  return parts.join("  ");
+}
+
+const num = (text) => BigInt(String(text).trim());
+const hex = (n) => "0x" + BigInt(n).toString(16);
+
+// ------------------------------------------------------------------ VMs
+
+async function loadVms() {
+  const { vms } = await api("GET", "/v1/vms");
+  const list = $("#vms");
+  list.replaceChildren();
+  for (const vm of vms) {
+    const li = document.createElement("li");
+    li.dataset.id = vm.id;
+    li.className = state.vm && state.vm.id === vm.id ? "selected" : "";
+    const label = document.createElement("span");
+    label.textContent = `${vm.name || vm.id.slice(0, 8)} · ${vm.type} · ${vm.semantics}`;
+    const del = document.createElement("button");
+    del.textContent = "delete";
+    del.title = "destroy this VM";
+    del.addEventListener("click", (e) => { e.stopPropagation(); act(() => deleteVm(vm.id)); });
+    li.append(label, del);
+    li.addEventListener("click", () => selectVm(vm.id));
+    list.append(li);
+  }
+  return vms;
+}
+
+async function deleteVm(id) {
+  await api("DELETE", `/v1/vms/${id}`);
+  if (state.vm && state.vm.id === id) {
+    state.vm = null;
+    stopTrace();
+    $("#vm-view").hidden = true;
+    $("#mmu-panel").hidden = true;
+  }
+  await loadVms();
+}
+
+async function selectVm(id) {
+  clearError();
+  state.vm = await api("GET", `/v1/vms/${id}`);
+  state.start = 0n;
+  state.end = MAX_GFN + 1n;
+  state.lastEvent = 0;
+  $("#events").replaceChildren();
+  $("#vm-view").hidden = false;
+  $("#mmu-panel").hidden = false;
+  $("#vm-title").textContent = `${state.vm.name || state.vm.id} (${state.vm.type}, ${state.vm.semantics})`;
+  $("#convert-api").textContent = state.vm.semantics === "linux" ? "KVM_SET_MEMORY_ATTRIBUTES" : "KVM_MEMORY_ENCRYPT_{REG,UNREG}_REGION";
+  await loadVms();
+  await refresh();
+  await startTrace();
+}
+
+async function refresh() {
+  if (!state.vm) return;
+  try {
+    state.vm = await api("GET", `/v1/vms/${state.vm.id}`);
+  } catch (err) {
+    showError(err);
+    return;
+  }
+  drawMmu(state.vm.mmu);
+  await Promise.all([drawMap(), drawNotifiers()]);
+}
+
+function drawMmu(mmu) {
+  const rows = [
+    ["mmu_invalidate_seq", mmu.mmu_invalidate_seq],
+    ["in_progress", mmu.mmu_invalidate_in_progress],
+    ["range", mmu.mmu_invalidate_range_start === null ? "INVALID_GPA" :
+      `[${hex(mmu.mmu_invalidate_range_start)}, ${hex(mmu.mmu_invalidate_range_end)})`],
+    ["mapped pages", mmu.mapped_pages],
+    ["open notifiers", mmu.open_notifier_invalidations],
+    ...Object.entries(mmu.stats),
+  ];
+  const table = $("#mmu");
+  table.replaceChildren();
+  for (const [k, v] of rows) {
+    const tr = table.insertRow();
+    tr.dataset.key = k;
+    tr.insertCell().textContent = k;
+    tr.insertCell().textContent = String(v);
+  }
+}
+
+// ------------------------------------------------------------------ the map
+
+function el(name, attrs, parent) {
+  const node = document.createElementNS(SVG_NS, name);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  if (parent) parent.append(node);
+  return node;
+}
+
+function plotWidth() { return Math.max(200, $("#map").clientWidth - LABEL_W - 10); }
+
+function xOf(gfn) {
+  const span = Number(state.end - state.start);
+  return LABEL_W + (Number(BigInt(gfn) - state.start) / span) * plotWidth();
+}
+
+function gfnAt(x) {
+  const span = state.end - state.start;
+  const frac = Math.min(Math.max((x - LABEL_W) / plotWidth(), 0), 0.999999);
+  return state.start + BigInt(Math.floor(frac * Number(span)));
+}
+
+async function drawMap() {
+  const vm = state.vm;
+  const buckets = Math.min(4096, Math.max(1, Math.floor(plotWidth() / 2)));
+  const q = `start_gfn=${hex(state.start)}&end_gfn=${hex(state.end)}&buckets=${buckets}`;
+  const map = await api("GET", `/v1/vms/${vm.id}/memory-map?${q}`);
+  const span = state.end - state.start;
+  const detail = span <= 4096n;
+  const runs = detail ? await Promise.all([...Array(vm.address_spaces).keys()].map((as) =>
+    api("GET", `/v1/vms/${vm.id}/mappings?as_id=${as}&${q.split("&buckets")[0]}&limit=10000`))) : null;
+
+  const svg = $("#map");
+  [...svg.children].forEach((c) => { if (c.tagName !== "defs") c.remove(); });
+  const lanes = ["attributes", "memslots", ...[...Array(vm.address_spaces).keys()].map((a) => `mappings as${a}`)];
+  const height = lanes.length * (LANE_H + 6) + 34;
+  svg.setAttribute("height", height);
+  const g = el("g", {}, svg);
+  lanes.forEach((name, i) => {
+    const t = el("text", { x: 4, y: 10 + i * (LANE_H + 6) + LANE_H / 2 + 4 }, g);
+    t.textContent = name;
+  });
+  const laneY = (i) => 10 + i * (LANE_H + 6);
+
+  for (const b of map.buckets) {
+    const x0 = xOf(b.start_gfn);
+    const w = Math.max(xOf(b.end_gfn) - x0, 0.5);
+    const n = b.end_gfn - b.start_gfn;
+    const priv = b.private_pages / n;
+    el("rect", { x: x0, y: laneY(0), width: w, height: LANE_H, class: "shared" }, g);
+    if (priv > 0) {
+      const h = Math.max(LANE_H * priv, 2);
+      el("rect", { x: x0, y: laneY(0) + LANE_H - h, width: w, height: h, fill: "url(#pat-private)" }, g);
+    }
+    if (!detail) {
+      b.mapped_pages.forEach((m, as) => {
+        if (m > 0) {
+          const h = Math.max(LANE_H * (m / n), 2);
+          el("rect", { x: x0, y: laneY(2 + as) + LANE_H - h, width: w, height: h, class: "mapped" }, g);
+        }
+      });
+    }
+  }
+  for (const s of map.memslots) {
+    const a = BigInt(s.base_gfn) > state.start ? BigInt(s.base_gfn) : state.start;
+    const endGfn = BigInt(s.base_gfn) + BigInt(s.npages);
+    const b = endGfn < state.end ? endGfn : state.end;
+    const gmem = (s.flags & 4) !== 0;
+    const r = el("rect", { x: xOf(a), y: laneY(1), width: Math.max(xOf(b) - xOf(a), 1), height: LANE_H,
+      fill: gmem ? "url(#pat-gmem)" : "#8a8f98", "data-slot": s.slot }, g);
+    r.classList.add("slot-rect");
+    if (xOf(b) - xOf(a) > 70) {
+      const t = el("text", { x: xOf(a) + 4, y: laneY(1) + LANE_H - 8 }, g);
+      t.textContent = `slot ${s.slot}${gmem ? " gmem" : ""}`;
+    }
+  }
+  if (detail) {
+    runs.forEach((page, as) => {
+      for (const r of page.runs) {
+        const x0 = xOf(r.start_gfn);
+        el("rect", { x: x0, y: laneY(2 + as), width: Math.max(xOf(r.end_gfn) - x0, 1), height: LANE_H,
+          fill: r.private ? "url(#pat-private)" : "#2e9e5b", stroke: r.writable ? "none" : "#1d2330" }, g);
+      }
+    });
+    if (span <= 64n) {  // single pages: draw each boundary and number
+      for (let gfn = state.start; gfn <= state.end; gfn++) {
+        el("line", { x1: xOf(gfn), x2: xOf(gfn), y1: laneY(0), y2: laneY(lanes.length) - 6, stroke: "#fff" }, g);
+      }
+    }
+  }
+  if (map.invalidation) {
+    const a = BigInt(map.invalidation.start_gfn) > state.start ? BigInt(map.invalidation.start_gfn) : state.start;
+    const b = BigInt(map.invalidation.end_gfn) < state.end ? BigInt(map.invalidation.end_gfn) : state.end;
+    el("rect", { x: xOf(a), y: 4, width: Math.max(xOf(b) - xOf(a), 2), height: laneY(lanes.length) - 6,
+      class: "inval" }, g);
+    const t = el("text", { x: xOf(a) + 2, y: laneY(lanes.length) + 8 }, g);
+    t.textContent = `open invalidation [${hex(map.invalidation.start_gfn)}, ${hex(map.invalidation.end_gfn)})`;
+  }
+  const axis = el("text", { x: LABEL_W, y: height - 4 }, g);
+  axis.textContent = `gfn ${hex(state.start)} (gpa ${hex(state.start << 12n)})`;
+  const axisEnd = el("text", { x: LABEL_W + plotWidth(), y: height - 4, "text-anchor": "end" }, g);
+  axisEnd.textContent = `gfn ${hex(state.end)}`;
+  $("#window").textContent = `window [${hex(state.start)}, ${hex(state.end)}): ${span} gfns, ${map.buckets.length} buckets`;
+  state.drawn += 1;
+  svg.dataset.drawn = String(state.drawn);
+  window.kvmMemattrDrawnAt = performance.now();
+}
+
+function zoomTo(start, end) {
+  const min = 8n;
+  if (end - start < min) {
+    const mid = (start + end) / 2n;
+    start = mid - min / 2n;
+    end = start + min;
+  }
+  if (start < 0n) { end -= start; start = 0n; }
+  if (end > GFN_LIMIT) { start -= end - GFN_LIMIT; end = GFN_LIMIT; }
+  state.start = start < 0n ? 0n : start;
+  state.end = end;
+  return drawMap().catch(showError);
+}
+
+let drag = null;
+let hoverTimer = null;
+
+function setupMap() {
+  const svg = $("#map");
+  svg.addEventListener("wheel", (e) => {
+    e.preventDefault();
+    const at = gfnAt(e.offsetX);
+    const span = state.end - state.start;
+    const next = e.deltaY < 0 ? span / 2n : span * 2n;
+    const left = BigInt(Math.round(Number(at - state.start) * Number(next) / Number(span)));
+    zoomTo(at - left, at - left + next);
+  }, { passive: false });
+  svg.addEventListener("mousedown", (e) => {
+    drag = { x: e.offsetX, rect: el("rect", { x: e.offsetX, y: 0, width: 0, height: svg.clientHeight, class: "selection" }, svg) };
+  });
+  svg.addEventListener("mousemove", (e) => {
+    if (drag) {
+      const x = Math.min(drag.x, e.offsetX);
+      drag.rect.setAttribute("x", x);
+      drag.rect.setAttribute("width", Math.abs(e.offsetX - drag.x));
+    }
+    hover(e);
+  });
+  svg.addEventListener("mouseup", (e) => {
+    if (!drag) return;
+    const d = drag;
+    drag = null;
+    d.rect.remove();
+    if (Math.abs(e.offsetX - d.x) > 4) {
+      const a = gfnAt(Math.min(d.x, e.offsetX));
+      const b = gfnAt(Math.max(d.x, e.offsetX)) + 1n;
+      zoomTo(a, b);
+    }
+  });
+  svg.addEventListener("mouseleave", () => { $("#tooltip").hidden = true; });
+  $("#zoom-all").addEventListener("click", () => zoomTo(0n, MAX_GFN + 1n));
+  $("#zoom-out").addEventListener("click", () => {
+    const span = state.end - state.start;
+    zoomTo(state.start - span / 2n, state.end + span / 2n);
+  });
+  $("#jump").addEventListener("submit", (e) => {
+    e.preventDefault();
+    try {
+      const gfn = num(new FormData(e.target).get("gpa")) >> 12n;
+      zoomTo(gfn - 16n, gfn + 16n);
+    } catch (err) {
+      showError({ errno: "EINVAL", status: 0, message: "a gpa is decimal or 0x hex" });
+    }
+  });
+}
+
+function hover(e) {
+  if (e.offsetX < LABEL_W || !state.vm) return;
+  const gfn = gfnAt(e.offsetX);
+  const tip = $("#tooltip");
+  tip.hidden = false;
+  tip.style.left = `${e.clientX + 14}px`;
+  tip.style.top = `${e.clientY + 14}px`;
+  tip.textContent = `gfn ${hex(gfn)}  gpa ${hex(gfn << 12n)}`;
+  clearTimeout(hoverTimer);
+  hoverTimer = setTimeout(async () => {
+    try {
+      const info = await api("GET", `/v1/vms/${state.vm.id}/gfns/${hex(gfn)}`);
+      const slots = info.memslots.map((s) => `as${s.as_id} slot ${s.slot}`).join(", ") || "none";
+      const maps = info.mappings.map((m) => `as${m.as_id} ${m.private ? "private" : "shared"}${m.writable ? " writable" : " read-only"}`).join(", ") || "not mapped";
+      tip.textContent = `gfn ${hex(info.gfn)}  gpa ${hex(info.gpa)}\nattributes ${info.attributes} (${info.private ? "private" : "shared"})\nmemslot ${slots}\nmapping ${maps}`;
+    } catch (err) { /* the VM may be gone: the tooltip keeps the address */ }
+  }, 60);
+}
+
+// ------------------------------------------------------------------ the trace
+
+async function startTrace() {
+  stopTrace();
+  const id = state.vm.id;
+  try {  // the id of the newest event now: later ones are highlighted as they arrive
+    let page = await api("GET", `/v1/vms/${id}/events?limit=1`);
+    while (page.next_after !== null) page = await api("GET", `/v1/vms/${id}/events?after=${page.next_after}&limit=10000`);
+    const last = page.events[page.events.length - 1];
+    state.traceSince = last ? last.id : 0;
+  } catch (err) { state.traceSince = 0; }
+  const onEvent = (ev) => {
+    if (ev.id <= state.lastEvent) return;
+    state.lastEvent = ev.id;
+    const li = document.createElement("li");
+    li.value = ev.id;
+    li.dataset.type = ev.type;
+    li.className = (ev.id > state.traceSince ? "new" : "") + (PROTOCOL.has(ev.type) ? " protocol" : "");
+    const extra = Object.entries(ev).filter(([k]) => !["id", "time", "type"].includes(k))
+      .map(([k, v]) => `${k}=${typeof v === "number" && v >= 0x10000 ? hex(v) : JSON.stringify(v)}`).join(" ");
+    li.textContent = `${ev.type} ${extra}`;
+    const list = $("#events");
+    list.append(li);
+    while (list.children.length > 300) list.firstChild.remove();
+    list.scrollTop = list.scrollHeight;
+    setTimeout(() => li.classList.remove("new"), 2500);
+  };
+  const poll = async () => {
+    try {
+      const page = await api("GET", `/v1/vms/${id}/events?after=${state.lastEvent}&limit=500`);
+      page.events.forEach(onEvent);
+    } catch (err) { /* polling resumes on the next tick */ }
+  };
+  if (state.token || !window.EventSource) {  // EventSource cannot send a bearer token
+    $("#trace-mode").textContent = "(polling)";
+    state.poll = setInterval(poll, 500);
+    poll();
+    return;
+  }
+  $("#trace-mode").textContent = "(live)";
+  const es = new EventSource(`/v1/vms/${id}/events/stream?after=${state.lastEvent}`);
+  es.addEventListener("trace", (m) => onEvent(JSON.parse(m.data)));
+  es.onerror = () => {
+    es.close();
+    if (state.stream === es && state.vm && state.vm.id === id) {
+      $("#trace-mode").textContent = "(polling)";
+      state.poll = setInterval(poll, 500);
+    }
+  };
+  state.stream = es;
+}
+
+function stopTrace() {
+  if (state.stream) state.stream.close();
+  if (state.poll) clearInterval(state.poll);
+  state.stream = null;
+  state.poll = null;
+}
+
+// ------------------------------------------------------------------ actions
+
+async function drawNotifiers() {
+  const { invalidations } = await api("GET", `/v1/vms/${state.vm.id}/mmu-notifier/invalidations`);
+  const box = $("#notifiers");
+  box.replaceChildren();
+  for (const inv of invalidations) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = `end #${inv.id}`;
+    b.addEventListener("click", () => act(() => api("DELETE", `/v1/vms/${state.vm.id}/mmu-notifier/invalidations/${inv.id}`)));
+    box.append(b);
+  }
+}
+
+function form(id, handler) {
+  $(id).addEventListener("submit", (e) => {
+    e.preventDefault();
+    const data = Object.fromEntries(new FormData(e.target));
+    act(() => handler(data, e.target));
+  });
+}
+
+function setupActions() {
+  form("#create-vm", async (d) => {
+    const vm = await api("POST", "/v1/vms", { type: d.type, semantics: d.semantics, name: d.name || null });
+    await selectVm(vm.id);
+    return vm;
+  });
+  const vmPath = (tail) => `/v1/vms/${state.vm.id}${tail}`;
+  form("#add-slot", async (d) => {
+    const body = { guest_phys_addr: d.gpa, memory_size: d.size, userspace_addr: d.hva };
+    if (d.gmem) {
+      const f = await api("POST", vmPath("/guest-memfds"), { size: d.size });
+      Object.assign(body, { flags: 4, guest_memfd: f.fd });
+    }
+    return api("PUT", vmPath(`/memslots/${d.slot}`), body);
+  });
+  form("#convert", (d) => {
+    if (state.vm.semantics === "linux") {
+      return api("PUT", vmPath("/memory-attributes"), { address: d.gpa, size: d.size, attributes: d.to === "private" ? 8 : 0 });
+    }
+    return api("POST", vmPath(`/memory-encrypt/${d.to === "private" ? "reg" : "unreg"}-region`), { addr: d.gpa, size: d.size });
+  });
+  form("#fault", (d) => {
+    const body = { gpa: d.gpa, write: Boolean(d.write) };
+    if (d.access) body.private = d.access === "true";
+    if (d.mmu_seq) body.mmu_seq = d.mmu_seq;
+    return api("POST", vmPath("/faults"), body);
+  });
+  form("#prefault", (d) => api("POST", vmPath("/prefault"), { gpa: d.gpa, size: d.size }));
+  form("#notifier", (d) => api("POST", vmPath("/mmu-notifier/invalidations"), { hva_start: d.hva_start, hva_end: d.hva_end }));
+  form("#inject", (d) => api("PUT", vmPath("/fault-injection"), { fail_nth: d.fail_nth ? Number(d.fail_nth) : null }));
+  $("#token-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    state.token = $("#token").value;
+    sessionStorage.setItem("kvm-memattr-token", state.token);
+    $("#token-form").hidden = true;
+    clearError();
+    boot();
+  });
+}
+
+// ------------------------------------------------------------------ the explorer
+
+async function loadVariants() {
+  const { variants } = await api("GET", "/v1/explorer/variants");
+  const select = $("#explore select[name=variant]");
+  select.replaceChildren(...variants.map((v) => {
+    const o = document.createElement("option");
+    o.value = o.textContent = v.name;
+    o.title = v.description;
+    if (v.name === "reviewer-reorder") o.selected = true;
+    return o;
+  }));
+}
+
+function setupExplorer() {
+  $("#explore").addEventListener("submit", async (e) => {
+    e.preventDefault();
+    clearError();
+    const d = Object.fromEntries(new FormData(e.target));
+    const body = { variant: d.variant, npages: Number(d.npages), to: d.to, fault_gfn_offset: Number(d.fault_gfn_offset),
+      fault_access: d.fault_access, fail_nth: d.fail_nth ? Number(d.fail_nth) : null };
+    try {
+      drawRun(await api("POST", "/v1/explorer/runs", body));
+    } catch (err) { showError(err); }
+  });
+}
+
+function drawRun(run) {
+  const o = run.outcomes;
+  const ce = run.counterexample;
+  $("#explore-verdict").textContent = `${run.variant}: ${run.violations} of ${run.schedules} schedules violate an invariant` +
+    ` (fault outcomes: mapped ${o.mapped}, retry ${o.retry}, memory_fault_exit ${o.memory_fault_exit})` +
+    (ce ? ` — shortest counterexample: ${ce.violated}: ${ce.detail}` : "");
+  const table = $("#timeline");
+  table.replaceChildren();
+  if (!ce) return;
+  const head = table.insertRow();
+  for (const h of ["#", "vCPU", "conversion", "seq", "in_progress", "attributes", "spte"]) {
+    const th = document.createElement("th");
+    th.textContent = h;
+    head.append(th);
+  }
+  ce.trace.forEach((t, i) => {
+    const tr = table.insertRow();
+    if (i === ce.trace.length - 1) tr.className = "last";
+    tr.insertCell().textContent = String(i + 1);
+    const v = tr.insertCell(); v.className = "vcpu"; v.textContent = t.actor === "vcpu" ? t.step : "";
+    const c = tr.insertCell(); c.className = "conversion"; c.textContent = t.actor === "conversion" ? t.step : "";
+    tr.insertCell().textContent = String(t.seq);
+    tr.insertCell().textContent = String(t.in_progress);
+    tr.insertCell().textContent = t.attributes.map((p) => (p ? "P" : "s")).join("");
+    tr.insertCell().textContent = t.mapping === null ? "-" : (t.mapping.private ? "P" : "s");
+  });
+}
+
+// ------------------------------------------------------------------ start
+
+async function boot() {
+  try {
+    const vms = await loadVms();
+    await loadVariants();
+    const wanted = new URLSearchParams(location.search).get("vm");
+    const first = vms.find((v) => v.id === wanted) || (wanted ? null : vms[0]);
+    if (first) await selectVm(first.id);
+  } catch (err) {
+    showError(err);
+  }
+}
+
+setupMap();
+setupActions();
+setupExplorer();
+boot();
+window.addEventListener("resize", () => { if (state.vm) drawMap().catch(showError); });

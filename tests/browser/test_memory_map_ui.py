@@ -1,0 +1,169 @@
+"""The memory-map page in Debian's Chromium (headless, no internet), driven as a person would.
+
+Run by `.ci/run` after it installs Chromium: `pytest -m browser`. It saves the screenshot the
+README shows, docs/memory-map.png.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from playwright.sync_api import Browser as PwBrowser
+from playwright.sync_api import Page, expect, sync_playwright
+
+from tests.browser.test_swagger_ui import ARGS, CHROMIUM
+from tests.live import ROOT, live_server
+
+pytestmark = pytest.mark.browser
+
+
+class Browser:
+    def __init__(self, page: Page, url: str) -> None:
+        self.page, self.url = page, url
+        self.outside: list[str] = []
+        self.errors: list[str] = []
+        # Everything must come from the service itself; the page must run without errors.
+        page.on("request", lambda r: self.outside.append(r.url) if not r.url.startswith(url) else None)
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    def drawn(self) -> int:
+        return int(self.page.locator("#map").get_attribute("data-drawn") or 0)
+
+    def wait_redraw(self, before: int) -> None:
+        self.page.wait_for_function(f"Number(document.querySelector('#map').dataset.drawn) > {before}")
+
+    def mmu(self, key: str) -> str:
+        return self.page.locator(f'#mmu tr[data-key="{key}"] td').nth(1).inner_text()
+
+    def submit(self, form: str, **fields: str) -> None:
+        before = self.drawn()
+        for name, value in fields.items():
+            self.page.locator(f"{form} [name={name}]").fill(value)
+        self.page.locator(f"{form} button[type=submit]").click()
+        self.wait_redraw(before)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[PwBrowser]:
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def browser(chromium: PwBrowser) -> Iterator[Browser]:
+    with live_server() as (url, _):
+        page = chromium.new_page(viewport={"width": 1400, "height": 1100})
+        yield Browser(page, url)
+        page.close()
+
+
+def test_a_conversion_seen_on_the_map(browser: Browser) -> None:
+    page = browser.page
+    page.goto(browser.url + "/")
+    expect(page).to_have_url(re.compile(r"/ui$"))
+    expect(page.get_by_role("link", name="API (Swagger UI)")).to_have_attribute("href", "/docs")
+
+    page.locator("#create-vm [name=type]").select_option("sw_protected")
+    page.locator("#create-vm [name=semantics]").select_option("linux")
+    page.locator("#create-vm [name=name]").fill("browser")
+    page.locator("#create-vm button").click()
+    expect(page.locator("#vm-title")).to_contain_text("browser (sw_protected, linux)")
+    page.wait_for_selector("#map[data-drawn]")
+
+    browser.submit("#add-slot", slot="10", gpa="0x100000000", size="0x400000", hva="0x7f0000000000")
+    expect(page.locator("#map rect.slot-rect")).to_have_count(1)
+    expect(page.locator("#last-result")).to_contain_text('change="create"')
+
+    browser.submit("#fault", gpa="0x100000000")
+    expect(page.locator("#last-result")).to_contain_text('outcome="mapped"')
+    assert browser.mmu("mapped pages") == "1"
+    assert browser.mmu("mmu_invalidate_seq") == "0"
+
+    browser.submit("#convert", gpa="0x100000000", size="0x200000")
+    expect(page.locator("#last-result")).to_contain_text("pages_zapped=1")
+    assert browser.mmu("mmu_invalidate_seq") == "1"
+    assert browser.mmu("mapped pages") == "0"
+    # The trace shows the protocol, in order, highlighted as it arrives.
+    page.wait_for_selector('#events li[data-type="invalidate_end"]')
+    types = page.locator("#events li").evaluate_all("els => els.map(e => e.dataset.type)")
+    steps = [t for t in types if t in ("invalidate_begin", "unmap", "tlb_flush", "attributes_store", "invalidate_end")]
+    assert steps[-5:] == ["invalidate_begin", "unmap", "tlb_flush", "attributes_store", "invalidate_end"]
+    expect(page.locator("#events li.protocol").first).to_be_visible()
+
+    # The attributes lane now holds private (hatched) pages; hover names the gfn, its slot and attributes.
+    page.evaluate("zoomTo(0x100000n, 0x100400n)")
+    browser.wait_redraw(browser.drawn() - 1)
+    assert page.locator('#map rect[fill="url(#pat-private)"]').count() > 0
+    box = page.locator("#map").bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + 140, box["y"] + 20)
+    expect(page.locator("#tooltip")).to_contain_text(re.compile(r"gfn 0x1000[0-9a-f]{2}  gpa 0x1000"))
+    expect(page.locator("#tooltip")).to_contain_text("attributes 8 (private)")
+    expect(page.locator("#tooltip")).to_contain_text("slot 10")
+
+    # Down to single pages with the wheel.
+    for _ in range(12):
+        before = browser.drawn()
+        page.mouse.move(box["x"] + 300, box["y"] + 40)
+        page.mouse.wheel(0, -100)
+        browser.wait_redraw(before)
+    expect(page.locator("#window")).to_contain_text(": 8 gfns")
+
+    # An error shows its errno and detail.
+    browser.submit("#convert", gpa="0x100000800", size="0x1000")
+    expect(page.locator("#error")).to_contain_text("EINVAL")
+    expect(page.locator("#error")).to_contain_text("4 KiB aligned")
+
+    # The picture the README opens with.
+    browser.submit("#prefault", gpa="0x100200000", size="0x100000")
+    browser.submit("#notifier", hva_start="0x7f0000300000", hva_end="0x7f0000310000")
+    expect(page.locator("#notifiers button")).to_have_count(1)
+    page.evaluate("zoomTo(0xfff80n, 0x100480n)")
+    page.locator("#explore button").click()
+    expect(page.locator("#timeline tr")).to_have_count(8)
+    page.screenshot(path=str(ROOT / "docs" / "memory-map.png"), full_page=True)
+
+    assert browser.outside == [], "every request stays on the service"
+    # Chromium logs the one provoked 422 as a failed load; nothing else may be logged as an error.
+    network = [e for e in browser.errors if e.startswith("Failed to load resource")]
+    assert len(network) == 1 and "422" in network[0]
+    assert [e for e in browser.errors if e not in network] == []
+    browser.errors.clear()
+
+
+def test_the_explorer_view(browser: Browser) -> None:
+    page = browser.page
+    page.goto(browser.url + "/ui")
+    page.locator("#explore [name=variant]").select_option("reviewer-reorder")
+    page.locator("#explore [name=fail_nth]").fill("2")
+    page.locator("#explore button").click()
+    expect(page.locator("#explore-verdict")).to_contain_text("7 of 19 schedules violate an invariant")
+    expect(page.locator("#explore-verdict")).to_contain_text("stale_mapping")
+    last = page.locator("#timeline tr.last td")
+    expect(last.nth(1)).to_have_text("install_spte")
+    expect(last.nth(6)).to_have_text("P")
+    page.locator("#explore [name=variant]").select_option("rfc-v9")
+    page.locator("#explore button").click()
+    expect(page.locator("#explore-verdict")).to_contain_text("0 of 32 schedules")
+    assert browser.errors == [], browser.errors
+
+
+def test_with_a_token(chromium: PwBrowser) -> None:
+    with live_server(env={"KVM_MEMATTR_API_TOKEN": "s3cret"}) as (url, _):
+        page = chromium.new_page()
+        page.goto(url + "/ui")
+        expect(page.locator("#error")).to_contain_text("EPERM")
+        expect(page.locator("#token-form")).to_be_visible()
+        expect(page.locator("#token-form")).to_be_visible()
+        page.locator("#token").fill("s3cret")
+        page.locator("#token-form button").click()
+        page.locator("#create-vm button").click()
+        page.wait_for_selector("#map[data-drawn]")
+        expect(page.locator("#trace-mode")).to_have_text("(polling)")
+        assert page.evaluate("sessionStorage.getItem('kvm-memattr-token')") == "s3cret"
+        page.close()
