@@ -13,8 +13,11 @@ RUN python3 -m venv /opt/kvm-memattr \
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="kvm-memattr" \
       org.opencontainers.image.description="A virtual KVM memory-attribute controller behind a REST API"
+# The state directory exists and belongs to the service, so a named volume mounted there (it takes
+# the image's ownership when first created) is writable by uid 10001.
 RUN groupadd --system --gid 10001 kvm-memattr \
-    && useradd --system --uid 10001 --gid kvm-memattr --home-dir /var/lib/kvm-memattr --create-home kvm-memattr
+    && useradd --system --uid 10001 --gid kvm-memattr --home-dir /var/lib/kvm-memattr --create-home kvm-memattr \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/kvm-memattr/state
 COPY --from=build /opt/kvm-memattr /opt/kvm-memattr
 ENV PATH=/opt/kvm-memattr/bin:$PATH \
     PYTHONUNBUFFERED=1 \

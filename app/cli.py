@@ -1,9 +1,4 @@
-"""The ``kvm-memattr`` command: ``serve`` the API, drive it from a terminal, or run the ``demo``.
-
-Addresses and sizes take decimal, ``0x`` hex, or a binary size suffix (``4K``, ``2M``, ``1G``).
-Output is a table by default and JSON with ``--json``; errors name the kernel errno and exit 1
-(2: bad usage, 3: cannot reach the server).
-"""
+"""The ``kvm-memattr`` command: ``serve`` the API, drive it from a terminal, or run the ``demo``."""
 
 from __future__ import annotations
 
@@ -12,11 +7,13 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
 from pydantic import BaseModel
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -26,13 +23,46 @@ _SIZE = re.compile(r"(?i)(0x[0-9a-f]+|[0-9]+)([kmgt]i?b?)?")
 _SUFFIX = {"k": 10, "m": 20, "g": 30, "t": 40}
 
 
+DESCRIPTION = """\
+A virtual KVM memory-attribute controller: serve the HTTP API, drive it from a
+terminal, explore interleavings, check the engine against this host's KVM.
+
+Addresses and sizes (gpa, hva, --size) are bytes: decimal, 0x hex, or a size
+with a binary suffix (4K, 2M, 1G). gfns (--start-gfn, --end-gfn, GFN) and
+counts are plain integers, decimal or 0x hex. Output is a table, --json for
+scripts, -q for nothing. Global options go anywhere on the line.
+Exit status: 0 ok, 1 the kernel refused (the errno is printed), 2 bad usage,
+3 the server cannot be reached."""
+
+
 def number(text: str) -> int:
     """``0x1000``, ``4096``, ``4K``, ``2M``, ``1G``: the argparse type for addresses and sizes."""
     m = _SIZE.fullmatch(text.strip())
     if not m:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected decimal, 0x hex, or a size like 2M")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected bytes as decimal, 0x hex, or a size like 2M")
     value = int(m.group(1), 0) if m.group(1).lower().startswith("0x") else int(m.group(1))
     return value << _SUFFIX[m.group(2)[0].lower()] if m.group(2) else value
+
+
+def integer(text: str) -> int:
+    """``4096`` or ``0x1000``, no size suffix: the argparse type for gfns, seqs and counts."""
+    try:
+        return int(text.strip(), 16) if text.strip().lower().startswith("0x") else int(text.strip(), 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer, decimal or 0x hex") from None
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's lines and shows a default wherever there is a meaningful one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default is argparse.SUPPRESS:
+            return text
+        if action.option_strings == []:
+            return text
+        return f"{text} (default: {default})" if text else f"(default: {default})"
 
 
 def _fmt(value: Any) -> str:
@@ -54,6 +84,81 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out[f"{prefix}{key}"] = value
     return out
 
+
+def _hex(value: Any) -> str:
+    return "-" if value is None else hex(value)
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
+
+
+def _detail(event: dict[str, Any]) -> str:
+    return " ".join(f"{k}={_fmt(v)}" for k, v in event.items() if k not in ("id", "time", "type"))
+
+
+def _fits(spec: list[tuple[str, Callable[[dict[str, Any]], str]]], row: dict[str, Any]) -> bool:
+    """Whether a known table's columns read this row (a gfn's "memslots" are not memslot objects)."""
+    try:
+        for _, get in spec:
+            get(row)
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
+def _field(key: str) -> Callable[[dict[str, Any]], str]:
+    return lambda row: _fmt(row.get(key))
+
+
+def _bindings(g: dict[str, Any]) -> str:
+    return ", ".join(f"slot {b['slot']:#x} @{b['offset']:#x}+{b['size']:#x}" for b in g["bindings"]) or "-"
+
+
+_Column = tuple[str, Callable[[dict[str, Any]], str]]
+_COLUMNS: dict[str, list[_Column]] = {
+    "vms": [
+        ("id", lambda r: r["id"]),
+        ("name", lambda r: r["name"] or "-"),
+        ("type", lambda r: r["type"]),
+        ("semantics", lambda r: r["semantics"]),
+        ("seq", lambda r: str(r["mmu"]["mmu_invalidate_seq"])),
+    ],
+    "events": [
+        ("id", lambda r: str(r["id"])),
+        ("time", lambda r: _clock(r["time"])),
+        ("type", lambda r: r["type"]),
+        ("detail", _detail),
+    ],
+    "memslots": [
+        ("slot", lambda r: hex(r["slot"])),
+        ("flags", lambda r: str(r["flags"])),
+        ("gpa", lambda r: hex(r["guest_phys_addr"])),
+        ("size", lambda r: hex(r["memory_size"])),
+        ("hva", lambda r: hex(r["userspace_addr"])),
+        ("gmem", lambda r: "-" if r["guest_memfd"] is None else f"{r['guest_memfd']}@{r['guest_memfd_offset']:#x}"),
+    ],
+    "guest_memfds": [
+        ("fd", lambda r: str(r["fd"])),
+        ("size", lambda r: hex(r["size"])),
+        ("flags", lambda r: str(r["flags"])),
+        ("bindings", _bindings),
+    ],
+    "runs": [
+        ("start_gfn", lambda r: hex(r["start_gfn"])),
+        ("end_gfn", lambda r: hex(r["end_gfn"])),
+        ("what", lambda r: ("private" if r["private"] else "shared") + ("" if r.get("writable", True) else " ro")),
+    ],
+    "invalidations": [
+        ("id", lambda r: str(r["id"])),
+        ("hva_start", lambda r: hex(r["hva_start"])),
+        ("hva_end", lambda r: hex(r["hva_end"])),
+        (
+            "gfn ranges",
+            lambda r: ", ".join(f"as{g['as_id']} [{g['start_gfn']:#x}, {g['end_gfn']:#x})" for g in r["gfn_ranges"]),
+        ),
+    ],
+}
 
 _PRINTED = object()
 """A command that printed its own output (``vm export``)."""
@@ -80,7 +185,7 @@ class Output:
         lists = {k: v for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
         scalars = {k: v for k, v in data.items() if k not in lists and not (isinstance(v, list) and not v)}
         for key, rows in lists.items():
-            self.console.print(self._table(key, [_flatten(r) for r in rows]))
+            self.console.print(self._table(key, rows))
         if scalars:
             flat = _flatten(scalars)
             table = Table(title=title, show_header=False, box=None, pad_edge=False)
@@ -93,12 +198,18 @@ class Output:
 
     @staticmethod
     def _table(title: str, rows: list[dict[str, Any]]) -> Table:
-        table = Table(title=title, title_justify="left")
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        for col in columns:
-            table.add_column(col)
+        """A table for 80 columns: the key columns of a known list, never a truncated id."""
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        spec = _COLUMNS.get(title)
+        if spec is None or not all(_fits(spec, r) for r in rows):
+            rows = [_flatten(r) for r in rows]
+            columns = list(dict.fromkeys(k for r in rows for k in r))
+            spec = [(c, _field(c)) for c in columns]
+        for name, _ in spec:
+            # An id must stay copyable: it never wraps; other columns fold.
+            table.add_column(name, overflow="fold", no_wrap=name == "id" and title == "vms")
         for r in rows:
-            table.add_row(*(_fmt(r.get(c)) for c in columns))
+            table.add_row(*(get(r) for _, get in spec))
         return table
 
 
@@ -112,23 +223,36 @@ def _attributes(args: argparse.Namespace) -> int:
     return 8 if args.private else 0
 
 
+def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """The options every command takes; below the top level they default to SUPPRESS, so one given
+    after the subcommand overrides and one given before it survives."""
+
+    def d(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--url", default=d(None), help=f"server URL (default: $KVM_MEMATTR_URL, else {DEFAULT_URL})")
+    parser.add_argument("--token", default=d(None), help="API token (default: $KVM_MEMATTR_API_TOKEN)")
+    parser.add_argument("--json", action="store_true", default=d(False), help="print JSON instead of tables")
+    parser.add_argument("-q", "--quiet", action="store_true", default=d(False), help="print nothing on success")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="kvm-memattr", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--url", default=None, help=f"server URL (default $KVM_MEMATTR_URL or {DEFAULT_URL})")
-    p.add_argument("--token", default=None, help="API token (default $KVM_MEMATTR_API_TOKEN)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = argparse.ArgumentParser(prog="kvm-memattr", description=DESCRIPTION, formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"kvm-memattr {_version()}")
+    _global_options(p, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, defaults=False)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def cmd(name: str, help_: str, run: Callable[..., Any] | None, *, parent: Any = sub) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
+        sp: argparse.ArgumentParser = parent.add_parser(
+            name, help=help_, description=help_, parents=[common], formatter_class=_Help
+        )
         sp.set_defaults(run=run)
         return sp
 
     def group(name: str, help_: str) -> Any:
-        g = sub.add_parser(name, help=help_, description=help_)
+        g = sub.add_parser(name, help=help_, description=help_, parents=[common], formatter_class=_Help)
         return g.add_subparsers(dest="sub", required=True, metavar="ACTION")
 
     s = cmd("serve", "run the HTTP service (one worker: state is in-process)", None)
@@ -185,12 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("vm")
     x.add_argument("slot", type=number, help="raw slot: as_id << 16 | id")
-    x.add_argument("--gpa", type=number, required=True)
-    x.add_argument("--size", type=number, required=True)
-    x.add_argument("--hva", type=number, required=True, help="userspace_addr")
+    x.add_argument("--gpa", type=number, required=True, help="guest_phys_addr, bytes")
+    x.add_argument("--size", type=number, required=True, help="memory_size, bytes (0 deletes the slot)")
+    x.add_argument("--hva", type=number, required=True, help="userspace_addr, bytes")
     x.add_argument("--flags", type=number, default=0, help="1 LOG_DIRTY_PAGES, 2 READONLY, 4 GUEST_MEMFD")
     x.add_argument("--gmem", type=int, help="guest_memfd fd")
-    x.add_argument("--gmem-offset", type=number, default=0)
+    x.add_argument("--gmem-offset", type=number, default=0, help="guest_memfd_offset, bytes")
     cmd("list", "list slots", lambda c, a: c.list_memslots(a.vm), parent=ms).add_argument("vm")
     x = cmd("get", "show a slot", lambda c, a: c.get_memslot(a.vm, a.slot), parent=ms)
     x.add_argument("vm")
@@ -238,26 +362,31 @@ def build_parser() -> argparse.ArgumentParser:
     kind.add_argument("--shared", action="store_true")
     kind.add_argument("--attributes", type=number)
     x.add_argument("--flags", type=number, default=0)
-    x = cmd("get", "attributes as runs", lambda c, a: c.get_memory_attributes(a.vm, a.start, a.end, a.limit), parent=at)
+    x = cmd(
+        "get",
+        "attributes as runs",
+        lambda c, a: c.get_memory_attributes(a.vm, a.start_gfn, a.end_gfn, a.limit),
+        parent=at,
+    )
     x.add_argument("vm")
-    x.add_argument("--start", type=number, help="start gfn")
-    x.add_argument("--end", type=number, help="end gfn (exclusive)")
-    x.add_argument("--limit", type=int, default=1000)
+    _gfn_window(x)
 
     x = cmd("gfn", "everything about one gfn", lambda c, a: c.get_gfn(a.vm, a.gfn))
     x.add_argument("vm")
-    x.add_argument("gfn", type=number)
+    x.add_argument("gfn", type=integer, help="a gfn (gpa >> 12), decimal or 0x hex")
     cmd("mmu", "MMU invalidation state and statistics", lambda c, a: c.get_mmu(a.vm)).add_argument("vm")
-    x = cmd("mappings", "mappings (SPTEs) as runs", lambda c, a: c.get_mappings(a.vm, a.as_id, a.start, a.end, a.limit))
+    x = cmd(
+        "mappings",
+        "mappings (SPTEs) as runs",
+        lambda c, a: c.get_mappings(a.vm, a.as_id, a.start_gfn, a.end_gfn, a.limit),
+    )
     x.add_argument("vm")
-    x.add_argument("--as-id", type=int, default=0)
-    x.add_argument("--start", type=number)
-    x.add_argument("--end", type=number)
-    x.add_argument("--limit", type=int, default=1000)
+    x.add_argument("--as-id", type=integer, default=0, help="address space (1 = SMM)")
+    _gfn_window(x)
     x = cmd("events", "the VM's event trace", lambda c, a: c.get_events(a.vm, a.after, a.limit))
     x.add_argument("vm")
-    x.add_argument("--after", type=int, default=0)
-    x.add_argument("--limit", type=int, default=1000)
+    x.add_argument("--after", type=integer, default=0, help="only events with a larger id")
+    x.add_argument("--limit", type=integer, default=1000, help="most events to show")
 
     x = cmd(
         "fault", "one vCPU page fault", lambda c, a: c.fault(a.vm, a.gpa, a.as_id, a.write, _tristate(a), a.mmu_seq)
@@ -269,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc = x.add_mutually_exclusive_group()
     acc.add_argument("--private", action="store_true", help="a private access (default: as the attribute)")
     acc.add_argument("--shared", action="store_true", help="a shared access")
-    x.add_argument("--mmu-seq", type=number, help="the seq the vCPU snapshotted (default: now)")
+    x.add_argument("--mmu-seq", type=integer, help="the seq the vCPU snapshotted (default: now)")
     x = cmd("prefault", "KVM_PRE_FAULT_MEMORY", lambda c, a: c.prefault(a.vm, a.gpa, a.size, a.as_id))
     x.add_argument("vm")
     x.add_argument("gpa", type=number)
@@ -388,6 +517,42 @@ def _delete_vm(client: Client, args: argparse.Namespace) -> Any:
     return client.delete_all_vms() if args.all else client.delete_vm(args.vm)
 
 
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why the server could not bind, said before start-up logs "ready" (uvicorn binds after it)."""
+    import errno
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return f"{e.strerror or e} (is the host name right?)"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return "the address is already in use (another kvm-memattr? pick one with --port)"
+            return e.strerror or str(e)
+    return None
+
+
+def _gfn_window(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--start-gfn", type=integer, help="first gfn (default: 0)")
+    parser.add_argument("--end-gfn", type=integer, help="end gfn, exclusive (default: max_gfn + 1)")
+    parser.add_argument("--limit", type=integer, default=1000, help="most runs to show")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvm-memattr")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
 def _inject(client: Client, args: argparse.Namespace) -> Any:
     if args.nth is None:
         return client.get_fault_injection(args.vm)
@@ -408,6 +573,10 @@ def _serve(args: argparse.Namespace) -> int:
         k: v for k, v in (("host", args.host), ("port", args.port), ("log_level", args.log_level)) if v is not None
     }
     settings = Settings(**overrides)
+    problem = _cannot_listen(settings.host, settings.port)
+    if problem:
+        print(f"kvm-memattr: cannot listen on {settings.host}:{settings.port}: {problem}", file=sys.stderr)
+        return 3
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -421,7 +590,19 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `kvm-memattr ... | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     if getattr(args, "serve", False):
         return _serve(args)
     out = Output(args.json, args.quiet)

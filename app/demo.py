@@ -25,17 +25,18 @@ GFN = GPA >> 12
 
 
 def _connect(url: str | None, token: str | None, in_process: bool) -> tuple[Client, str]:
+    """The server at ``--url`` (which must answer), else at $KVM_MEMATTR_URL or the default
+    address if one answers there, else an app in this process."""
     if in_process:
         return Client.in_process(), "an app in this process"
-    url = url or os.environ.get("KVM_MEMATTR_URL")
-    target = url or DEFAULT_URL
+    target = url or os.environ.get("KVM_MEMATTR_URL") or DEFAULT_URL
     try:
         httpx.get(f"{target}/healthz", timeout=1.0).raise_for_status()
         return Client(target, token=token), target
     except httpx.HTTPError:
         if url:
             raise
-        return Client.in_process(), f"an app in this process (no server at {DEFAULT_URL})"
+        return Client.in_process(), f"an app in this process (no server answers at {target})"
 
 
 class Story:

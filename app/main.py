@@ -84,7 +84,15 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         # Start-up objects (routes, schemas) never die: keep them out of every GC pass (p99).
         gc.collect()
         gc.freeze()
-        log.info("kvm-memattr %s ready (max_gfn %#x)", __version__, settings.max_gfn)
+        url = f"http://{settings.host}:{settings.port}"
+        log.info(
+            "kvm-memattr %s ready at %s: memory map %s/ui, API docs %s/docs (max_gfn %#x)",
+            __version__,
+            url,
+            url,
+            url,
+            settings.max_gfn,
+        )
         yield
         log.info("kvm-memattr shutting down with %d VM(s)", len(engine))
         if journal is not None:
@@ -99,6 +107,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         redoc_url=None,
         swagger_ui_parameters={"defaultModelsExpandDepth": 0, "tryItOutEnabled": True, "displayRequestDuration": True},
     )
+    # /v1/vms/ is not /v1/vms: a 404 problem that says so beats an empty 307 redirect.
+    app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.engine = engine
     app.state.started = time.monotonic()
@@ -193,10 +203,29 @@ def _problem_openapi(schema: dict[str, Any]) -> dict[str, Any]:
         "bearer": {"type": "http", "scheme": "bearer", "description": "only when KVM_MEMATTR_API_TOKEN is set"}
     }
     _add_links(schema)
+    _exact_bounds(schema)
     components = schema["components"].setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
     return schema
+
+
+# FastAPI's OpenAPI model types minimum/maximum as floats, so 2^64 - 1 came out as 1.8446744073709552e+19
+# (which is 2^64). Our integer bounds are whole numbers; the two that floats cannot hold are restored.
+_INEXACT = {float((1 << 64) - 1): (1 << 64) - 1, float((1 << 63) - 1): (1 << 63) - 1}
+
+
+def _exact_bounds(node: Any) -> None:
+    if isinstance(node, dict):
+        for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            value = node.get(key)
+            if isinstance(value, float) and value.is_integer():
+                node[key] = _INEXACT.get(value, int(value))
+        for child in node.values():
+            _exact_bounds(child)
+    elif isinstance(node, list):
+        for child in node:
+            _exact_bounds(child)
 
 
 # OpenAPI links: what a creating call returns feeds the calls on the resource it made, so

@@ -8,7 +8,17 @@ cd "$(dirname "$0")/.."
 BASE=kvm-memattr-base:bookworm
 IMAGE=kvm-memattr:smoke
 PORT=${PORT:-18080}
-MIRROR=${MIRROR:-http://deb.debian.org/debian}
+# The Debian mirror this machine's apt already uses (deb822 sources or the classic list).
+mirror_from_apt() {
+  { grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}'
+    grep -h '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | awk '{print $2}'
+  } | grep -v -i security | head -n 1
+}
+MIRROR=${MIRROR:-$(mirror_from_apt)}
+if [ -z "$MIRROR" ]; then
+  echo "no Debian mirror in this machine's apt sources: set MIRROR=<url>" >&2
+  exit 2
+fi
 
 if ! docker image inspect "$BASE" >/dev/null 2>&1; then
   echo "== making $BASE with debootstrap"
@@ -34,6 +44,8 @@ echo "healthz: $(curl -fsS "http://127.0.0.1:$PORT/healthz")"
 vm=$(curl -fsS -XPOST "http://127.0.0.1:$PORT/v1/vms" -H 'content-type: application/json' -d '{"semantics":"rfc-v9"}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 echo "unreg-region: $(curl -fsS -XPOST "http://127.0.0.1:$PORT/v1/vms/$vm/memory-encrypt/unreg-region" -H 'content-type: application/json' -d '{"addr":"0x100000000","size":"0x200000"}' | head -c 160)..."
 echo "docs: HTTP $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/docs"), swagger js HTTP $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/static-offline-docs/swagger-ui-bundle.js")"
+echo "memory map: / -> $(curl -s -o /dev/null -w '%{http_code} %{redirect_url}' "http://127.0.0.1:$PORT/"), /ui HTTP $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/ui"), app.js HTTP $(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/ui/static/app.js")"
+echo "state dir: $(docker exec "$cid" stat -c '%U:%G %a' /var/lib/kvm-memattr/state)"
 echo "user in container: $(docker exec "$cid" id -u):$(docker exec "$cid" id -g)"
 status=starting
 for _ in $(seq 1 40); do

@@ -87,14 +87,32 @@ def problem(
 
 def _issues(exc: RequestValidationError) -> list[dict[str, Any]]:
     # pydantic's ctx may hold exception objects: keep only what is JSON.
-    return [
-        {
+    out = []
+    for e in exc.errors():
+        issue = {
             "loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())],
             "msg": str(e.get("msg", "")),
             "type": str(e.get("type", "")),
         }
-        for e in exc.errors()
-    ]
+        if issue["type"] == "json_invalid":  # say where and why, not "JSON decode error"
+            at = issue["loc"][-1] if issue["loc"] else "?"
+            issue["msg"] = (
+                f"the body is not valid JSON: {(e.get('ctx') or {}).get('error', 'syntax error')} at character {at}"
+            )
+            issue["loc"] = ["body"]
+        out.append(issue)
+    return out
+
+
+def _plain(issue: dict[str, Any], request: Request) -> str:
+    """Say what is wrong with a body in words a user can act on."""
+    kind, loc = issue["type"], issue["loc"]
+    content_type = request.headers.get("content-type", "")
+    if loc == ["body"] and kind in ("model_attributes_type", "dict_type", "model_type"):
+        if "json" not in content_type:
+            return f"send the body as JSON with Content-Type: application/json (got {content_type or 'none'})"
+        return "the body must be a JSON object"
+    return str(issue["msg"])
 
 
 def install(app: FastAPI) -> None:
@@ -108,9 +126,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         issues = _issues(exc)
-        first = issues[0] if issues else {"loc": [], "msg": "invalid request"}
+        first = issues[0] if issues else {"loc": [], "msg": "invalid request", "type": ""}
         where = ".".join(str(p) for p in first["loc"])
-        msg = str(first["msg"])
+        msg = _plain(first, request)
         log.info("%s %s -> EINVAL: %s", request.method, request.url.path, msg)
         return problem(request, 422, "EINVAL", f"{where}: {msg}" if where else msg, issues)
 
@@ -119,7 +137,10 @@ def install(app: FastAPI) -> None:
         # FastAPI's 400 "error parsing the body" is a malformed body: the contract says 422 EINVAL.
         status = 422 if exc.status_code == 400 else exc.status_code
         errno = _HTTP_ERRNO.get(status, "EINVAL")
-        response = problem(request, status, errno, str(exc.detail))
+        detail = str(exc.detail)
+        if status == 404 and request.url.path.endswith("/") and len(request.url.path) > 1:
+            detail = f"no route {request.url.path}; paths have no trailing slash: {request.url.path.rstrip('/')}"
+        response = problem(request, status, errno, detail)
         if exc.headers:
             response.headers.update(exc.headers)
         if status == 405:

@@ -79,16 +79,12 @@ class Client:
     @classmethod
     def in_process(cls, app: Any = None) -> Client:
         """A client onto an ASGI app in this process (a fresh ``create_app()`` by default): no server needed."""
-        import warnings
-
+        from app.client.inprocess import InProcessTransport
         from app.main import create_app
         from app.settings import Settings
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # starlette's note about httpx2
-            from fastapi.testclient import TestClient
-
-        return cls(http=TestClient(app or create_app(Settings(log_level="warning")), base_url="http://kvm-memattr"))
+        transport = InProcessTransport(app or create_app(Settings(log_level="warning")))
+        return cls(http=httpx.Client(transport=transport, base_url="http://kvm-memattr"))
 
     def send(self, op: Op[T]) -> T:
         return _result(op, self.http.request(op.method, op.path, json=op.json, params=op.params))
@@ -150,23 +146,37 @@ class AsyncClient:
     ) -> None:
         url = url or os.environ.get("KVM_MEMATTR_URL") or DEFAULT_URL
         self.http = http or httpx.AsyncClient(base_url=url, headers=_headers(token), timeout=30.0)
+        self._app: Any = None  # in process: the app whose lifespan ``async with`` runs
+        self._lifespan: Any = None
 
     @classmethod
     def in_process(cls, app: Any = None) -> AsyncClient:
-        """A client onto an ASGI app in this process (``httpx.ASGITransport``)."""
+        """A client onto an ASGI app in this process (``httpx.ASGITransport``); ``async with`` runs
+        the app's lifespan (asgi-lifespan), as a server would."""
         from app.main import create_app
         from app.settings import Settings
 
-        transport = httpx.ASGITransport(app=app or create_app(Settings(log_level="warning")))
-        return cls(http=httpx.AsyncClient(transport=transport, base_url="http://kvm-memattr"))
+        asgi_app = app or create_app(Settings(log_level="warning"))
+        transport = httpx.ASGITransport(app=asgi_app)
+        client = cls(http=httpx.AsyncClient(transport=transport, base_url="http://kvm-memattr"))
+        client._app = asgi_app
+        return client
 
     async def send(self, op: Op[T]) -> T:
         return _result(op, await self.http.request(op.method, op.path, json=op.json, params=op.params))
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        if self._lifespan is not None:
+            await self._lifespan.__aexit__(None, None, None)
+            self._lifespan = None
 
     async def __aenter__(self) -> Self:
+        if self._app is not None:
+            from asgi_lifespan import LifespanManager
+
+            self._lifespan = LifespanManager(self._app)
+            await self._lifespan.__aenter__()
         return self
 
     async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:

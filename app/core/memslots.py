@@ -225,7 +225,9 @@ def plan_set_memory_region(
 
     gmem: GuestMemfdFile | None = None
     if flags & KVM_MEM_GUEST_MEMFD:
-        if req.guest_memfd is None or req.guest_memfd not in gmem_files:
+        if req.guest_memfd is None:
+            raise EBADF("KVM_MEM_GUEST_MEMFD needs a guest_memfd fd (none given)")
+        if req.guest_memfd not in gmem_files:
             raise EBADF(f"guest_memfd {req.guest_memfd} is not an open guest_memfd of this VM")
         gmem = gmem_files[req.guest_memfd]
         off = req.guest_memfd_offset

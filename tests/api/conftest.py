@@ -4,10 +4,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
+from tests.inprocess import TestClient
 
 GIB4 = 0x1_0000_0000
 HVA = 0x7F00_0000_0000

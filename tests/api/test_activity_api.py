@@ -1,8 +1,7 @@
 from __future__ import annotations
 
-from fastapi.testclient import TestClient
-
 from tests.api.conftest import GIB4, HVA, MakeVm, assert_problem, gmem_slot, snapshot
+from tests.inprocess import TestClient
 
 GFN = GIB4 >> 12
 

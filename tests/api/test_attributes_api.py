@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 from tests.api.conftest import GIB4, HVA, MakeVm, assert_problem, gmem_slot, snapshot
+from tests.inprocess import TestClient
 
 MIB2 = 0x200000
 GFN = GIB4 >> 12

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
 from tests.api.conftest import MakeVm, assert_problem, gmem_slot, snapshot
+from tests.inprocess import TestClient
 
 U64_OVER = str(2**64)
 HUGE = "9" * 5000

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
 from tests.api.conftest import assert_problem
+from tests.inprocess import TestClient
 
 
 def test_variants(client: TestClient) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi.testclient import TestClient
-
 from tests.api.conftest import GIB4, MakeVm, assert_problem, gmem_slot
+from tests.inprocess import TestClient
 
 GFN = GIB4 >> 12
 

@@ -8,11 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
 from tests.api.conftest import GIB4, HVA, MakeVm, assert_problem, gmem_slot, snapshot
+from tests.inprocess import TestClient
 
 
 def busy_vm(client: TestClient, make_vm: MakeVm, semantics: str) -> str:

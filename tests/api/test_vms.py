@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from fastapi.testclient import TestClient
 
 from tests.api.conftest import MakeVm, assert_problem
+from tests.inprocess import TestClient
 
 
 def test_create_defaults_get_list_delete(client: TestClient) -> None:

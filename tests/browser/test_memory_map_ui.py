@@ -10,6 +10,9 @@ import re
 from collections.abc import Iterator
 
 import pytest
+
+pytest.importorskip("playwright", reason="the browser tests need the dev extra (playwright)")
+
 from playwright.sync_api import Browser as PwBrowser
 from playwright.sync_api import Page, expect, sync_playwright
 

@@ -12,6 +12,9 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
+
+pytest.importorskip("playwright", reason="the browser tests need the dev extra (playwright)")
+
 from playwright.sync_api import Page, sync_playwright
 
 from tests.live import live_server

@@ -64,7 +64,7 @@ def test_cli_story(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(url, capsys, "--json", "attrs", "set", vm, "4G", "2M", "--private")
     up = json.loads(out)
     assert (up["pages_zapped"], up["tlb_flushed"]) == (1, True)
-    code, out, _ = run(url, capsys, "attrs", "get", vm, "--start", "0x100000", "--end", "0x100400")
+    code, out, _ = run(url, capsys, "attrs", "get", vm, "--start-gfn", "0x100000", "--end-gfn", "0x100400")
     assert code == 0 and "runs" in out and "0x100200" in out  # a human table
     assert run(url, capsys, "mmu", vm)[1].count("mmu_invalidate_seq") == 1
     code, out, _ = run(url, capsys, "--json", "notifier", "start", vm, "0x7f0000200000", "0x7f0000201000")

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -287,4 +288,4 @@ EngineVsReference.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-TestEngineVsReference = EngineVsReference.TestCase
+TestEngineVsReference = pytest.mark.slow(EngineVsReference.TestCase)

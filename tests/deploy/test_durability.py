@@ -117,6 +117,7 @@ def _script(rng: random.Random, vms: list[str]) -> Op[Any]:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.slow
 def test_sigkill_at_a_random_point_keeps_exactly_the_acknowledged_changes(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
     db = tmp_path / "state.sqlite3"

@@ -7,12 +7,12 @@ import logging
 import re
 
 import pytest
-from fastapi.testclient import TestClient
 
 from app.logs import JsonFormatter
 from app.main import create_app
 from app.settings import Settings
 from tests.api.conftest import assert_problem
+from tests.inprocess import TestClient
 
 
 def client_for(**settings: object) -> TestClient:

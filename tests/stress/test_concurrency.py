@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from app.core import Engine
 from app.core.journal import SqliteJournal
@@ -103,6 +104,9 @@ async def worker(n: int, http: httpx.AsyncClient, vms: dict[str, str], tally: Ta
         r = await call("DELETE", f"/v1/vms/{inv_vm}/mmu-notifier/invalidations/{inv_id}")
         assert r.status_code == 200
         tally.invalidations[inv_vm] += matched
+
+
+pytestmark = pytest.mark.slow
 
 
 def server_state(http: httpx.Client, vm: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
 
+from app.api import examples
 from app.api.deps import VmDep
 from app.api.problems import error_responses
 from app.api.responses import model_response
@@ -31,7 +32,7 @@ router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["guest and host activity"])
     responses=error_responses("ENOENT", "ENOMEM"),
     response_model=FaultResult,
 )
-async def fault(vm: VmDep, req: FaultRequest) -> Response:
+async def fault(vm: VmDep, req: Annotated[FaultRequest, examples.FAULT]) -> Response:
     return model_response(vm.fault(req))
 
 
@@ -47,7 +48,7 @@ async def fault(vm: VmDep, req: FaultRequest) -> Response:
     responses=error_responses("ENOENT", "ENOTTY", "EOPNOTSUPP", "EAGAIN", "EFAULT", "ENOMEM"),
     response_model=PrefaultResult,
 )
-async def prefault(vm: VmDep, req: PrefaultRequest) -> Response:
+async def prefault(vm: VmDep, req: Annotated[PrefaultRequest, examples.PREFAULT]) -> Response:
     return model_response(vm.prefault(req))
 
 
@@ -63,7 +64,7 @@ async def prefault(vm: VmDep, req: PrefaultRequest) -> Response:
     responses=error_responses("ENOENT"),
     response_model=NotifierStart,
 )
-async def start_invalidation(vm: VmDep, req: NotifierRequest) -> Response:
+async def start_invalidation(vm: VmDep, req: Annotated[NotifierRequest, examples.NOTIFIER]) -> Response:
     return model_response(vm.notifier_start(req), 201)
 
 
@@ -82,6 +83,8 @@ async def end_invalidation(vm: VmDep, inv_id: Annotated[int, Path(ge=0, le=2**63
 @router.get(
     "/mmu-notifier/invalidations",
     summary="Open notifier invalidations",
+    description="The invalidations started and not yet ended, with the gfn ranges each matched. While any is "
+    "open, memslot changes are `EBUSY`.",
     operation_id="list_notifier_invalidations",
     responses=error_responses("ENOENT"),
     response_model=NotifierList,

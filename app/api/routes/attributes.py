@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Response
 
+from app.api import examples
 from app.api.deps import EndGfnQuery, EngineDep, LimitQuery, StartGfnQuery, VmDep, gfn_window
 from app.api.problems import error_responses
 from app.api.responses import model_response
@@ -31,7 +34,7 @@ _ENC_DESCRIPTION = (
     responses=error_responses("ENOENT", "ENOTTY", "ENOMEM"),
     response_model=AttributeUpdate | SevRegionUpdate,
 )
-async def reg_region(vm: VmDep, region: KvmEncRegion) -> Response:
+async def reg_region(vm: VmDep, region: Annotated[KvmEncRegion, examples.ENC_REGION]) -> Response:
     return model_response(vm.memory_encrypt_reg_region(region))
 
 
@@ -43,7 +46,7 @@ async def reg_region(vm: VmDep, region: KvmEncRegion) -> Response:
     responses=error_responses("ENOENT", "ENOTTY", "ENOMEM"),
     response_model=AttributeUpdate | SevRegionUpdate,
 )
-async def unreg_region(vm: VmDep, region: KvmEncRegion) -> Response:
+async def unreg_region(vm: VmDep, region: Annotated[KvmEncRegion, examples.ENC_REGION]) -> Response:
     return model_response(vm.memory_encrypt_unreg_region(region))
 
 
@@ -73,7 +76,7 @@ async def regions(vm: VmDep) -> Response:
     responses=error_responses("ENOENT", "ENOTTY", "ENOMEM"),
     response_model=AttributeUpdate,
 )
-async def set_memory_attributes(vm: VmDep, req: KvmMemoryAttributes) -> Response:
+async def set_memory_attributes(vm: VmDep, req: Annotated[KvmMemoryAttributes, examples.ATTRIBUTES]) -> Response:
     return model_response(vm.set_memory_attributes(req))
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Response
 
+from app.api import examples
 from app.api.problems import error_responses
 from app.api.responses import model_response
 from app.core import explorer
@@ -40,7 +43,9 @@ async def list_variants() -> Response:
     responses=error_responses(),
     response_model=ExplorerRun,
 )
-def run(req: ExplorerRunRequest) -> Response:  # sync: CPU-bound, so FastAPI runs it off the event loop
+def run(
+    req: Annotated[ExplorerRunRequest, examples.EXPLORER],
+) -> Response:  # sync: CPU-bound, so FastAPI runs it off the event loop
     scenario = explorer.Scenario(
         variant=req.variant,
         start_gfn=req.start_gfn,

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response
 
+from app.api import examples
 from app.api.deps import VmDep
 from app.api.problems import error_responses
 from app.api.responses import model_response
@@ -35,7 +36,9 @@ FdPath = Annotated[int, Path(ge=0, le=2**31 - 1, description="guest_memfd fd")]
     responses=error_responses("ENOENT", "EEXIST", "EBUSY", "EBADF"),
     response_model=MemslotUpdate,
 )
-async def set_memslot(vm: VmDep, slot: SlotPath, req: KvmUserspaceMemoryRegion2) -> Response:
+async def set_memslot(
+    vm: VmDep, slot: SlotPath, req: Annotated[KvmUserspaceMemoryRegion2, examples.MEMSLOT]
+) -> Response:
     return model_response(vm.set_user_memory_region(slot, req))
 
 
@@ -54,6 +57,7 @@ async def list_memslots(vm: VmDep) -> Response:
 @router.get(
     "/memslots/{slot}",
     summary="Get a memslot",
+    description="`struct kvm_memory_slot` of the raw `slot` (`as_id << 16 | id`); `ENOENT` when there is none.",
     operation_id="get_memslot",
     responses=error_responses("ENOENT"),
     response_model=Memslot,
@@ -86,13 +90,14 @@ async def delete_memslot(vm: VmDep, slot: SlotPath) -> Response:
     responses=error_responses("ENOENT"),
     response_model=GuestMemfd,
 )
-async def create_guest_memfd(vm: VmDep, req: KvmCreateGuestMemfd) -> Response:
+async def create_guest_memfd(vm: VmDep, req: Annotated[KvmCreateGuestMemfd, examples.GUEST_MEMFD]) -> Response:
     return model_response(vm.create_guest_memfd(req), 201)
 
 
 @gmem_router.get(
     "/guest-memfds",
     summary="List open guest_memfds",
+    description="Every guest_memfd whose fd is open, with the slots bound to it (raw slot, offset, size).",
     operation_id="list_guest_memfds",
     responses=error_responses("ENOENT"),
     response_model=GuestMemfdList,
@@ -104,6 +109,7 @@ async def list_guest_memfds(vm: VmDep) -> Response:
 @gmem_router.get(
     "/guest-memfds/{fd}",
     summary="Get a guest_memfd",
+    description="One open guest_memfd: size, flags and bindings; `ENOENT` once closed.",
     operation_id="get_guest_memfd",
     responses=error_responses("ENOENT"),
     response_model=GuestMemfd,

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Response
 
+from app.api import examples
 from app.api.deps import VmDep
 from app.api.problems import error_responses
 from app.api.responses import model_response
@@ -23,13 +26,14 @@ router = APIRouter(prefix="/v1/vms/{vm_id}/fault-injection", tags=["test support
     responses=error_responses("ENOENT"),
     response_model=FaultInjectionState,
 )
-async def set_fault_injection(vm: VmDep, req: FaultInjection) -> Response:
+async def set_fault_injection(vm: VmDep, req: Annotated[FaultInjection, examples.FAULT_INJECTION]) -> Response:
     return model_response(vm.set_fault_injection(req.fail_nth))
 
 
 @router.get(
     "",
     summary="Fault injection state",
+    description="The armed `fail_nth` (null when disarmed); it is consumed by the next gfn attribute update.",
     operation_id="get_fault_injection",
     responses=error_responses("ENOENT"),
     response_model=FaultInjectionState,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Response
+from fastapi import APIRouter, Response
 
+from app.api import examples
 from app.api.deps import EngineDep, VmDep
 from app.api.problems import error_responses
 from app.api.responses import model_response
@@ -27,7 +28,7 @@ router = APIRouter(prefix="/v1/vms", tags=["vms"])
     responses=error_responses("ENOMEM"),
     response_model=Vm,
 )
-async def create_vm(engine: EngineDep, req: Annotated[VmCreate | None, Body()] = None) -> Response:
+async def create_vm(engine: EngineDep, req: Annotated[VmCreate | None, examples.CREATE_VM] = None) -> Response:
     return model_response(engine.create_vm(req or VmCreate()).model(), 201)
 
 
@@ -48,7 +49,13 @@ async def import_vm(engine: EngineDep, doc: VmSnapshot) -> Response:
     return model_response(engine.import_vm(doc).model(), 201)
 
 
-@router.get("", summary="List VMs", operation_id="list_vms", response_model=VmList)
+@router.get(
+    "",
+    summary="List VMs",
+    description="Every VM of the service, each with its MMU invalidation state.",
+    operation_id="list_vms",
+    response_model=VmList,
+)
 async def list_vms(engine: EngineDep) -> Response:
     return model_response(VmList(vms=[vm.model() for vm in engine.vms()]))
 

@@ -1,0 +1,74 @@
+"""Per-operation request examples for Swagger UI: each names the case it shows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Body
+
+GPA = "0x100000000"  # 4 GiB, as the kernel selftests use
+HVA = "0x7f0000000000"
+
+
+def _ex(**cases: tuple[str, dict[str, Any]]) -> Any:
+    """``Body`` with named examples: ``name=(summary, value)``."""
+    return Body(
+        openapi_examples={name: {"summary": summary, "value": value} for name, (summary, value) in cases.items()}
+    )
+
+
+CREATE_VM = _ex(
+    linux=("a linux software-protected VM", {"type": "sw_protected", "semantics": "linux", "name": "demo"}),
+    v9=("an rfc-v9 VM (memory private by default)", {"type": "sw_protected", "semantics": "rfc-v9"}),
+    sev=("an SEV VM (REG/UNREG pin host memory)", {"type": "sev", "semantics": "linux"}),
+)
+MEMSLOT = _ex(
+    gmem=(
+        "4 MiB at 4 GiB backed by guest_memfd 3",
+        {
+            "flags": 4,
+            "guest_phys_addr": GPA,
+            "memory_size": "0x400000",
+            "userspace_addr": HVA,
+            "guest_memfd": 3,
+            "guest_memfd_offset": 0,
+        },
+    ),
+    plain=(
+        "a plain slot, dirty logging on",
+        {"flags": 1, "guest_phys_addr": "0x0", "memory_size": "0xa0000", "userspace_addr": "0x7f1000000000"},
+    ),
+    delete=("delete it (memory_size 0)", {"guest_phys_addr": GPA, "memory_size": 0, "userspace_addr": HVA}),
+)
+GUEST_MEMFD = _ex(
+    plain=("4 MiB", {"size": "0x400000", "flags": 0}),
+    mmap=("4 MiB, mmap-able (linux)", {"size": "0x400000", "flags": 1}),
+)
+ATTRIBUTES = _ex(
+    private=("2 MiB at 4 GiB to private", {"address": GPA, "size": "0x200000", "attributes": 8, "flags": 0}),
+    shared=("the same back to shared", {"address": GPA, "size": "0x200000", "attributes": 0, "flags": 0}),
+    unaligned=("refused: not 4 KiB aligned (EINVAL)", {"address": "0x100000800", "size": "0x1000", "attributes": 8}),
+)
+ENC_REGION = _ex(
+    gpa=("2 MiB at 4 GiB (rfc-v9 GPA)", {"addr": GPA, "size": "0x200000"}),
+    hva=("4 KiB of host memory (SEV)", {"addr": HVA, "size": "0x1000"}),
+)
+FAULT = _ex(
+    read=("a read of 4 GiB, as private as its attribute", {"gpa": GPA}),
+    stale=("a vCPU that snapshotted seq 0 (retries once the seq moved)", {"gpa": GPA, "mmu_seq": 0}),
+    private=("a private write", {"gpa": GPA, "write": True, "private": True}),
+)
+PREFAULT = _ex(whole=("the first 2 MiB of the slot", {"gpa": GPA, "size": "0x200000"}))
+NOTIFIER = _ex(page=("the first page of the slot's host memory", {"hva_start": HVA, "hva_end": "0x7f0000001000"}))
+FAULT_INJECTION = _ex(
+    third=("fail the 3rd per-gfn allocation of the next update", {"fail_nth": 3, "errno": "ENOMEM"}),
+    off=("disarm", {"fail_nth": None}),
+)
+EXPLORER = _ex(
+    reorder=(
+        "the review's reordering, 2nd store fails: a stale mapping",
+        {"variant": "reviewer-reorder", "npages": 2, "fail_nth": 2},
+    ),
+    v9=("the engine's rfc-v9, same scenario: no violation", {"variant": "rfc-v9", "npages": 2, "fail_nth": 2}),
+    naive=("the naive unwind at gfn 0: never ends", {"variant": "v9-naive-unwind", "start_gfn": 0, "fail_nth": 2}),
+)

@@ -1,0 +1,175 @@
+"""What a new user meets first (issue "first contact"): each item has a test that would have caught it."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from app.cli import main
+from tests.live import ROOT, live_server
+
+
+@pytest.fixture(scope="module")
+def url() -> object:
+    with live_server() as (u, _):
+        yield u
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_tables_fit_80_columns_with_full_ids_and_headers(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    vm = json.loads(run(capsys, "vm", "create", "--json", "--url", url, "--name", "first")[1])["id"]
+    assert run(capsys, "-q", "--url", url, "gmem", "create", vm, "--size", "4M")[0] == 0
+    assert (
+        run(
+            capsys,
+            "-q",
+            "memslot",
+            "set",
+            vm,
+            "10",
+            "--gpa",
+            "4G",
+            "--size",
+            "4M",
+            "--hva",
+            "0x7f0000000000",
+            "--flags",
+            "4",
+            "--gmem",
+            "3",
+            "--url",
+            url,
+        )[0]
+        == 0
+    )
+    assert run(capsys, "-q", "fault", vm, "4G", "--url", url)[0] == 0
+    for argv, header in (
+        (["vm", "list"], ["id", "name", "type", "semantics", "seq"]),
+        (["events", vm], ["id", "time", "type", "detail"]),
+        (["memslot", "list", vm], ["slot", "flags", "gpa", "size", "hva", "gmem"]),
+        (["gmem", "list", vm], ["fd", "size", "flags", "bindings"]),
+    ):
+        code, out, _ = run(capsys, *argv, "--url", url)
+        assert code == 0, argv
+        lines = out.splitlines()
+        assert all(len(line) <= 80 for line in lines), (argv, max(map(len, lines)))
+        assert any(line.split() == header for line in lines), (argv, out)
+    code, out, _ = run(capsys, "vm", "list", "--url", url)
+    assert vm in out.split(), "the whole id, on one line, copyable"
+    code, out, _ = run(capsys, "gmem", "list", vm, "--url", url)
+    assert "slot 0xa @0x0+0x400000" in out and "{" not in out
+
+
+def test_global_options_anywhere_and_the_demo_after_its_subcommand(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "health", "--json", "--url", url)
+    assert code == 0 and json.loads(out)["status"] == "ok"
+    code, out, _ = run(capsys, "demo", "--url", url, "-q")
+    assert code == 0
+
+
+def test_the_demo_falls_back_when_the_environment_url_is_dead(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {"KVM_MEMATTR_URL": dead, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "demo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, **env},
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"no server answers at {dead}" in result.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "demo", "--url", dead], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 3 and f"cannot reach {dead}" in result.stderr and "None" not in result.stderr
+
+
+def test_units_gfn_options_refuse_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["attrs", "get", "vm", "--start-gfn", "4G"])
+    assert e.value.code == 2
+    assert "expected an integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["fault", "vm", "4G", "--mmu-seq", "abc"])
+    err = capsys.readouterr().err
+    assert "expected an integer" in err and "2M" not in err
+
+
+def test_version_help_and_no_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and re.match(r"kvm-memattr \d+\.\d+", capsys.readouterr().out)
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "usage: kvm-memattr" in out and "COMMAND" in out and "``" not in out
+    with pytest.raises(SystemExit):
+        main(["memslot", "set", "--help"])
+    help_text = capsys.readouterr().out
+    assert "guest_phys_addr, bytes" in help_text and "(default: 0)" in help_text
+
+
+def test_no_deprecation_warning_in_process() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-W",
+            "error::DeprecationWarning",
+            "-c",
+            "from app.client import Client\nwith Client.in_process() as k: print(k.healthz().status)",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 3
+    assert result.stderr.strip().count("\n") == 0 and "already in use" in result.stderr
+    assert " ready at " not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ci_ends_with_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"```sh\n(python3 -m venv .*)\n```", readme)
+    assert len(commands) == 2 and commands[0].endswith("kvm-memattr serve")
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert ci[-1] == commands[1]
+
+
+def test_the_docker_smoke_script_names_no_package_host() -> None:
+    script = (ROOT / "scripts" / "docker-smoke.sh").read_text()
+    hosts = set(re.findall(r"https?://([^/:\s\"']+)", script)) - {"127.0.0.1"}
+    assert hosts == set(), hosts
