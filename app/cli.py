@@ -562,6 +562,7 @@ def _inject(client: Client, args: argparse.Namespace) -> Any:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from app.core.journal import StateFileError
     from app.main import create_app
     from app.settings import Settings
 
@@ -577,8 +578,13 @@ def _serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"kvm-memattr: cannot listen on {settings.host}:{settings.port}: {problem}", file=sys.stderr)
         return 3
+    try:
+        app = create_app(settings)
+    except StateFileError as e:
+        print(f"kvm-memattr: {e}", file=sys.stderr)
+        return 2
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         workers=1,

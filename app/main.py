@@ -73,11 +73,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     if engine is None:  # not `or`: an empty Engine is falsy (it has a __len__)
         engine = Engine(settings.engine_limits())
     journal = None
-    if settings.state_file:
-        journal = SqliteJournal(settings.state_file)
-        replayed = journal.replay(engine)
+    if settings.state_file:  # StateFileError: one line for the operator (kvm-memattr serve exits 2)
+        journal = SqliteJournal(settings.state_file, settings.journal_compact_after)
+        snapshots, calls = journal.replay(engine)
         engine.attach_journal(journal)
-        log.info("replayed %d journaled call(s) from %s: %d VM(s)", replayed, settings.state_file, len(engine))
+        log.info(
+            "loaded %d snapshot(s) and replayed %d journaled call(s) from %s: %d VM(s)",
+            snapshots,
+            calls,
+            settings.state_file,
+            len(engine),
+        )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -96,6 +102,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         yield
         log.info("kvm-memattr shutting down with %d VM(s)", len(engine))
         if journal is not None:
+            engine.compact_all()  # the next start loads snapshots instead of replaying history
             journal.close()
 
     app = FastAPIOffline(

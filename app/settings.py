@@ -31,6 +31,9 @@ class Settings(BaseSettings, EngineLimits):
     )
     api_token: str | None = Field(None, description="when set, /v1 needs 'Authorization: Bearer <token>'")
     state_file: str | None = Field(None, description="SQLite journal: state survives restarts (default: in memory)")
+    journal_compact_after: int = Field(
+        10_000, ge=1, description="calls journaled for one VM before it is compacted to a snapshot"
+    )
 
     def engine_limits(self) -> EngineLimits:
         return EngineLimits.model_validate(self.model_dump(include=set(EngineLimits.model_fields)))

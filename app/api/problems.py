@@ -28,6 +28,7 @@ ERRNO_STATUS = {
     "ENOENT": 404,
     "ENOTTY": 400,
     "ENOMEM": 507,
+    "ENOSPC": 507,
     "EOPNOTSUPP": 400,
     "EAGAIN": 409,
     "EFAULT": 422,

@@ -15,6 +15,7 @@ maps ``KvmError.errno`` to a status code in one place::
      ├── EOPNOTSUPP          prefault on a VM type that does not allow it
      ├── EAGAIN              prefault's first page is inside an open invalidation
      ├── EFAULT              prefault's first page would be a memory-fault exit
+     ├── ENOSPC              the state file could not record a call (disk full)
      └── EPERM               access denied (HTTP authentication)
 """
 
@@ -81,3 +82,7 @@ class EAGAIN(KvmError):
 
 class EFAULT(KvmError):
     errno = "EFAULT"
+
+
+class ENOSPC(KvmError):
+    errno = "ENOSPC"

@@ -1,10 +1,15 @@
-"""Optional durable state: a write-ahead journal of every state-changing call, in SQLite.
+"""Optional durable state: per VM, its latest snapshot plus a write-ahead journal of the calls since.
 
 Every mutation is recorded (under the VM lock, before it runs, so before the response is sent)
-as ``(vm_id, op, args)``; on start-up the journal is replayed into a fresh engine. The engine is
+as ``(vm_id, op, args)``. When a VM's tail passes ``compact_after`` calls, and at a graceful
+shutdown, the VM is compacted: its snapshot is written and the rows it covers are deleted in one
+transaction, so a crash at any point loses nothing acknowledged. Start-up loads the snapshots and
+replays only the tails: restart time follows the live state, not the history. The engine is
 deterministic, so replay rebuilds attributes, slots, mappings, counters and event ids exactly
-(event timestamps are the replay's). Destroying a VM deletes its records, which keeps the
-journal proportional to the live VMs' history.
+(event timestamps are the replay's; a compacted VM's trace restarts empty at its next event id).
+
+The file carries its format and version; a file that is not ours, or is newer, is refused at
+start-up and never rewritten.
 """
 
 from __future__ import annotations
@@ -16,14 +21,18 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-from app.core.errors import KvmError
+from app.core.errors import ENOSPC, KvmError
 from app.models import kvm as kvm_models
 from app.models import snapshot as snapshot_models
 
 if TYPE_CHECKING:
     from app.core.engine import Engine
+
+FORMAT = "kvm-memattr-journal"
+VERSION = 2
+"""1: the journal table alone; 2: adds the format row and per-VM snapshots (a v1 file is upgraded)."""
 
 _MODELS: dict[str, type[BaseModel]] = {
     name: cls
@@ -33,10 +42,18 @@ _MODELS: dict[str, type[BaseModel]] = {
 }
 
 
+class StateFileError(Exception):
+    """The state file cannot be used; the message is the one line to print."""
+
+
 class Journal(Protocol):
     def record(self, vm_id: str, op: str, args: tuple[Any, ...]) -> None: ...
 
     def forget_vm(self, vm_id: str) -> None: ...
+
+    def wants_compaction(self, vm_id: str) -> bool: ...
+
+    def compact(self, vm_id: str, snapshot: BaseModel) -> None: ...
 
 
 def _encode(arg: Any) -> Any:
@@ -56,34 +73,116 @@ def _decode(arg: Any) -> Any:
 class SqliteJournal:
     """WAL-mode SQLite; ``synchronous=NORMAL`` survives a killed process (not a power cut)."""
 
-    def __init__(self, path: str | Path) -> None:
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, vm_id TEXT NOT NULL, op TEXT NOT NULL, args TEXT NOT NULL)"
-        )
-        self._db.execute("CREATE INDEX IF NOT EXISTS journal_vm ON journal (vm_id)")
+    def __init__(self, path: str | Path, compact_after: int = 10_000) -> None:
+        self.path, self.compact_after = str(path), compact_after
         self._lock = threading.Lock()
+        self._tail: dict[str, int] = {}  # rows since each VM's snapshot
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._open()
+        except sqlite3.Error as e:
+            raise StateFileError(self._why(e)) from None
+
+    def _why(self, e: sqlite3.Error) -> str:
+        reason = str(e)
+        parent = Path(self.path).parent
+        if "unable to open" in reason and not parent.is_dir():
+            reason = f"the directory {parent} does not exist"
+        elif "unable to open" in reason or "readonly" in reason:
+            reason = f"{reason} (is it writable by this user?)"
+        return f"KVM_MEMATTR_STATE_FILE={self.path}: {reason}"
+
+    def _open(self) -> None:
+        db = self._db
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "meta" in tables:
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if meta.get("format") != FORMAT:
+                raise StateFileError(f"KVM_MEMATTR_STATE_FILE={self.path}: not a kvm-memattr journal")
+            version = int(meta.get("version", "0"))
+            if version > VERSION:
+                raise StateFileError(
+                    f"KVM_MEMATTR_STATE_FILE={self.path}: journal format {version} is newer than this "
+                    f"kvm-memattr reads ({VERSION}); it was left untouched"
+                )
+        elif tables - {"journal"}:
+            raise StateFileError(f"KVM_MEMATTR_STATE_FILE={self.path}: not a kvm-memattr journal")
+        with db:  # a v1 file (or a new one) becomes v2 in one transaction
+            db.execute("BEGIN IMMEDIATE")  # fails now, not at the first call, on a read-only file
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?), ('version', ?)", (FORMAT, str(VERSION)))
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS journal "
+                "(seq INTEGER PRIMARY KEY, vm_id TEXT NOT NULL, op TEXT NOT NULL, args TEXT NOT NULL)"
+            )
+            db.execute("CREATE INDEX IF NOT EXISTS journal_vm ON journal (vm_id)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS snapshots (vm_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, doc TEXT NOT NULL)"
+            )
 
     def record(self, vm_id: str, op: str, args: tuple[Any, ...]) -> None:
+        """Write one call ahead of running it; a full disk fails the call (ENOSPC), changing nothing."""
         payload = json.dumps([_encode(a) for a in args])
         with self._lock:
-            self._db.execute("INSERT INTO journal (vm_id, op, args) VALUES (?, ?, ?)", (vm_id, op, payload))
+            try:
+                self._db.execute("INSERT INTO journal (vm_id, op, args) VALUES (?, ?, ?)", (vm_id, op, payload))
+            except sqlite3.OperationalError as e:
+                raise ENOSPC(f"the state file could not record the call: {e}") from None
+            self._tail[vm_id] = self._tail.get(vm_id, 0) + 1
+
+    def wants_compaction(self, vm_id: str) -> bool:
+        return self._tail.get(vm_id, 0) >= self.compact_after
+
+    def compact(self, vm_id: str, snapshot: BaseModel) -> None:
+        """Replace the VM's rows by its snapshot, atomically (call it under the VM lock)."""
+        doc = snapshot.model_dump_json()
+        with self._lock:
+            try:
+                with self._db:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    (last,) = self._db.execute("SELECT MAX(seq) FROM journal WHERE vm_id = ?", (vm_id,)).fetchone()
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO snapshots (vm_id, seq, doc) VALUES (?, ?, ?)", (vm_id, last or 0, doc)
+                    )
+                    self._db.execute("DELETE FROM journal WHERE vm_id = ?", (vm_id,))
+            except sqlite3.OperationalError:
+                return  # e.g. a full disk: the rows stay, nothing acknowledged is lost; try again later
+            self._tail[vm_id] = 0
 
     def forget_vm(self, vm_id: str) -> None:
         with self._lock:
-            self._db.execute("DELETE FROM journal WHERE vm_id = ?", (vm_id,))
+            with self._db:
+                self._db.execute("DELETE FROM journal WHERE vm_id = ?", (vm_id,))
+                self._db.execute("DELETE FROM snapshots WHERE vm_id = ?", (vm_id,))
+            self._tail.pop(vm_id, None)
 
-    def replay(self, engine: Engine) -> int:
-        """Re-run every recorded call, in order, into ``engine`` (which must not journal yet)."""
-        n = 0
-        for vm_id, op, payload in self._db.execute("SELECT vm_id, op, args FROM journal ORDER BY seq"):
-            args = [_decode(a) for a in json.loads(payload)]
-            with contextlib.suppress(KvmError):  # it failed the same way when it was recorded
-                engine.replay(vm_id, op, args)
-            n += 1
-        return n
+    def replay(self, engine: Engine) -> tuple[int, int]:
+        """Load every snapshot, then re-run the calls after them, in order, into ``engine`` (which must
+        not journal yet). Returns (snapshots, calls); a row that cannot be replayed stops start-up."""
+        snapshots = 0
+        for vm_id, doc in self._db.execute("SELECT vm_id, doc FROM snapshots ORDER BY seq"):
+            try:
+                engine.import_vm(snapshot_models.VmSnapshot.model_validate_json(doc), vm_id=vm_id)
+            except (ValidationError, KvmError) as e:
+                raise StateFileError(
+                    f"KVM_MEMATTR_STATE_FILE={self.path}: the snapshot of VM {vm_id} does not load: {e}"
+                ) from None
+            snapshots += 1
+        calls = 0
+        for seq, vm_id, op, payload in self._db.execute("SELECT seq, vm_id, op, args FROM journal ORDER BY seq"):
+            try:
+                args = [_decode(a) for a in json.loads(payload)]
+                with contextlib.suppress(KvmError):  # it failed the same way when it was recorded
+                    engine.replay(vm_id, op, args)
+            except (ValueError, KeyError, TypeError, ValidationError) as e:
+                raise StateFileError(
+                    f"KVM_MEMATTR_STATE_FILE={self.path}: journal row {seq} (VM {vm_id}, {op}) cannot be replayed: {e}"
+                ) from None
+            self._tail[vm_id] = self._tail.get(vm_id, 0) + 1
+            calls += 1
+        return snapshots, calls
 
     def close(self) -> None:
         self._db.close()

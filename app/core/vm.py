@@ -58,9 +58,14 @@ def mutation(method: Callable[Concatenate[VirtualMachine, P], R]) -> Callable[Co
         if kwargs:
             raise TypeError(f"{name}() takes positional arguments only, so the journal can replay it")
         with self.lock:
-            if self.journal is not None:
-                self.journal.record(self.id, name, args)
-            return method(self, *args, **kwargs)  # kwargs is empty: checked above
+            journal = self.journal
+            if journal is not None:
+                journal.record(self.id, name, args)
+            try:
+                return method(self, *args, **kwargs)  # kwargs is empty: checked above
+            finally:
+                if journal is not None and journal.wants_compaction(self.id):
+                    journal.compact(self.id, snapshot.dump(self.kvm))
 
     return wrapper
 
