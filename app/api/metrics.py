@@ -24,6 +24,11 @@ class EngineCollector(Collector):
             return sum(u[key] for u in usage)
 
         yield GaugeMetricFamily("kvm_memattr_vms", "VMs", value=len(usage))
+        budget = self.engine.budget
+        yield GaugeMetricFamily(
+            "kvm_memattr_service_items", "attribute runs + mapping runs + stored events, all VMs", value=budget.used
+        )
+        yield GaugeMetricFamily("kvm_memattr_service_items_limit", "max_service_items", value=budget.limit)
         gauges = {
             "memslots": "memslots, all address spaces",
             "attribute_runs": "maximal attribute runs",

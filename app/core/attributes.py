@@ -199,12 +199,17 @@ class Conversion:
 
 
 def take_allocation_failure(kvm: Kvm, start: int, end: int, value: int) -> int | None:
-    """Consume an armed fail-nth and apply the run budget: the failing allocation's number, or None."""
+    """Consume an armed fail-nth and apply the run budgets: the failing allocation's number, or None."""
     npages = end - start
     nth, kvm.fail_nth = kvm.fail_nth, None
     if nth is not None and nth <= npages:
         return nth
+    # A budget runs out part way; which entry fails does not change the outcome. One assign
+    # adds at most two runs, so the service-wide check needs no exact count.
     if kvm.attributes.exceeds_after_assign(start, end, value, kvm.limits.max_attribute_runs):
-        # The budget runs out part way; which entry fails does not change the outcome.
+        kvm.events.emit("budget_exhausted", budget="max_attribute_runs")
+        return npages
+    if not kvm.budget.room(2):
+        kvm.events.emit("budget_exhausted", budget="max_service_items")
         return npages
     return None

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from app.core import snapshot
+from app.core.budget import ServiceBudget
 from app.core.errors import ENOENT, ENOMEM
 from app.core.journal import Journal
 from app.core.limits import EngineLimits
@@ -32,6 +33,7 @@ class Engine:
 
     def __init__(self, limits: EngineLimits | None = None) -> None:
         self.limits = limits or EngineLimits()
+        self.budget = ServiceBudget(self.limits.max_service_items)
         self._vms: dict[str, VirtualMachine] = {}
         self._lock = threading.Lock()
         self.journal: Journal | None = None
@@ -73,19 +75,26 @@ class Engine:
 
     def create_vm(self, req: VmCreate, vm_id: str | None = None) -> VirtualMachine:
         """``KVM_CREATE_VM`` (``vm_id`` only when replaying a journal)."""
-        vm = VirtualMachine.create(vm_id or uuid.uuid4().hex, req.name, req.type, req.semantics, self.limits)
+        vm_id = vm_id or uuid.uuid4().hex
+        vm = VirtualMachine.create(vm_id, req.name, req.type, req.semantics, self.limits, self.budget)
         return self._add(vm, "create_vm", req)
 
     def import_vm(self, doc: VmSnapshot, vm_id: str | None = None) -> VirtualMachine:
         """A new VM with exactly the state of a snapshot (``vm_id`` only when replaying a journal)."""
-        vm = VirtualMachine(snapshot.load(doc, vm_id or uuid.uuid4().hex, self.limits))
+        vm = VirtualMachine(snapshot.load(doc, vm_id or uuid.uuid4().hex, self.limits, self.budget))
         return self._add(vm, "import_vm", doc)
 
     def _add(self, vm: VirtualMachine, op: str, arg: BaseModel) -> VirtualMachine:
         lim = self.limits
         with self._lock:
+            refused = None
             if len(self._vms) >= lim.max_vms:
-                raise ENOMEM(f"server already holds the maximum of {lim.max_vms} VMs")
+                refused = f"server already holds the maximum of {lim.max_vms} VMs"
+            elif not self.budget.room(0):
+                refused = f"the service-wide budget ({lim.max_service_items} items) is used up"
+            if refused:
+                vm.kvm.release()
+                raise ENOMEM(refused)
             if self.journal is not None:
                 self.journal.record(vm.id, op, (arg,))
                 vm.journal = self.journal
@@ -108,8 +117,9 @@ class Engine:
             vm = self._vms.pop(vm_id, None)
             if vm is None:
                 raise ENOENT(f"no VM {vm_id!r}")
-            if self.journal is not None:
-                with vm.lock:  # after any call in flight on it has been journaled
+            with vm.lock:  # after any call in flight on it (and its journal row)
+                vm.kvm.release()
+                if self.journal is not None:
                     self.journal.forget_vm(vm_id)
 
     def compact_all(self) -> None:

@@ -6,19 +6,34 @@ import time
 from collections import deque
 from typing import Any
 
+from app.core.budget import UNBOUNDED, ServiceBudget
+
 
 class EventLog:
     """Oldest-first ring of events with monotonically increasing ids."""
 
-    def __init__(self, maxlen: int) -> None:
+    def __init__(self, maxlen: int, budget: ServiceBudget = UNBOUNDED) -> None:
         self._events: deque[dict[str, Any]] = deque(maxlen=maxlen)
         self.next_id = 1
+        self.budget = budget
+
+    def __len__(self) -> int:
+        return len(self._events)
 
     def emit(self, type_: str, **fields: Any) -> None:
         if fields.keys() & {"id", "time", "type"}:
             raise ValueError(f"event field names id, time and type are the log's own: {sorted(fields)}")
-        self._events.append({"id": self.next_id, "time": time.time(), "type": type_, **fields})
+        events = self._events
+        if len(events) < (events.maxlen or 0):
+            if self.budget.room(1) or not events:
+                self.budget.add(1)
+            else:  # the service is full: this log makes room by dropping its oldest event
+                events.popleft()
+        events.append({"id": self.next_id, "time": time.time(), "type": type_, **fields})
         self.next_id += 1
+
+    def release(self) -> None:
+        self.budget.add(-len(self._events))
 
     def page(self, after: int, limit: int) -> tuple[list[dict[str, Any]], int | None]:
         """Events with id > ``after``; the second item is the cursor when more remain."""

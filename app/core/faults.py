@@ -162,6 +162,8 @@ def map_pages(kvm: Kvm, as_id: int, start: int, end: int, value: int) -> None:
     others = kvm.mmu.runs() - len(space)
     if space.exceeds_after_assign(start, end, value, kvm.limits.max_mapping_runs - others):
         raise ENOMEM(f"mapping runs would exceed the per-VM budget ({kvm.limits.max_mapping_runs})")
+    if not kvm.budget.room(2):
+        raise ENOMEM(f"the service-wide budget ({kvm.budget.limit} items) is used up")
     kvm.mmu.set(as_id, start, end, value)
 
 
@@ -187,10 +189,10 @@ def prefault(kvm: Kvm, gpa: int, size: int, as_id: int) -> state.PrefaultResult:
     before = list(kvm.mmu.spaces[as_id].runs(start, end))
     for s, e, v in walk.plan:
         kvm.mmu.set(as_id, s, e, v)
-    if kvm.mmu.runs() > kvm.limits.max_mapping_runs:
+    if kvm.mmu.runs() > kvm.limits.max_mapping_runs or not kvm.budget.room(0):
         for s, e, v in before:  # through Mmu.set, so mapped_pages is restored too
             kvm.mmu.set(as_id, s, e, v)
-        raise ENOMEM(f"mapping runs would exceed the per-VM budget ({kvm.limits.max_mapping_runs})")
+        raise ENOMEM(f"mapping runs would exceed the per-VM or the service-wide budget ({kvm.limits.max_mapping_runs})")
     newly = sum(e - s for s, e, _ in walk.plan)
     stop_gfn = end if walk.stop_gfn is None else walk.stop_gfn
     stopped = None if walk.stop is None else walk.stop.errno

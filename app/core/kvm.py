@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from app.core.budget import UNBOUNDED, ServiceBudget
 from app.core.errors import EINVAL
 from app.core.events import EventLog
 from app.core.invalidation import MmuInvalidation
@@ -51,6 +52,7 @@ class Kvm:
     type: VmType
     semantics: Semantics
     limits: EngineLimits
+    budget: ServiceBudget = UNBOUNDED
     attributes: RunMap = field(init=False)
     spaces: list[AddressSpace] = field(init=False)
     mmu: Mmu = field(init=False)
@@ -67,10 +69,21 @@ class Kvm:
     def __post_init__(self) -> None:
         # rfc-v9 stored only shared gfns: private by default on private-memory VMs.
         default = PRIVATE if not self.linux and self.has_private_mem else 0
-        self.attributes = RunMap(GFN_LIMIT, default)
+        self.attributes = RunMap(GFN_LIMIT, default, self.budget)
         self.spaces = [AddressSpace() for _ in range(self.nr_as)]
-        self.mmu = Mmu(self.nr_as)
-        self.events = EventLog(self.limits.max_events)
+        self.mmu = Mmu(self.nr_as, self.budget)
+        self.events = EventLog(self.limits.max_events, self.budget)
+
+    def items(self) -> int:
+        """What this VM holds against the service budget."""
+        return len(self.attributes) + self.mmu.runs() + len(self.events)
+
+    def release(self) -> None:
+        """Give everything back to the service budget (``kvm_destroy_vm()``)."""
+        self.attributes.release()
+        for space in self.mmu.spaces:
+            space.release()
+        self.events.release()
 
     @property
     def linux(self) -> bool:

@@ -18,6 +18,12 @@ class EngineLimits(BaseModel):
     max_attribute_runs: int = Field(1_000_000, ge=1, description="per VM; beyond it an update fails with ENOMEM")
     max_mapping_runs: int = Field(1_000_000, ge=1, description="per VM; beyond it a fault fails with ENOMEM")
     max_events: int = Field(10_000, ge=1, description="events kept per VM")
+    max_service_items: int = Field(
+        4_000_000,
+        ge=1,
+        description="attribute runs + mapping runs + stored events across all VMs (about 2 GiB at most); "
+        "past it, calls fail with ENOMEM",
+    )
     address_spaces: int = Field(
         2, ge=1, le=2, description="KVM_CAP_MULTI_ADDRESS_SPACE of the simulated host: 1 drops the SMM space"
     )

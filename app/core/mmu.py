@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from enum import Enum
 
+from app.core.budget import UNBOUNDED, ServiceBudget
 from app.core.runs import Run, RunMap
 from app.models.kvm import GFN_LIMIT
 
@@ -45,8 +46,8 @@ class ZapFilter(Enum):
 class Mmu:
     """Per-address-space run maps of SPTEs plus the mapped-page count."""
 
-    def __init__(self, nr_as: int) -> None:
-        self.spaces = [RunMap(GFN_LIMIT, UNMAPPED) for _ in range(nr_as)]
+    def __init__(self, nr_as: int, budget: ServiceBudget = UNBOUNDED) -> None:
+        self.spaces = [RunMap(GFN_LIMIT, UNMAPPED, budget) for _ in range(nr_as)]
         self.mapped_pages = 0
 
     def runs(self) -> int:

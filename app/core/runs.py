@@ -14,6 +14,8 @@ from operator import mul, sub
 
 from sortedcontainers import SortedDict
 
+from app.core.budget import UNBOUNDED, ServiceBudget
+
 Run = tuple[int, int, int]
 """``(start, end, value)``, half-open."""
 
@@ -26,11 +28,13 @@ class RunMap:
     number of maximal runs.
     """
 
-    __slots__ = ("_d", "_indexes", "limit", "version")
+    __slots__ = ("_d", "_indexes", "budget", "limit", "version")
 
-    def __init__(self, limit: int, default: int = 0) -> None:
+    def __init__(self, limit: int, default: int = 0, budget: ServiceBudget = UNBOUNDED) -> None:
         self.limit = limit
+        self.budget = budget
         self._d: SortedDict = SortedDict({0: default})
+        budget.add(1)
         self.version = 0  # bumped by every assign, so indexes know when they are stale
         self._indexes: dict[Callable[[int], bool], _PrefixIndex] = {}
 
@@ -95,6 +99,7 @@ class RunMap:
             return
         self.version += 1
         d = self._d
+        runs_before = len(d)
         before, after = self._neighbours(start, end)
         for k in list(d.irange(start, end)):
             del d[k]
@@ -102,6 +107,11 @@ class RunMap:
             d[start] = value
         if end < self.limit and after != value:
             d[end] = after
+        self.budget.add(len(d) - runs_before)
+
+    def release(self) -> None:
+        """Give the map's runs back to the service budget (its VM is gone)."""
+        self.budget.add(-len(self._d))
 
     def _neighbours(self, start: int, end: int) -> tuple[int | None, int | None]:
         # The value just left of start and the value at end decide whether the

@@ -9,7 +9,8 @@ anything is created.
 from __future__ import annotations
 
 from app.core import guest_memfd
-from app.core.errors import EINVAL, ENOMEM
+from app.core.budget import UNBOUNDED, ServiceBudget
+from app.core.errors import EINVAL, ENOMEM, KvmError
 from app.core.kvm import PRIVATE, Kvm, NotifierInvalidation, Stats
 from app.core.limits import EngineLimits
 from app.core.memslots import GuestMemfdFile, Memslot
@@ -102,10 +103,19 @@ def _check(ok: bool, what: str) -> None:
         raise EINVAL(f"snapshot: {what}")
 
 
-def load(doc: VmSnapshot, vm_id: str, limits: EngineLimits) -> Kvm:
+def load(doc: VmSnapshot, vm_id: str, limits: EngineLimits, budget: ServiceBudget = UNBOUNDED) -> Kvm:
     """A new ``Kvm`` with exactly the state of ``doc``; EINVAL, creating nothing, if it is not one."""
     _check(doc.version == SNAPSHOT_VERSION, f"version {doc.version} is not {SNAPSHOT_VERSION}")
-    kvm = Kvm(vm_id, doc.name, doc.type, doc.semantics, limits)
+    kvm = Kvm(vm_id, doc.name, doc.type, doc.semantics, limits, budget)
+    try:
+        _load_state(kvm, doc)
+    except KvmError:
+        kvm.release()
+        raise
+    return kvm
+
+
+def _load_state(kvm: Kvm, doc: VmSnapshot) -> None:
     _load_attributes(kvm, doc.attributes)
     files = _load_files(kvm, doc.files, doc.next_fd)
     for s in doc.memslots:
@@ -134,7 +144,6 @@ def load(doc: VmSnapshot, vm_id: str, limits: EngineLimits) -> Kvm:
     kvm.fail_nth = doc.fail_nth
     kvm.stats = Stats(**doc.stats.model_dump())
     kvm.events.next_id = doc.next_event_id
-    return kvm
 
 
 def _load_attributes(kvm: Kvm, runs: list[tuple[int, int, int]]) -> None:

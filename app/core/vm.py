@@ -10,6 +10,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from app.core import guest_memfd, mmu_notifier, sev, snapshot, steps, views
 from app.core.attributes import Conversion
+from app.core.budget import ServiceBudget
 from app.core.errors import EINVAL, ENOENT, ENOTTY
 from app.core.faults import Fault, prefault
 from app.core.journal import Journal
@@ -81,10 +82,16 @@ class VirtualMachine:
 
     @classmethod
     def create(
-        cls, vm_id: str, name: str | None, vm_type: VmType, semantics: Semantics, limits: EngineLimits
+        cls,
+        vm_id: str,
+        name: str | None,
+        vm_type: VmType,
+        semantics: Semantics,
+        limits: EngineLimits,
+        budget: ServiceBudget,
     ) -> VirtualMachine:
         """``KVM_CREATE_VM``: a fresh ``struct kvm``."""
-        vm = cls(Kvm(vm_id, name, vm_type, semantics, limits))
+        vm = cls(Kvm(vm_id, name, vm_type, semantics, limits, budget))
         vm.kvm.events.emit("vm_create", vm_type=vm_type.value, semantics=semantics.value)
         return vm
 

@@ -272,6 +272,7 @@ class EngineVsReference(RuleBasedStateMachine):
             for fd, f in ref.gmem.items()
         }
         assert [(r.addr, r.size) for r in vm.pinned_regions()] == ref.pinned
+        assert vm.kvm.budget.used == vm.kvm.items(), "the service budget counts exactly what the VM holds"
         mm = vm.memory_map(0, span, 7)
         for b in mm.buckets:
             gfns = range(b.start_gfn, b.end_gfn)
