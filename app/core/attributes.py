@@ -60,6 +60,7 @@ class Conversion:
         self.invalidated = False
         self.zapped = 0
         self.flushed = False
+        self._saved: list[tuple[int, int, int]] = []  # what the stores replaced, for an exact unwind
 
     # ------------------------------------------------------------------ rfc-v9
 

@@ -32,29 +32,8 @@ def test_tables_fit_80_columns_with_full_ids_and_headers(
     monkeypatch.setenv("COLUMNS", "80")
     vm = json.loads(run(capsys, "vm", "create", "--json", "--url", url, "--name", "first")[1])["id"]
     assert run(capsys, "-q", "--url", url, "gmem", "create", vm, "--size", "4M")[0] == 0
-    assert (
-        run(
-            capsys,
-            "-q",
-            "memslot",
-            "set",
-            vm,
-            "10",
-            "--gpa",
-            "4G",
-            "--size",
-            "4M",
-            "--hva",
-            "0x7f0000000000",
-            "--flags",
-            "4",
-            "--gmem",
-            "3",
-            "--url",
-            url,
-        )[0]
-        == 0
-    )
+    line = f"-q memslot set {vm} 10 --gpa 4G --size 4M --hva 0x7f0000000000 --flags 4 --gmem 3 --url {url}"
+    assert run(capsys, *line.split())[0] == 0
     assert run(capsys, "-q", "fault", vm, "4G", "--url", url)[0] == 0
     for argv, header in (
         (["vm", "list"], ["id", "name", "type", "semantics", "seq"]),

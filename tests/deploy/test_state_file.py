@@ -180,3 +180,11 @@ def test_a_full_disk_fails_the_call_with_enospc_and_changes_nothing(tiny_disk: P
         assert client.get("/healthz").json()["status"] == "ok"
         filler.unlink()
         assert client.post(f"/v1/vms/{vm}/faults", json={"gpa": "0x1000"}).json()["outcome"] == "mapped"
+
+
+def test_a_read_only_file_system(tiny_disk: Path) -> None:
+    db = tiny_disk / "state.sqlite3"
+    SqliteJournal(db).close()
+    if subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)]).returncode:
+        pytest.skip("cannot remount read-only here")
+    _refused(db, "(is it writable by this user?)")
