@@ -258,7 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = cmd("serve", "run the HTTP service (one worker: state is in-process)", None)
     s.add_argument("--host", help="bind address (default 127.0.0.1, or KVM_MEMATTR_HOST)")
     s.add_argument("--port", type=int, help="port (default 8000, or KVM_MEMATTR_PORT)")
-    s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="default: info, or KVM_MEMATTR_LOG_LEVEL",
+    )
     s.add_argument("--workers", type=int, default=1, help="must be 1")
     s.set_defaults(serve=True)
 
@@ -278,21 +282,26 @@ def build_parser() -> argparse.ArgumentParser:
         "KVM_CHECK_EXTENSION (system, or a VM's with --vm)",
         lambda c, a: c.vm_capabilities(a.vm) if a.vm else c.capabilities(),
     )
-    caps.add_argument("--vm")
+    caps.add_argument("--vm", help="a VM id: its KVM_CHECK_EXTENSION answers")
 
     vm = group("vm", "VMs: KVM_CREATE_VM / kvm_destroy_vm")
     x = cmd(
         "create", "create a VM", lambda c, a: c.create_vm(type=a.type, semantics=a.semantics, name=a.name), parent=vm
     )
-    x.add_argument("--type", default="sw_protected", choices=["default", "sw_protected", "sev", "sev_es", "snp", "tdx"])
-    x.add_argument("--semantics", default="rfc-v9", choices=["rfc-v9", "linux"])
-    x.add_argument("--name")
+    x.add_argument(
+        "--type",
+        default="sw_protected",
+        choices=["default", "sw_protected", "sev", "sev_es", "snp", "tdx"],
+        help="KVM_X86_*_VM type",
+    )
+    x.add_argument("--semantics", default="rfc-v9", choices=["rfc-v9", "linux"], help="which kernel design")
+    x.add_argument("--name", help="a name to show with the id")
     cmd("list", "list VMs", lambda c, a: c.list_vms(), parent=vm)
     cmd("get", "show a VM", lambda c, a: c.get_vm(a.vm), parent=vm).add_argument("vm")
     x = cmd("export", "print the VM's snapshot (JSON) to stdout", _export_vm, parent=vm)
     x.add_argument("vm")
     x = cmd("import", "create a VM from a snapshot file ('-': stdin)", _import_vm, parent=vm)
-    x.add_argument("file")
+    x.add_argument("file", help="a snapshot written by vm export, or - for stdin")
     x.add_argument("--name", help="name of the new VM (default: the snapshot's)")
     x = cmd("delete", "destroy a VM (--all: every VM)", _delete_vm, parent=vm)
     x.add_argument("vm", nargs="?")
@@ -326,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     gm = group("gmem", "guest_memfd files: KVM_CREATE_GUEST_MEMFD")
     x = cmd("create", "create a guest_memfd", lambda c, a: c.create_guest_memfd(a.vm, a.size, a.flags), parent=gm)
     x.add_argument("vm")
-    x.add_argument("--size", type=number, required=True)
+    x.add_argument("--size", type=number, required=True, help="bytes, a multiple of 4K")
     x.add_argument("--flags", type=number, default=0, help="linux: 1 MMAP, 2 INIT_SHARED")
     cmd("list", "list open guest_memfds", lambda c, a: c.list_guest_memfds(a.vm), parent=gm).add_argument("vm")
     x = cmd("close", "close a guest_memfd", lambda c, a: c.close_guest_memfd(a.vm, a.fd), parent=gm)
@@ -358,10 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("addr", type=number)
     x.add_argument("size", type=number)
     kind = x.add_mutually_exclusive_group(required=True)
-    kind.add_argument("--private", action="store_true")
-    kind.add_argument("--shared", action="store_true")
-    kind.add_argument("--attributes", type=number)
-    x.add_argument("--flags", type=number, default=0)
+    kind.add_argument("--private", action="store_true", help="attributes 8 (KVM_MEMORY_ATTRIBUTE_PRIVATE)")
+    kind.add_argument("--shared", action="store_true", help="attributes 0")
+    kind.add_argument("--attributes", type=integer, help="the raw attributes value")
+    x.add_argument("--flags", type=integer, default=0, help="kvm_memory_attributes.flags (must be 0)")
     x = cmd(
         "get",
         "attributes as runs",
@@ -393,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("vm")
     x.add_argument("gpa", type=number)
-    x.add_argument("--as-id", type=int, default=0)
-    x.add_argument("--write", action="store_true")
+    x.add_argument("--as-id", type=integer, default=0, help="address space (1 = SMM)")
+    x.add_argument("--write", action="store_true", help="a write fault (default: a read)")
     acc = x.add_mutually_exclusive_group()
     acc.add_argument("--private", action="store_true", help="a private access (default: as the attribute)")
     acc.add_argument("--shared", action="store_true", help="a shared access")
@@ -403,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("vm")
     x.add_argument("gpa", type=number)
     x.add_argument("size", type=number)
-    x.add_argument("--as-id", type=int, default=0)
+    x.add_argument("--as-id", type=integer, default=0, help="address space (1 = SMM)")
 
     nt = group("notifier", "host MMU-notifier invalidations")
     x = cmd(
@@ -432,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--fail-nth", type=int, help="the nth per-gfn store (linux: reservation) fails")
     x.add_argument("--initial-private", help="comma-separated offsets private before (default: opposite of --to)")
     x.add_argument("--fault-offset", type=int, default=0, help="which gfn of the range the vCPU faults on")
-    x.add_argument("--access", choices=["attribute", "private", "shared"], default="attribute")
+    x.add_argument(
+        "--access", choices=["attribute", "private", "shared"], default="attribute", help="the vCPU's access"
+    )
     x.add_argument("--schedule", help="comma-separated step labels: replay exactly this interleaving")
     return p
 
