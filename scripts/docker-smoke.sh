@@ -12,7 +12,7 @@ PORT=${PORT:-18080}
 mirror_from_apt() {
   { grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}'
     grep -h '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null | awk '{print $2}'
-  } | grep -v -i security | head -n 1
+  } | grep -v -i security | head -n 1 || true  # no match is not an error: the caller says what to do
 }
 MIRROR=${MIRROR:-$(mirror_from_apt)}
 if [ -z "$MIRROR" ]; then
