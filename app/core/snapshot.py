@@ -41,9 +41,11 @@ from app.models.snapshot import (
 
 def dump(kvm: Kvm) -> VmSnapshot:
     """The whole state of ``kvm``."""
+    # Open files by fd, then files only slots still hold, in the order the slots are listed, so
+    # that dumping a loaded copy gives the same document (found by the stateful test).
     files = {id(f): f for f in kvm.gmem_files.values()}
     for space in kvm.spaces:
-        for slot in space.by_id.values():
+        for slot in space.by_gfn.values():
             if slot.gmem is not None:
                 files.setdefault(id(slot.gmem), slot.gmem)
     file_ids = {key: n for n, key in enumerate(files)}

@@ -219,6 +219,49 @@ class EngineVsReference(RuleBasedStateMachine):
         if got is not None:
             assert (got.id, got.pages_zapped) == want
 
+    @rule(pick=st.integers(0, 7), page=st.integers(0, 7), write=st.booleans(), private=st.sampled_from([None, True]))
+    def fault_during_notifier(self, pick: int, page: int, write: bool, private: bool | None) -> None:
+        """A fault racing an open host invalidation of its own page: the retry check's place in the
+        fault order decides the outcome (retry before the guest_memfd and READONLY checks)."""
+        slots = sorted(self.ref.slots.values(), key=lambda s: (s.as_id, s.id))
+        if not slots:
+            return
+        slot = slots[pick % len(slots)]
+        page %= slot.npages
+        hva = slot.hva + page * PAGE
+        inv, nid = same(
+            lambda: self.vm.notifier_start(NotifierRequest(hva_start=hva, hva_end=hva + PAGE)),
+            lambda: self.ref.notifier_start(hva, hva + PAGE),
+        )
+        gpa = (slot.base + page) * PAGE
+        req = FaultRequest(gpa=gpa, as_id=slot.as_id, write=write, private=private)
+        got, want = same(lambda: self.vm.fault(req), lambda: self.ref.fault(slot.as_id, gpa, write, private, None))
+        if got is not None:
+            assert got.outcome == want
+        if inv is not None:
+            same(lambda: self.vm.notifier_end(inv.id), lambda: self.ref.notifier_end(nid[0]))
+
+    @rule(keep=st.integers(0, 7), drop=st.integers(0, 7))
+    def delete_a_slot_beside_a_mapping(self, keep: int, drop: int) -> None:
+        """Map a page of one slot, delete another: what the delete zaps depends on the VM."""
+        slots = sorted(self.ref.slots.values(), key=lambda s: (s.as_id, s.id))
+        if len(slots) < 2:
+            return
+        kept, gone = slots[keep % len(slots)], slots[drop % len(slots)]
+        gpa = kept.base * PAGE
+        same(
+            lambda: self.vm.fault(FaultRequest(gpa=gpa, as_id=kept.as_id)),
+            lambda: self.ref.fault(kept.as_id, gpa, False, None, None),
+        )
+        raw = gone.as_id << 16 | gone.id
+        req = KvmUserspaceMemoryRegion2(guest_phys_addr=0, memory_size=0, userspace_addr=gone.hva)
+        got, want = same(
+            lambda: self.vm.set_user_memory_region(raw, req),
+            lambda: self.ref.set_region(raw, 0, 0, 0, gone.hva, None, 0),
+        )
+        if got is not None:
+            assert (got.change, got.pages_zapped) == (want["change"], want["pages_zapped"])
+
     @rule(nid=st.integers(1, 8))
     def notifier_end(self, nid: int) -> None:
         same(lambda: self.vm.notifier_end(nid), lambda: self.ref.notifier_end(nid))
