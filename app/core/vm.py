@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from functools import wraps
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 
 from app.core import guest_memfd, mmu_notifier, sev, snapshot, steps, views
 from app.core.attributes import Conversion
 from app.core.budget import ServiceBudget
 from app.core.errors import EINVAL, ENOENT, ENOTTY
 from app.core.faults import Fault, prefault
+from app.core.ioctl import locked, mutation
 from app.core.journal import Journal
 from app.core.kvm import PRIVATE, Kvm, check_gpa_range
 from app.core.limits import EngineLimits
@@ -30,45 +30,6 @@ from app.models.kvm import (
     VmType,
 )
 from app.models.snapshot import VmSnapshot
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def locked(method: Callable[Concatenate[VirtualMachine, P], R]) -> Callable[Concatenate[VirtualMachine, P], R]:
-    """Every operation is atomic: slots_lock and mmu_lock rolled into one per-VM lock."""
-
-    @wraps(method)
-    def wrapper(self: VirtualMachine, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        with self.lock:
-            return method(self, *args, **kwargs)
-
-    return wrapper
-
-
-def mutation(method: Callable[Concatenate[VirtualMachine, P], R]) -> Callable[Concatenate[VirtualMachine, P], R]:
-    """A state-changing ioctl: atomic, and written ahead to the journal (if any) in call order.
-
-    Failed calls are journaled too: some failures change state the kernel way (the rfc-v9
-    rollback bumps the seq, faults count), and replay reproduces the same failure.
-    """
-    name = method.__name__
-
-    @wraps(method)
-    def wrapper(self: VirtualMachine, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        if kwargs:
-            raise TypeError(f"{name}() takes positional arguments only, so the journal can replay it")
-        with self.lock:
-            journal = self.journal
-            if journal is not None:
-                journal.record(self.id, name, args)
-            try:
-                return method(self, *args, **kwargs)  # kwargs is empty: checked above
-            finally:
-                if journal is not None and journal.wants_compaction(self.id):
-                    journal.compact(self.id, snapshot.dump(self.kvm))
-
-    return wrapper
 
 
 class VirtualMachine:

@@ -1,0 +1,60 @@
+"""What makes a ``VirtualMachine`` method an ioctl: atomic under the VM lock, and for state
+changes written ahead to the journal in call order (and the VM compacted when its tail is long)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+
+from app.core import snapshot
+from app.core.journal import Journal
+from app.core.kvm import Kvm
+
+
+class VmFd(Protocol):
+    id: str
+    lock: Any  # a threading.RLock: slots_lock and mmu_lock rolled into one
+    journal: Journal | None
+    kvm: Kvm
+
+
+S = TypeVar("S", bound=VmFd)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def locked(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
+    """Every operation is atomic: slots_lock and mmu_lock rolled into one per-VM lock."""
+
+    @wraps(method)
+    def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def mutation(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
+    """A state-changing ioctl: atomic, and written ahead to the journal (if any) in call order.
+
+    Failed calls are journaled too: some failures change state the kernel way (the rfc-v9
+    rollback bumps the seq, faults count), and replay reproduces the same failure.
+    """
+    name = method.__name__
+
+    @wraps(method)
+    def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if kwargs:
+            raise TypeError(f"{name}() takes positional arguments only, so the journal can replay it")
+        with self.lock:
+            journal = self.journal
+            if journal is not None:
+                journal.record(self.id, name, args)
+            try:
+                return method(self, *args, **kwargs)  # kwargs is empty: checked above
+            finally:
+                if journal is not None and journal.wants_compaction(self.id):
+                    journal.compact(self.id, snapshot.dump(self.kvm))
+
+    return wrapper

@@ -1,0 +1,98 @@
+"""The explorer's conversion variants and scenarios: the engine's own rfc-v9 and linux
+conversions, and the v9 review's historical orderings as ``V9Delta``s of the rfc-v9 sequence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import get_args
+
+from app.core.attributes import V9Delta
+from app.core.errors import EINVAL
+from app.models.explorer import FaultAccess, VariantName
+from app.models.kvm import GFN_LIMIT, Semantics
+
+MAX_NPAGES = 8
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: VariantName
+    description: str
+    semantics: Semantics
+    delta: V9Delta | None = None
+
+    @property
+    def historical(self) -> bool:
+        return self.delta is not None
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant(
+            "rfc-v9",
+            "The engine's own rfc-v9 conversion: begin before the stores, exact unwind, end (seq bump) on the error "
+            "path too; mmu_lock held throughout.",
+            Semantics.rfc_v9,
+        ),
+        Variant(
+            "linux",
+            "The engine's own kvm_vm_set_mem_attributes(): xa_reserve first (a failure changes nothing), "
+            "pre_set_range (begin + unmap under mmu_lock), stores under slots_lock only, post_set_range (end).",
+            Semantics.linux,
+        ),
+        Variant(
+            "v9-as-posted",
+            "rfc-v9 with the unwind as posted: for (; i > start; i--) xa_erase(i). It erases the failing index, "
+            "leaves start converted and makes every erased gfn private whatever it was.",
+            Semantics.rfc_v9,
+            V9Delta(unwind="as-posted"),
+        ),
+        Variant(
+            "v9-naive-unwind",
+            "rfc-v9 with the obvious fix i >= start: with an unsigned i it never ends when start is gfn 0.",
+            Semantics.rfc_v9,
+            V9Delta(unwind="naive"),
+        ),
+        Variant(
+            "reviewer-reorder",
+            "The order proposed in review: the stores first, then begin, unmap and end; a failed store only unwinds "
+            "(exactly), so no seq bump tells a racing fault that it read a value that was undone.",
+            Semantics.rfc_v9,
+            V9Delta(stores_first=True),
+        ),
+    )
+}
+assert tuple(VARIANTS) == get_args(VariantName)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    variant: VariantName
+    start_gfn: int = 0
+    npages: int = 2
+    to_private: bool = True
+    fail_nth: int | None = None
+    initial_private: frozenset[int] | None = None  # offsets; None: the opposite of the target everywhere
+    fault_gfn_offset: int = 0
+    fault_access: FaultAccess = "attribute"
+
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise EINVAL(f"unknown variant {self.variant!r}; one of {', '.join(VARIANTS)}")
+        if not 1 <= self.npages <= MAX_NPAGES:
+            raise EINVAL(f"npages must be 1..{MAX_NPAGES}")
+        if self.start_gfn + self.npages >= GFN_LIMIT:
+            raise EINVAL(f"the range must end below gfn 2^52 - 1 (start_gfn {self.start_gfn:#x})")
+        if not 0 <= self.fault_gfn_offset < self.npages:
+            raise EINVAL(f"fault_gfn_offset {self.fault_gfn_offset} outside [0, {self.npages})")
+        bad = sorted(o for o in self.initial_private or () if not 0 <= o < self.npages)
+        if bad:
+            raise EINVAL(f"initial_private offsets {bad} outside [0, {self.npages})")
+        if self.fail_nth is not None and self.fail_nth < 1:
+            raise EINVAL("fail_nth must be >= 1")
+
+    def initial(self) -> list[bool]:
+        if self.initial_private is None:
+            return [not self.to_private] * self.npages
+        return [o in self.initial_private for o in range(self.npages)]
