@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from app.client import DEFAULT_URL, Client, KvmMemattrError
+from app.models.types import parse_uint
 
 _SIZE = re.compile(r"(?i)(0x[0-9a-f]+|[0-9]+)([kmgt]i?b?)?")
 _SUFFIX = {"k": 10, "m": 20, "g": 30, "t": 40}
@@ -45,9 +46,10 @@ def number(text: str) -> int:
 
 
 def integer(text: str) -> int:
-    """``4096`` or ``0x1000``, no size suffix: the argparse type for gfns, seqs and counts."""
+    """``4096`` or ``0x1000``, no size suffix: the argparse type for gfns, seqs and counts, read as
+    the API reads its integer strings."""
     try:
-        return int(text.strip(), 16) if text.strip().lower().startswith("0x") else int(text.strip(), 10)
+        return parse_uint(text.strip(), 64)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected an integer, decimal or 0x hex") from None
 

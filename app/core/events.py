@@ -8,6 +8,8 @@ from typing import Any
 
 from app.core.budget import UNBOUNDED, ServiceBudget
 
+_OWN_FIELDS = frozenset({"id", "time", "type"})
+
 
 class EventLog:
     """Oldest-first ring of events with monotonically increasing ids."""
@@ -21,7 +23,7 @@ class EventLog:
         return len(self._events)
 
     def emit(self, type_: str, **fields: Any) -> None:
-        if fields.keys() & {"id", "time", "type"}:
+        if fields.keys() & _OWN_FIELDS:
             raise ValueError(f"event field names id, time and type are the log's own: {sorted(fields)}")
         events = self._events
         if len(events) < (events.maxlen or 0):

@@ -62,9 +62,9 @@ def handle_gfn_range(
 # ------------------------------------------------------------------ the ranges
 
 
-def memslot_ranges(kvm: Kvm, start: int, end: int, as_ids: Iterable[int] | None = None) -> Iterator[GfnRange]:
+def memslot_ranges(kvm: Kvm, start: int, end: int) -> Iterator[GfnRange]:
     """``kvm_for_each_memslot_in_gfn_range()`` over every address space: each slot's intersection."""
-    for as_id in range(kvm.nr_as) if as_ids is None else as_ids:
+    for as_id in range(kvm.nr_as):
         for slot in kvm.spaces[as_id].overlapping(start, end):
             yield GfnRange(as_id, slot, max(start, slot.base_gfn), min(end, slot.end_gfn))
 
