@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import web
 from app.api import problems
+from app.api.fastpath import FastPath
 from app.api.metrics import Metrics
 from app.api.middleware import ServiceMiddleware
 from app.api.routes import activity, attributes, explorer, inspect, memslots, system, testing, vms
@@ -156,6 +157,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         max_body_bytes=settings.max_body_bytes,
         max_import_bytes=settings.max_import_bytes,
         api_token=settings.api_token,
+        fast_path=FastPath(app) if settings.fast_path else None,
     )
 
     def openapi() -> dict[str, Any]:
@@ -254,9 +256,10 @@ def _add_links(schema: dict[str, Any]) -> None:
         links = {}
         for item in paths.values():
             for target in item.values():
-                names = {p["name"] for p in target.get("parameters", []) if p.get("in") == "path"}
+                # A list, in the target's order: a set's order changes with the hash seed (and the document with it).
+                names = [p["name"] for p in target.get("parameters", []) if p.get("in") == "path"]
                 # Link when the source provides every path parameter beyond vm_id that the target needs.
-                if names and names <= provides.keys() and (names - {"vm_id"} or path == "/v1/vms"):
+                if names and set(names) <= provides.keys() and (set(names) - {"vm_id"} or path == "/v1/vms"):
                     params = {n: provides[n] for n in names}
                     links[target["operationId"]] = {"operationId": target["operationId"], "parameters": params}
         if links:

@@ -34,6 +34,10 @@ class Settings(BaseSettings, EngineLimits):
     journal_compact_after: int = Field(
         10_000, ge=1, description="calls journaled for one VM before it is compacted to a snapshot"
     )
+    fast_path: bool = Field(
+        True,
+        description="answer simple routes without FastAPI's per-request machinery (same answers; false to compare)",
+    )
 
     def engine_limits(self) -> EngineLimits:
         return EngineLimits.model_validate(self.model_dump(include=set(EngineLimits.model_fields)))

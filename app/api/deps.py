@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from fastapi import Depends, Path, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from pydantic import AfterValidator
 
 from app.core import Engine
@@ -31,6 +32,13 @@ async def get_vm(
 
 
 VmDep = Annotated[VirtualMachine, Depends(get_vm)]
+
+# The same lookups for app/api/fastpath.py, from the app and the path params, without a Request.
+# None means "let FastAPI solve it" (and name the error): an unknown VM is ENOENT there.
+FAST_DEPENDENCIES: dict[Callable[..., Any], Callable[[FastAPI, dict[str, str]], Any]] = {
+    get_engine: lambda app, params: app.state.engine,
+    get_vm: lambda app, params: app.state.engine.find(params.get("vm_id", "")),
+}
 
 
 def _below_gfn_limit(value: int) -> int:

@@ -1,7 +1,7 @@
 """One pure-ASGI middleware: request id, bearer token, body limit, access log and HTTP metrics.
 
-Pure ASGI (not BaseHTTPMiddleware) because it sits on every request and the HTTP benchmark
-compares conversions with /healthz.
+Pure ASGI (not BaseHTTPMiddleware) because it sits on every request. It hands the routes that
+app/api/fastpath.py compiled to it, and everything else (or what it gives back) to FastAPI.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.auth import check_bearer
+from app.api.fastpath import Fallback, FastPath
 from app.api.metrics import Metrics
 from app.api.problems import problem_document
 from app.logs import request_id_var
@@ -41,9 +42,16 @@ class ServiceMiddleware:
     IMPORT_PATH = "/v1/vms/import"
 
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, max_import_bytes: int, api_token: str | None
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_body_bytes: int,
+        max_import_bytes: int,
+        api_token: str | None,
+        fast_path: FastPath | None,
     ) -> None:
         self.app, self.metrics, self.max_body, self.token = app, metrics, max_body_bytes, api_token
+        self.fast_path = fast_path
         self.max_import = max_import_bytes  # a snapshot holds every run of a VM
         # Unique per process and cheap: a random prefix and a counter (uuid4 costs a syscall).
         self._ids = (f"{self._prefix}{n:08x}" for n in itertools.count(1))
@@ -99,14 +107,20 @@ class ServiceMiddleware:
                     raise _Refused(refused[0], "EPERM", refused[1])
             limit = self.max_import if scope["path"] == self.IMPORT_PATH else self.max_body
             length = headers.get(b"content-length")
-            if length is not None:
-                # uvicorn holds the body to its Content-Length, so the header is the whole check.
-                if not length.isdigit() or int(length) > limit:
-                    raise self._too_large(limit)
-                await self.app(scope, receive, send_with_id)
-            else:
-                body_parts = await self._read_limited(receive, limit)
-                await self.app(scope, replay_receive, send_with_id)
+            # uvicorn holds a body to its Content-Length: refuse a large one before reading it.
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                raise self._too_large(limit)
+            body_parts = await self._read_limited(receive, limit)
+            fast_path = self.fast_path
+            target = fast_path.match(scope["method"], scope["path"]) if fast_path is not None else None
+            if fast_path is not None and target is not None and body_parts[-1]["type"] == "http.request":
+                try:
+                    body = b"".join(part["body"] for part in body_parts if part.get("body"))
+                    await fast_path(*target, scope, body, send_with_id)
+                    return
+                except Fallback:
+                    pass
+            await self.app(scope, replay_receive, send_with_id)
         except _Refused as refused:
             if response_started:
                 raise

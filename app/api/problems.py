@@ -86,6 +86,12 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
+def kvm_problem(request: Request, exc: KvmError) -> JSONResponse:
+    """An engine error (errno-typed) as problem+json."""
+    log.info("%s %s -> %s: %s", request.method, request.url.path, exc.errno, exc.detail)
+    return problem(request, ERRNO_STATUS.get(exc.errno, 422), exc.errno, exc.detail)
+
+
 def _issues(exc: RequestValidationError) -> list[dict[str, Any]]:
     # pydantic's ctx may hold exception objects: keep only what is JSON.
     out = []
@@ -121,8 +127,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(KvmError)
     async def kvm_error(request: Request, exc: KvmError) -> JSONResponse:
-        log.info("%s %s -> %s: %s", request.method, request.url.path, exc.errno, exc.detail)
-        return problem(request, ERRNO_STATUS.get(exc.errno, 422), exc.errno, exc.detail)
+        return kvm_problem(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

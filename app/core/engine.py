@@ -101,6 +101,10 @@ class Engine:
             self._vms[vm.id] = vm
         return vm
 
+    def find(self, vm_id: str) -> VirtualMachine | None:
+        """The VM, or None (the HTTP hot path falls back to the slow path, which names the error)."""
+        return self._vms.get(vm_id)
+
     def vm(self, vm_id: str) -> VirtualMachine:
         vm = self._vms.get(vm_id)
         if vm is None:

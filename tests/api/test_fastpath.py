@@ -1,0 +1,218 @@
+"""The hot path (app/api/fastpath.py) answers exactly what FastAPI answers, and is taken.
+
+Two apps, one with the fast path and one without (``KVM_MEMATTR_FAST_PATH=false``), get the same
+generated requests on twin VMs; every answer (status, content type, body) and the state after it
+must be the same, VM ids aside.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi import routing as fastapi_routing
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from app.api.fastpath import FastPath
+from app.main import create_app
+from app.settings import Settings
+from tests.inprocess import TestClient
+
+HOT = {
+    ("GET", "/healthz"),
+    ("POST", "/v1/vms/{vm_id}/memory-encrypt/reg-region"),
+    ("POST", "/v1/vms/{vm_id}/memory-encrypt/unreg-region"),
+    ("PUT", "/v1/vms/{vm_id}/memory-attributes"),
+    ("POST", "/v1/vms/{vm_id}/faults"),
+}
+
+
+@pytest.fixture(scope="module")
+def twins() -> Iterator[tuple[TestClient, TestClient]]:
+    with (
+        TestClient(create_app(Settings(log_level="warning"))) as fast,
+        TestClient(create_app(Settings(log_level="warning", fast_path=False))) as slow,
+    ):
+        yield fast, slow
+
+
+_ROUTES = FastPath(create_app(Settings())).compiled
+COMPILED = sorted((m, r.path) for r in _ROUTES for m in r.methods or ())
+# Swagger UI's request examples: valid bodies, so that generated calls reach the engine too.
+EXAMPLES = {
+    r.path: [e["value"] for e in (r.body_field.field_info.openapi_examples or {}).values()]
+    for r in _ROUTES
+    if r.body_field is not None and getattr(r.body_field.field_info, "openapi_examples", None)
+}
+
+
+def test_the_hot_routes_are_compiled() -> None:
+    assert set(COMPILED) >= HOT
+
+
+def test_a_conversion_skips_dependency_solving_and_a_bad_body_falls_back(
+    twins: tuple[TestClient, TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+    solve = fastapi_routing.solve_dependencies
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await solve(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi_routing, "solve_dependencies", counting)
+    fast = twins[0]
+    for client in twins:
+        vm = client.post("/v1/vms", json={"type": "sw_protected", "semantics": "rfc-v9"}).json()["id"]
+        client.put(
+            f"/v1/vms/{vm}/memslots/0",
+            json={"guest_phys_addr": 0, "memory_size": "0x200000", "userspace_addr": "0x7f0000000000"},
+        )
+        calls = 0
+        r = client.post(f"/v1/vms/{vm}/memory-encrypt/unreg-region", json={"addr": "0x0", "size": "0x1000"})
+        assert r.status_code == 200, r.text
+        assert calls == (0 if client is fast else 1)
+        calls = 0
+        r = client.post(f"/v1/vms/{vm}/memory-encrypt/unreg-region", json={"addr": "0x0"})
+        assert r.status_code == 422 and calls == 1  # FastAPI's own error document
+        assert r.json()["errors"][0]["loc"] == ["body", "size"]
+        calls = 0
+        assert client.get("/healthz").status_code == 200
+        assert calls == (0 if client is fast else 1)
+
+
+def test_engine_errors_on_the_fast_path_are_the_same_problem(twins: tuple[TestClient, TestClient]) -> None:
+    answers = []
+    for client in twins:
+        vm = client.post("/v1/vms", json={"type": "sw_protected", "semantics": "linux"}).json()["id"]
+        r = client.post(f"/v1/vms/{vm}/memory-encrypt/reg-region", json={"addr": "0x0", "size": "0x1000"})
+        answers.append(
+            (r.status_code, r.headers["content-type"], r.text.replace(vm, "{vm}"), r.headers["x-request-id"])
+        )
+    assert answers[0][:3] == answers[1][:3]
+    assert answers[0][0] == 400 and '"errno":"ENOTTY"' in answers[0][2]
+    assert re.fullmatch(r"[0-9a-f]{16}", answers[0][3])  # the fast path's answer still carries its request id
+
+
+# ---------------------------------------------------------------- generated requests
+
+_VALUES = st.one_of(
+    st.integers(min_value=-1, max_value=2**65),
+    st.sampled_from([0, 1, 8, 0x1000, 0x200000, 0x100000000, 2**52, 2**64 - 1]),
+    st.sampled_from(["0x1000", "0x0", "4096", "0x", "1e3", " 1", "0X200000", "-1", "", "abc"]),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.lists(st.integers(), max_size=2),
+)
+_KEYS = [
+    "addr", "size", "address", "attributes", "flags", "gpa", "as_id", "write", "exec", "kind", "nth",
+    "start", "end", "type", "semantics", "name", "slot", "fd", "extra",
+]  # fmt: skip
+_JSON_BODY = st.one_of(
+    st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=5),
+    st.sampled_from([[], None, 1, "x", {}]),
+)
+_RAW_BODY = st.sampled_from(
+    [b"", b"{", b'{"addr": NaN, "size": 4096}', b"\xff\xfe", b"[" * 3000, b'{"addr":1,"addr":2}']
+)
+_CONTENT_TYPES = st.sampled_from(
+    [None, "application/json", "application/json; charset=utf-8", "text/plain", "APPLICATION/JSON", "a/b+json"]
+)
+
+
+def _call(client: TestClient, method: str, path: str, body: Any, raw: bytes | None, ctype: str | None) -> Any:
+    headers = {"content-type": ctype} if ctype else {}
+    content = raw if raw is not None else (None if body is ... else json.dumps(body).encode())
+    return client.request(method, path, content=content, headers=headers)
+
+
+def _normal(response: Any, vm: str) -> tuple[int, str | None, Any]:
+    text = response.text.replace(vm, "{vm}")
+    ctype = response.headers.get("content-type")
+    if ctype and "json" in ctype:
+        doc = json.loads(text)
+        if isinstance(doc, dict):
+            doc.pop("uptime_s", None)
+        return response.status_code, ctype, doc
+    return response.status_code, ctype, text
+
+
+@st.composite
+def _example(draw: st.DrawFn, template: str) -> Any:
+    """A valid body of the route, often with one key dropped, changed or added."""
+    body = dict(draw(st.sampled_from(EXAMPLES[template])))
+    change = draw(st.sampled_from(["drop", "set", "add"]))
+    if change == "drop" and body:
+        body.pop(draw(st.sampled_from(sorted(body))))
+    elif change == "set" and body:
+        body[draw(st.sampled_from(sorted(body)))] = draw(_VALUES)
+    elif change == "add":
+        body[draw(st.sampled_from(_KEYS))] = draw(_VALUES)
+    return body
+
+
+# Every compiled route (metrics count requests, so the twins' differ), the hot ones four times over.
+ROUTES = [r for r in COMPILED if r[1] != "/metrics"] + sorted(HOT) * 4
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> dict[str, Any]:
+    """Half of them well-formed (so they reach the engine), the rest broken in one way or many."""
+    method, template = draw(st.sampled_from(ROUTES))
+    call = {"method": method, "template": template, "which": "own", "raw": None, "ctype": "application/json"}
+    kind = draw(st.sampled_from(["valid", "valid", "changed", "random"]))
+    if template in EXAMPLES and kind != "random":
+        call["body"] = draw(st.sampled_from(EXAMPLES[template]))
+        if kind == "changed":  # one thing wrong: the body, its content type or the VM
+            what = draw(st.sampled_from(["body", "ctype", "which"]))
+            if what == "body":
+                call["body"] = draw(_example(template))
+            elif what == "ctype":
+                call["ctype"] = draw(_CONTENT_TYPES)
+            else:
+                call["which"] = draw(st.sampled_from(["unknown", "long"]))
+        return call
+    if template not in EXAMPLES and kind == "valid":
+        call["body"] = ...
+        return call
+    call["body"] = draw(st.just(...) | _JSON_BODY)
+    call["which"] = draw(st.sampled_from(["own", "own", "unknown", "long"]))
+    call["raw"] = draw(st.none() | _RAW_BODY)
+    call["ctype"] = draw(_CONTENT_TYPES)
+    return call
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(semantics=st.sampled_from(["rfc-v9", "linux"]), calls=st.lists(requests(), min_size=1, max_size=6))
+def test_fast_and_slow_answer_alike(
+    twins: tuple[TestClient, TestClient], semantics: str, calls: list[dict[str, Any]]
+) -> None:
+    vms = []
+    for client in twins:
+        vm = client.post("/v1/vms", json={"type": "sw_protected", "semantics": semantics}).json()["id"]
+        slot = {"guest_phys_addr": 0, "memory_size": "0x400000", "userspace_addr": "0x7f0000000000"}
+        assert client.put(f"/v1/vms/{vm}/memslots/0", json=slot).status_code == 200
+        client.post(f"/v1/vms/{vm}/prefault", json={"gpa": "0x100000000", "size": "0x200000"})  # EOPNOTSUPP where it is
+        vms.append(vm)
+    try:
+        for call in calls:
+            answers = []
+            for client, vm in zip(twins, vms, strict=True):
+                vm_id = {"own": vm, "unknown": "0" * 32, "long": "a" * 65}[call["which"]]
+                path = re.sub(r"\{vm_id\}", vm_id, call["template"])
+                answers.append(
+                    _normal(_call(client, call["method"], path, call["body"], call["raw"], call["ctype"]), vm)
+                )
+            assert answers[0] == answers[1], call
+            event(f"{call['method']} {call['template']} {answers[0][0]}")
+            states = [c.get(f"/v1/vms/{vm}/snapshot") for c, vm in zip(twins, vms, strict=True)]
+            assert _normal(states[0], vms[0]) == _normal(states[1], vms[1])
+    finally:
+        for client in twins:
+            client.delete("/v1/vms")
