@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
-from pydantic import BaseModel
-from rich import box
-from rich.console import Console
-from rich.table import Table
 
 from app.client import DEFAULT_URL, Client, KvmMemattrError
-from app.models.types import parse_uint
+from app.client import operations as ops
+from app.client.operations import Op
+from app.client.transport import StdlibTransport
+from app.models.uint import parse_uint
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 _SIZE = re.compile(r"(?i)(0x[0-9a-f]+|[0-9]+)([kmgt]i?b?)?")
 _SUFFIX = {"k": 10, "m": 20, "g": 30, "t": 40}
@@ -171,13 +175,24 @@ class Output:
 
     def __init__(self, as_json: bool, quiet: bool) -> None:
         self.as_json, self.quiet = as_json, quiet
-        self.console = Console(highlight=False)
-        self.errors = Console(stderr=True, highlight=False)
+
+    # rich loads only for a table: --json, -q and the exit paths never pay for it.
+    @functools.cached_property
+    def console(self) -> Console:
+        from rich.console import Console
+
+        return Console(highlight=False)
+
+    @functools.cached_property
+    def errors(self) -> Console:
+        from rich.console import Console
+
+        return Console(stderr=True, highlight=False)
 
     def show(self, result: Any, title: str | None = None) -> None:
         if self.quiet or result is _PRINTED:
             return
-        data = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+        data = result.model_dump(mode="json") if hasattr(result, "model_dump") else result
         if self.as_json:
             print(json.dumps(data, indent=2))
             return
@@ -189,6 +204,8 @@ class Output:
         for key, rows in lists.items():
             self.console.print(self._table(key, rows))
         if scalars:
+            from rich.table import Table
+
             flat = _flatten(scalars)
             table = Table(title=title, show_header=False, box=None, pad_edge=False)
             for key, value in flat.items():
@@ -201,6 +218,9 @@ class Output:
     @staticmethod
     def _table(title: str, rows: list[dict[str, Any]]) -> Table:
         """A table for 80 columns: the key columns of a known list, never a truncated id."""
+        from rich import box
+        from rich.table import Table
+
         table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
         spec = _COLUMNS.get(title)
         if spec is None or not all(_fits(spec, r) for r in rows):
@@ -240,7 +260,7 @@ def _global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvm-memattr", description=DESCRIPTION, formatter_class=_Help)
-    p.add_argument("--version", action="version", version=f"kvm-memattr {_version()}")
+    p.add_argument("--version", action=_Version, help="show program's version number and exit")
     _global_options(p, defaults=True)
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, defaults=False)
@@ -278,17 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
     v.set_defaults(verify_host=True)
 
-    cmd("health", "GET /healthz", lambda c, a: c.healthz())
+    cmd("health", "GET /healthz", lambda c, a: ops.healthz())
     caps = cmd(
         "caps",
         "KVM_CHECK_EXTENSION (system, or a VM's with --vm)",
-        lambda c, a: c.vm_capabilities(a.vm) if a.vm else c.capabilities(),
+        lambda c, a: ops.vm_capabilities(a.vm) if a.vm else ops.capabilities(),
     )
     caps.add_argument("--vm", help="a VM id: its KVM_CHECK_EXTENSION answers")
 
     vm = group("vm", "VMs: KVM_CREATE_VM / kvm_destroy_vm")
     x = cmd(
-        "create", "create a VM", lambda c, a: c.create_vm(type=a.type, semantics=a.semantics, name=a.name), parent=vm
+        "create", "create a VM", lambda c, a: ops.create_vm(type=a.type, semantics=a.semantics, name=a.name), parent=vm
     )
     x.add_argument(
         "--type",
@@ -298,8 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--semantics", default="rfc-v9", choices=["rfc-v9", "linux"], help="which kernel design")
     x.add_argument("--name", help="a name to show with the id")
-    cmd("list", "list VMs", lambda c, a: c.list_vms(), parent=vm)
-    cmd("get", "show a VM", lambda c, a: c.get_vm(a.vm), parent=vm).add_argument("vm")
+    cmd("list", "list VMs", lambda c, a: ops.list_vms(), parent=vm)
+    cmd("get", "show a VM", lambda c, a: ops.get_vm(a.vm), parent=vm).add_argument("vm")
     x = cmd("export", "print the VM's snapshot (JSON) to stdout", _export_vm, parent=vm)
     x.add_argument("vm")
     x = cmd("import", "create a VM from a snapshot file ('-': stdin)", _import_vm, parent=vm)
@@ -313,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = cmd(
         "set",
         "create, move, change flags of, or (--size 0) delete a slot",
-        lambda c, a: c.set_memslot(
+        lambda c, a: ops.set_memslot(
             a.vm, a.slot, a.gpa, a.size, a.hva, flags=a.flags, guest_memfd=a.gmem, guest_memfd_offset=a.gmem_offset
         ),
         parent=ms,
@@ -326,21 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--flags", type=number, default=0, help="1 LOG_DIRTY_PAGES, 2 READONLY, 4 GUEST_MEMFD")
     x.add_argument("--gmem", type=int, help="guest_memfd fd")
     x.add_argument("--gmem-offset", type=number, default=0, help="guest_memfd_offset, bytes")
-    cmd("list", "list slots", lambda c, a: c.list_memslots(a.vm), parent=ms).add_argument("vm")
-    x = cmd("get", "show a slot", lambda c, a: c.get_memslot(a.vm, a.slot), parent=ms)
+    cmd("list", "list slots", lambda c, a: ops.list_memslots(a.vm), parent=ms).add_argument("vm")
+    x = cmd("get", "show a slot", lambda c, a: ops.get_memslot(a.vm, a.slot), parent=ms)
     x.add_argument("vm")
     x.add_argument("slot", type=number)
-    x = cmd("delete", "delete a slot", lambda c, a: c.delete_memslot(a.vm, a.slot), parent=ms)
+    x = cmd("delete", "delete a slot", lambda c, a: ops.delete_memslot(a.vm, a.slot), parent=ms)
     x.add_argument("vm")
     x.add_argument("slot", type=number)
 
     gm = group("gmem", "guest_memfd files: KVM_CREATE_GUEST_MEMFD")
-    x = cmd("create", "create a guest_memfd", lambda c, a: c.create_guest_memfd(a.vm, a.size, a.flags), parent=gm)
+    x = cmd("create", "create a guest_memfd", lambda c, a: ops.create_guest_memfd(a.vm, a.size, a.flags), parent=gm)
     x.add_argument("vm")
     x.add_argument("--size", type=number, required=True, help="bytes, a multiple of 4K")
     x.add_argument("--flags", type=number, default=0, help="linux: 1 MMAP, 2 INIT_SHARED")
-    cmd("list", "list open guest_memfds", lambda c, a: c.list_guest_memfds(a.vm), parent=gm).add_argument("vm")
-    x = cmd("close", "close a guest_memfd", lambda c, a: c.close_guest_memfd(a.vm, a.fd), parent=gm)
+    cmd("list", "list open guest_memfds", lambda c, a: ops.list_guest_memfds(a.vm), parent=gm).add_argument("vm")
+    x = cmd("close", "close a guest_memfd", lambda c, a: ops.close_guest_memfd(a.vm, a.fd), parent=gm)
     x.add_argument("vm")
     x.add_argument("fd", type=int)
 
@@ -356,13 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("vm")
         x.add_argument("addr", type=number)
         x.add_argument("size", type=number)
-    cmd("regions", "pinned SEV regions", lambda c, a: c.list_enc_regions(a.vm)).add_argument("vm")
+    cmd("regions", "pinned SEV regions", lambda c, a: ops.list_enc_regions(a.vm)).add_argument("vm")
 
     at = group("attrs", "memory attributes: KVM_SET_MEMORY_ATTRIBUTES and reads")
     x = cmd(
         "set",
         "set attributes of a range",
-        lambda c, a: c.set_memory_attributes(a.vm, a.addr, a.size, _attributes(a), a.flags),
+        lambda c, a: ops.set_memory_attributes(a.vm, a.addr, a.size, _attributes(a), a.flags),
         parent=at,
     )
     x.add_argument("vm")
@@ -376,31 +396,31 @@ def build_parser() -> argparse.ArgumentParser:
     x = cmd(
         "get",
         "attributes as runs",
-        lambda c, a: c.get_memory_attributes(a.vm, a.start_gfn, a.end_gfn, a.limit),
+        lambda c, a: ops.get_memory_attributes(a.vm, a.start_gfn, a.end_gfn, a.limit),
         parent=at,
     )
     x.add_argument("vm")
     _gfn_window(x)
 
-    x = cmd("gfn", "everything about one gfn", lambda c, a: c.get_gfn(a.vm, a.gfn))
+    x = cmd("gfn", "everything about one gfn", lambda c, a: ops.get_gfn(a.vm, a.gfn))
     x.add_argument("vm")
     x.add_argument("gfn", type=integer, help="a gfn (gpa >> 12), decimal or 0x hex")
-    cmd("mmu", "MMU invalidation state and statistics", lambda c, a: c.get_mmu(a.vm)).add_argument("vm")
+    cmd("mmu", "MMU invalidation state and statistics", lambda c, a: ops.get_mmu(a.vm)).add_argument("vm")
     x = cmd(
         "mappings",
         "mappings (SPTEs) as runs",
-        lambda c, a: c.get_mappings(a.vm, a.as_id, a.start_gfn, a.end_gfn, a.limit),
+        lambda c, a: ops.get_mappings(a.vm, a.as_id, a.start_gfn, a.end_gfn, a.limit),
     )
     x.add_argument("vm")
     x.add_argument("--as-id", type=integer, default=0, help="address space (1 = SMM)")
     _gfn_window(x)
-    x = cmd("events", "the VM's event trace", lambda c, a: c.get_events(a.vm, a.after, a.limit))
+    x = cmd("events", "the VM's event trace", lambda c, a: ops.get_events(a.vm, a.after, a.limit))
     x.add_argument("vm")
     x.add_argument("--after", type=integer, default=0, help="only events with a larger id")
     x.add_argument("--limit", type=integer, default=1000, help="most events to show")
 
     x = cmd(
-        "fault", "one vCPU page fault", lambda c, a: c.fault(a.vm, a.gpa, a.as_id, a.write, _tristate(a), a.mmu_seq)
+        "fault", "one vCPU page fault", lambda c, a: ops.fault(a.vm, a.gpa, a.as_id, a.write, _tristate(a), a.mmu_seq)
     )
     x.add_argument("vm")
     x.add_argument("gpa", type=number)
@@ -410,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--private", action="store_true", help="a private access (default: as the attribute)")
     acc.add_argument("--shared", action="store_true", help="a shared access")
     x.add_argument("--mmu-seq", type=integer, help="the seq the vCPU snapshotted (default: now)")
-    x = cmd("prefault", "KVM_PRE_FAULT_MEMORY", lambda c, a: c.prefault(a.vm, a.gpa, a.size, a.as_id))
+    x = cmd("prefault", "KVM_PRE_FAULT_MEMORY", lambda c, a: ops.prefault(a.vm, a.gpa, a.size, a.as_id))
     x.add_argument("vm")
     x.add_argument("gpa", type=number)
     x.add_argument("size", type=number)
@@ -418,15 +438,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     nt = group("notifier", "host MMU-notifier invalidations")
     x = cmd(
-        "start", "invalidate_range_start", lambda c, a: c.start_invalidation(a.vm, a.hva_start, a.hva_end), parent=nt
+        "start", "invalidate_range_start", lambda c, a: ops.start_invalidation(a.vm, a.hva_start, a.hva_end), parent=nt
     )
     x.add_argument("vm")
     x.add_argument("hva_start", type=number)
     x.add_argument("hva_end", type=number)
-    x = cmd("end", "invalidate_range_end", lambda c, a: c.end_invalidation(a.vm, a.id), parent=nt)
+    x = cmd("end", "invalidate_range_end", lambda c, a: ops.end_invalidation(a.vm, a.id), parent=nt)
     x.add_argument("vm")
     x.add_argument("id", type=int)
-    cmd("list", "open invalidations", lambda c, a: c.list_invalidations(a.vm), parent=nt).add_argument("vm")
+    cmd("list", "open invalidations", lambda c, a: ops.list_invalidations(a.vm), parent=nt).add_argument("vm")
 
     x = cmd("inject", "fail the nth allocation of the next update (no N: show; 'off': disarm)", _inject)
     x.add_argument("vm")
@@ -521,13 +541,13 @@ def _import_vm(client: Client, args: argparse.Namespace) -> Any:
         doc = json.loads(text)
     except (OSError, ValueError) as e:
         raise SystemExit(f"kvm-memattr: cannot read a snapshot from {args.file}: {e}") from e
-    return client.import_vm(doc, name=args.name)
+    return ops.import_vm(doc, name=args.name)
 
 
 def _delete_vm(client: Client, args: argparse.Namespace) -> Any:
     if args.all == (args.vm is not None):
         raise SystemExit("kvm-memattr: vm delete takes a VM id or --all")
-    return client.delete_all_vms() if args.all else client.delete_vm(args.vm)
+    return ops.delete_all_vms() if args.all else ops.delete_vm(args.vm)
 
 
 def _cannot_listen(host: str, port: int) -> str | None:
@@ -557,6 +577,17 @@ def _gfn_window(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=integer, default=1000, help="most runs to show")
 
 
+class _Version(argparse.Action):
+    """``--version``, looked up only when asked: importlib.metadata costs every call otherwise."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        print(f"kvm-memattr {_version()}")
+        parser.exit()
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -568,8 +599,8 @@ def _version() -> str:
 
 def _inject(client: Client, args: argparse.Namespace) -> Any:
     if args.nth is None:
-        return client.get_fault_injection(args.vm)
-    return client.set_fault_injection(args.vm, None if args.nth == "off" else int(args.nth))
+        return ops.get_fault_injection(args.vm)
+    return ops.set_fault_injection(args.vm, None if args.nth == "off" else int(args.nth))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -635,11 +666,15 @@ def _main(argv: Sequence[str] | None) -> int:
         return run_demo(args.url, args.token, in_process=args.in_process, quiet=args.quiet)
     url = args.url or os.environ.get("KVM_MEMATTR_URL") or DEFAULT_URL
     try:
-        with Client(url, token=args.token) as client:
+        # A CLI call is one short process: plain http goes over the standard library (no httpcore).
+        transport = StdlibTransport() if url.lower().startswith("http://") else None
+        with Client(url, token=args.token, transport=transport) as client:
             if getattr(args, "explore", False):
                 _explore(client, args, out)
             else:
-                out.show(args.run(client, args))
+                result = args.run(client, args)
+                # A command builds its operation; its answer is shown as the JSON it is (no models).
+                out.show(client.send_json(result) if isinstance(result, Op) else result)
     except KvmMemattrError as e:
         out.errors.print(f"kvm-memattr: {e.errno} (HTTP {e.status}): {e.detail}", markup=False)
         return 1

@@ -6,12 +6,14 @@ the clients only send it. Integers may be given as ints or as decimal/hex string
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from app.models import explorer, state
-from app.models.snapshot import VmSnapshot
+if TYPE_CHECKING:  # the models (and pydantic) load on the first answer parsed: see _model
+    from app.models import explorer, state
+    from app.models.snapshot import VmSnapshot
 
 T = TypeVar("T")
 Int = int | str
@@ -28,6 +30,16 @@ class Op(Generic[T]):
     params: dict[str, Any] | None = None
 
 
+def _model(module: str, name: str) -> Callable[[Any], Any]:
+    """``app.models.<module>.<name>.model_validate``, imported on first use: a caller that only moves
+    JSON (the CLI, ``Client.send_json``) never loads pydantic."""
+
+    def parse(data: Any) -> Any:
+        return getattr(importlib.import_module(f"app.models.{module}"), name).model_validate(data)
+
+    return parse
+
+
 def _body(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -39,26 +51,26 @@ def _vm(vm_id: str, tail: str = "") -> str:
 # -- service and capabilities
 def healthz() -> Op[state.Health]:
     """GET /healthz."""
-    return Op("GET", "/healthz", state.Health.model_validate)
+    return Op("GET", "/healthz", _model("state", "Health"))
 
 
 def capabilities() -> Op[state.Capabilities]:
     """KVM_CHECK_EXTENSION on /dev/kvm."""
-    return Op("GET", "/v1/capabilities", state.Capabilities.model_validate)
+    return Op("GET", "/v1/capabilities", _model("state", "Capabilities"))
 
 
 # -- VMs
 def create_vm(type: str = "sw_protected", semantics: str = "rfc-v9", name: str | None = None) -> Op[state.Vm]:
     """KVM_CREATE_VM."""
-    return Op("POST", "/v1/vms", state.Vm.model_validate, json=_body(type=type, semantics=semantics, name=name))
+    return Op("POST", "/v1/vms", _model("state", "Vm"), json=_body(type=type, semantics=semantics, name=name))
 
 
 def list_vms() -> Op[state.VmList]:
-    return Op("GET", "/v1/vms", state.VmList.model_validate)
+    return Op("GET", "/v1/vms", _model("state", "VmList"))
 
 
 def get_vm(vm_id: str) -> Op[state.Vm]:
-    return Op("GET", _vm(vm_id), state.Vm.model_validate)
+    return Op("GET", _vm(vm_id), _model("state", "Vm"))
 
 
 def delete_vm(vm_id: str) -> Op[None]:
@@ -68,15 +80,15 @@ def delete_vm(vm_id: str) -> Op[None]:
 
 def get_vm_snapshot(vm_id: str) -> Op[VmSnapshot]:
     """The VM's whole state as one versioned document."""
-    return Op("GET", _vm(vm_id, "/snapshot"), VmSnapshot.model_validate)
+    return Op("GET", _vm(vm_id, "/snapshot"), _model("snapshot", "VmSnapshot"))
 
 
 def import_vm(snapshot: VmSnapshot | dict[str, Any], name: str | None = None) -> Op[state.Vm]:
     """A new VM from a snapshot (``name``: give it another name)."""
-    doc = snapshot.model_dump(mode="json") if isinstance(snapshot, VmSnapshot) else dict(snapshot)
+    doc = dict(snapshot) if isinstance(snapshot, dict) else snapshot.model_dump(mode="json")
     if name is not None:
         doc["name"] = name
-    return Op("POST", "/v1/vms/import", state.Vm.model_validate, json=doc)
+    return Op("POST", "/v1/vms/import", _model("state", "Vm"), json=doc)
 
 
 def delete_all_vms() -> Op[None]:
@@ -86,7 +98,7 @@ def delete_all_vms() -> Op[None]:
 
 def vm_capabilities(vm_id: str) -> Op[state.Capabilities]:
     """KVM_CHECK_EXTENSION on a VM fd."""
-    return Op("GET", _vm(vm_id, "/capabilities"), state.Capabilities.model_validate)
+    return Op("GET", _vm(vm_id, "/capabilities"), _model("state", "Capabilities"))
 
 
 # -- memslots and guest_memfds
@@ -109,15 +121,15 @@ def set_memslot(
         guest_memfd=guest_memfd,
         guest_memfd_offset=guest_memfd_offset,
     )
-    return Op("PUT", _vm(vm_id, f"/memslots/{slot}"), state.MemslotUpdate.model_validate, json=body)
+    return Op("PUT", _vm(vm_id, f"/memslots/{slot}"), _model("state", "MemslotUpdate"), json=body)
 
 
 def list_memslots(vm_id: str) -> Op[state.MemslotList]:
-    return Op("GET", _vm(vm_id, "/memslots"), state.MemslotList.model_validate)
+    return Op("GET", _vm(vm_id, "/memslots"), _model("state", "MemslotList"))
 
 
 def get_memslot(vm_id: str, slot: Int) -> Op[state.Memslot]:
-    return Op("GET", _vm(vm_id, f"/memslots/{slot}"), state.Memslot.model_validate)
+    return Op("GET", _vm(vm_id, f"/memslots/{slot}"), _model("state", "Memslot"))
 
 
 def delete_memslot(vm_id: str, slot: Int) -> Op[None]:
@@ -126,20 +138,20 @@ def delete_memslot(vm_id: str, slot: Int) -> Op[None]:
 
 def create_guest_memfd(vm_id: str, size: Int, flags: Int = 0) -> Op[state.GuestMemfd]:
     """KVM_CREATE_GUEST_MEMFD."""
-    return Op("POST", _vm(vm_id, "/guest-memfds"), state.GuestMemfd.model_validate, json={"size": size, "flags": flags})
+    return Op("POST", _vm(vm_id, "/guest-memfds"), _model("state", "GuestMemfd"), json={"size": size, "flags": flags})
 
 
 def list_guest_memfds(vm_id: str) -> Op[state.GuestMemfdList]:
-    return Op("GET", _vm(vm_id, "/guest-memfds"), state.GuestMemfdList.model_validate)
+    return Op("GET", _vm(vm_id, "/guest-memfds"), _model("state", "GuestMemfdList"))
 
 
 def get_guest_memfd(vm_id: str, fd: int) -> Op[state.GuestMemfd]:
-    return Op("GET", _vm(vm_id, f"/guest-memfds/{fd}"), state.GuestMemfd.model_validate)
+    return Op("GET", _vm(vm_id, f"/guest-memfds/{fd}"), _model("state", "GuestMemfd"))
 
 
 def close_guest_memfd(vm_id: str, fd: int) -> Op[state.GuestMemfdClose]:
     """close() on a guest_memfd (kvm_gmem_release())."""
-    return Op("DELETE", _vm(vm_id, f"/guest-memfds/{fd}"), state.GuestMemfdClose.model_validate)
+    return Op("DELETE", _vm(vm_id, f"/guest-memfds/{fd}"), _model("state", "GuestMemfdClose"))
 
 
 # -- memory attributes
@@ -154,7 +166,7 @@ def unreg_region(vm_id: str, addr: Int, size: Int) -> Op[state.AttributeUpdate |
 
 
 def list_enc_regions(vm_id: str) -> Op[state.EncRegionList]:
-    return Op("GET", _vm(vm_id, "/memory-encrypt/regions"), state.EncRegionList.model_validate)
+    return Op("GET", _vm(vm_id, "/memory-encrypt/regions"), _model("state", "EncRegionList"))
 
 
 def set_memory_attributes(
@@ -162,34 +174,34 @@ def set_memory_attributes(
 ) -> Op[state.AttributeUpdate]:
     """KVM_SET_MEMORY_ATTRIBUTES (8 = private, 0 = shared)."""
     body = {"address": address, "size": size, "attributes": attributes, "flags": flags}
-    return Op("PUT", _vm(vm_id, "/memory-attributes"), state.AttributeUpdate.model_validate, json=body)
+    return Op("PUT", _vm(vm_id, "/memory-attributes"), _model("state", "AttributeUpdate"), json=body)
 
 
 def get_memory_attributes(
     vm_id: str, start_gfn: Int | None = None, end_gfn: Int | None = None, limit: int = 1000
 ) -> Op[state.AttributeRuns]:
     params = _body(start_gfn=start_gfn, end_gfn=end_gfn, limit=limit)
-    return Op("GET", _vm(vm_id, "/memory-attributes"), state.AttributeRuns.model_validate, params=params)
+    return Op("GET", _vm(vm_id, "/memory-attributes"), _model("state", "AttributeRuns"), params=params)
 
 
 # -- state
 def get_gfn(vm_id: str, gfn: Int) -> Op[state.GfnInfo]:
-    return Op("GET", _vm(vm_id, f"/gfns/{gfn}"), state.GfnInfo.model_validate)
+    return Op("GET", _vm(vm_id, f"/gfns/{gfn}"), _model("state", "GfnInfo"))
 
 
 def get_mmu(vm_id: str) -> Op[state.Mmu]:
-    return Op("GET", _vm(vm_id, "/mmu"), state.Mmu.model_validate)
+    return Op("GET", _vm(vm_id, "/mmu"), _model("state", "Mmu"))
 
 
 def get_mappings(
     vm_id: str, as_id: int = 0, start_gfn: Int | None = None, end_gfn: Int | None = None, limit: int = 1000
 ) -> Op[state.MappingRuns]:
     params = _body(as_id=as_id, start_gfn=start_gfn, end_gfn=end_gfn, limit=limit)
-    return Op("GET", _vm(vm_id, "/mappings"), state.MappingRuns.model_validate, params=params)
+    return Op("GET", _vm(vm_id, "/mappings"), _model("state", "MappingRuns"), params=params)
 
 
 def get_events(vm_id: str, after: int = 0, limit: int = 1000) -> Op[state.EventPage]:
-    return Op("GET", _vm(vm_id, "/events"), state.EventPage.model_validate, params={"after": after, "limit": limit})
+    return Op("GET", _vm(vm_id, "/events"), _model("state", "EventPage"), params={"after": after, "limit": limit})
 
 
 # -- guest and host activity
@@ -198,7 +210,7 @@ def fault(
 ) -> Op[state.FaultResult]:
     """One vCPU page fault."""
     body = _body(gpa=gpa, as_id=as_id, write=write, private=private, mmu_seq=mmu_seq)
-    return Op("POST", _vm(vm_id, "/faults"), state.FaultResult.model_validate, json=body)
+    return Op("POST", _vm(vm_id, "/faults"), _model("state", "FaultResult"), json=body)
 
 
 def prefault(vm_id: str, gpa: Int, size: Int, as_id: int = 0) -> Op[state.PrefaultResult]:
@@ -206,7 +218,7 @@ def prefault(vm_id: str, gpa: Int, size: Int, as_id: int = 0) -> Op[state.Prefau
     return Op(
         "POST",
         _vm(vm_id, "/prefault"),
-        state.PrefaultResult.model_validate,
+        _model("state", "PrefaultResult"),
         json={"gpa": gpa, "size": size, "as_id": as_id},
     )
 
@@ -214,31 +226,31 @@ def prefault(vm_id: str, gpa: Int, size: Int, as_id: int = 0) -> Op[state.Prefau
 def start_invalidation(vm_id: str, hva_start: Int, hva_end: Int) -> Op[state.NotifierStart]:
     """mmu_notifier invalidate_range_start."""
     body = {"hva_start": hva_start, "hva_end": hva_end}
-    return Op("POST", _vm(vm_id, "/mmu-notifier/invalidations"), state.NotifierStart.model_validate, json=body)
+    return Op("POST", _vm(vm_id, "/mmu-notifier/invalidations"), _model("state", "NotifierStart"), json=body)
 
 
 def end_invalidation(vm_id: str, inv_id: int) -> Op[state.NotifierEnd]:
     """mmu_notifier invalidate_range_end."""
-    return Op("DELETE", _vm(vm_id, f"/mmu-notifier/invalidations/{inv_id}"), state.NotifierEnd.model_validate)
+    return Op("DELETE", _vm(vm_id, f"/mmu-notifier/invalidations/{inv_id}"), _model("state", "NotifierEnd"))
 
 
 def list_invalidations(vm_id: str) -> Op[state.NotifierList]:
-    return Op("GET", _vm(vm_id, "/mmu-notifier/invalidations"), state.NotifierList.model_validate)
+    return Op("GET", _vm(vm_id, "/mmu-notifier/invalidations"), _model("state", "NotifierList"))
 
 
 # -- test support
 def set_fault_injection(vm_id: str, fail_nth: int | None) -> Op[state.FaultInjectionState]:
     body = {"fail_nth": fail_nth, "errno": "ENOMEM"}
-    return Op("PUT", _vm(vm_id, "/fault-injection"), state.FaultInjectionState.model_validate, json=body)
+    return Op("PUT", _vm(vm_id, "/fault-injection"), _model("state", "FaultInjectionState"), json=body)
 
 
 def get_fault_injection(vm_id: str) -> Op[state.FaultInjectionState]:
-    return Op("GET", _vm(vm_id, "/fault-injection"), state.FaultInjectionState.model_validate)
+    return Op("GET", _vm(vm_id, "/fault-injection"), _model("state", "FaultInjectionState"))
 
 
 # -- the interleaving explorer
 def list_explorer_variants() -> Op[explorer.ExplorerVariants]:
-    return Op("GET", "/v1/explorer/variants", explorer.ExplorerVariants.model_validate)
+    return Op("GET", "/v1/explorer/variants", _model("explorer", "ExplorerVariants"))
 
 
 def run_explorer(
@@ -265,7 +277,7 @@ def run_explorer(
         fault_access=fault_access,
         schedule=schedule,
     )
-    return Op("POST", "/v1/explorer/runs", explorer.ExplorerRun.model_validate, json=body)
+    return Op("POST", "/v1/explorer/runs", _model("explorer", "ExplorerRun"), json=body)
 
 
 def get_memory_map(
@@ -273,11 +285,13 @@ def get_memory_map(
 ) -> Op[state.MemoryMap]:
     """Per-bucket counts of private, memslot-backed and mapped pages."""
     params = _body(start_gfn=start_gfn, end_gfn=end_gfn, buckets=buckets)
-    return Op("GET", _vm(vm_id, "/memory-map"), state.MemoryMap.model_validate, params=params)
+    return Op("GET", _vm(vm_id, "/memory-map"), _model("state", "MemoryMap"), params=params)
 
 
 def _enc_result(data: Any) -> state.AttributeUpdate | state.SevRegionUpdate:
     """The REG/UNREG answer: an AttributeUpdate on the GPA path, a SevRegionUpdate on SEV."""
+    from app.models import state
+
     if "pinned_regions" in data:
         return state.SevRegionUpdate.model_validate(data)
     return state.AttributeUpdate.model_validate(data)
