@@ -61,4 +61,3 @@ class StdlibTransport(httpx.BaseTransport):
         if self._conn is not None:
             self._conn.close()
         self._conn = self._origin = None
-
