@@ -7,8 +7,12 @@ must be the same, VM ids aside.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +25,7 @@ from app.api.fastpath import FastPath
 from app.main import create_app
 from app.settings import Settings
 from tests.inprocess import TestClient
+from tests.live import ROOT
 
 HOT = {
     ("GET", "/healthz"),
@@ -216,3 +221,26 @@ def test_fast_and_slow_answer_alike(
     finally:
         for client in twins:
             client.delete("/v1/vms")
+
+
+def test_the_openapi_document_is_the_same_bytes_in_every_process() -> None:
+    """The fast path leaves the document alone; and the document no longer follows the hash seed
+    (the links' parameters were once a set)."""
+    script = (
+        "import hashlib, json; from app.main import create_app; from app.settings import Settings; "
+        "print(hashlib.sha256(json.dumps(create_app(Settings()).openapi()).encode()).hexdigest())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONHASHSEED": seed, "KVM_MEMATTR_FAST_PATH": fast},
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=True,
+        ).stdout.strip()
+        for seed, fast in (("1", "true"), ("2", "true"), ("3", "false"), ("4", "false"))
+    }
+    assert len(digests) == 1
+    doc = json.dumps(create_app(Settings()).openapi()).encode()
+    assert digests == {hashlib.sha256(doc).hexdigest()}
