@@ -56,6 +56,7 @@ def main() -> None:
         "kvm-memattr --json health": [*cli, *url, "--json", "health"],
         "kvm-memattr vm list": [*cli, *url, "vm", "list"],
         "kvm-memattr --version": [*cli, "--version"],
+        "kvm-memattr --help": [*cli, "--help"],
     }
     try:
         for _ in range(100):

@@ -12,7 +12,8 @@ known at start-up. ``FastPath`` compiles such routes once and, per request:
 - turns an engine error into problem+json through the same handler FastAPI uses.
 
 Anything else falls back to FastAPI with the body replayed, *before* the engine is called: an
-unknown VM, a body that is missing, not ``application/json`` or does not validate. So every
+unknown VM, a body that is missing, not ``application/json`` or does not validate, an app with
+``dependency_overrides``. So every
 error document is FastAPI's own, and what the fast path answers is what FastAPI would have
 answered (tests/api/test_fastpath.py checks both on generated requests). The routes, their
 OpenAPI document and their validation rules are untouched.
@@ -141,6 +142,8 @@ class FastPath:
         self, compiled: _Compiled, params: dict[str, str], scope: Scope, body: bytes, send: Send
     ) -> None:
         """Answer the request, or raise ``Fallback`` before anything has been sent or changed."""
+        if self.app.dependency_overrides:  # a test swapped a dependency: only FastAPI knows it
+            raise Fallback
         kwargs: dict[str, Any] = {}
         for name, resolver in compiled.resolvers:
             value = resolver(self.app, params)

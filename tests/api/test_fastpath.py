@@ -21,8 +21,11 @@ from fastapi import routing as fastapi_routing
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from app.api.deps import get_engine
 from app.api.fastpath import FastPath
+from app.core import Engine
 from app.main import create_app
+from app.models.kvm import VmCreate
 from app.settings import Settings
 from tests.inprocess import TestClient
 from tests.live import ROOT
@@ -102,6 +105,15 @@ def test_engine_errors_on_the_fast_path_are_the_same_problem(twins: tuple[TestCl
     assert answers[0][:3] == answers[1][:3]
     assert answers[0][0] == 400 and '"errno":"ENOTTY"' in answers[0][2]
     assert re.fullmatch(r"[0-9a-f]{16}", answers[0][3])  # the fast path's answer still carries its request id
+
+
+def test_dependency_overrides_still_apply() -> None:
+    app = create_app(Settings(log_level="warning"))
+    other = Engine(app.state.engine.limits)
+    other.create_vm(VmCreate())
+    app.dependency_overrides[get_engine] = lambda: other
+    with TestClient(app) as client:
+        assert client.get("/healthz").json()["vms"] == 1  # the override's engine, not the app's
 
 
 # ---------------------------------------------------------------- generated requests

@@ -135,3 +135,15 @@ def test_the_cli_exits_3_on_a_dead_url(capsys: pytest.CaptureFixture[str]) -> No
 
     assert main(["--url", f"http://127.0.0.1:{free_port()}", "health"]) == 3
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_plain_http_skips_the_ca_bundle_and_https_keeps_verification() -> None:
+    import ssl
+
+    from app.client import _verify
+
+    assert _verify("https://kvm.example:8443") is True  # httpx's default: verify against the CA bundle
+    plain = _verify("http://127.0.0.1:8000")
+    assert isinstance(plain, ssl.SSLContext)
+    # Never used for http; were it used, it would verify and trust nothing: fail closed.
+    assert plain.verify_mode == ssl.CERT_REQUIRED and plain.check_hostname and plain.get_ca_certs() == []
