@@ -267,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def cmd(name: str, help_: str, run: Callable[..., Any] | None, *, parent: Any = sub) -> argparse.ArgumentParser:
+        """``run(client, args)`` returns the operation to send (its JSON is shown) or a result it made."""
         sp: argparse.ArgumentParser = parent.add_parser(
             name, help=help_, description=help_, parents=[common], formatter_class=_Help
         )
