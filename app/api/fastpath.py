@@ -2,34 +2,39 @@
 
 FastAPI pays, on every request, a walk of the router tree, a recursive dependency solve, a
 JSON parse followed by a validation pass, and two more middlewares. For a route whose inputs
-are only the VM in its path, the engine, the request and one JSON body model, all of that is
-known at start-up. ``FastPath`` compiles such routes once and, per request:
+are only the VM in its path, the engine, the request, plain path and query parameters and one
+JSON body model, all of that is known at start-up. ``FastPath`` compiles such routes once and,
+per request:
 
 - matches the path against every route in the router's own order (the first route that would
   take the request decides; if it is not a compiled one, FastAPI handles the request);
-- looks the VM up once, validates the body once from bytes (pydantic-core), calls the endpoint
-  and sends its ``Response`` (the endpoints serialize their models themselves);
+- looks the VM up once, validates each parameter with FastAPI's own field for it and the body
+  once from bytes (pydantic-core), calls the endpoint and sends its ``Response`` (the endpoints
+  serialize their models themselves);
 - turns an engine error into problem+json through the same handler FastAPI uses.
 
 Anything else falls back to FastAPI with the body replayed, *before* the engine is called: an
-unknown VM, a body that is missing, not ``application/json`` or does not validate, an app with
-``dependency_overrides``. So every
-error document is FastAPI's own, and what the fast path answers is what FastAPI would have
-answered (tests/api/test_fastpath.py checks both on generated requests). The routes, their
-OpenAPI document and their validation rules are untouched.
+unknown VM, a parameter or body that is missing or does not validate, a body that is not
+``application/json``, an app with ``dependency_overrides``. So every error document is
+FastAPI's own, and what the fast path answers is what FastAPI would have answered
+(tests/api/test_fastpath.py checks both on generated requests). The routes, their OpenAPI
+document and their validation rules are untouched.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 from fastapi import FastAPI, Request, Response
+from fastapi._compat import ModelField, field_annotation_is_sequence
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Json, ValidationError
+from starlette.datastructures import QueryParams
 from starlette.routing import BaseRoute
 from starlette.types import Scope, Send
 
@@ -50,6 +55,7 @@ class _Compiled:
     route: APIRoute
     endpoint: Callable[..., Awaitable[Response]]
     resolvers: tuple[tuple[str, Resolver], ...]  # keyword, resolver(app, path_params)
+    params: tuple[tuple[ModelField, bool], ...]  # FastAPI's own field, in the path (else the query)
     request_name: str | None
     body: tuple[str, type[BaseModel]] | None  # keyword, model
 
@@ -78,7 +84,9 @@ def _flatten(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
 def _compile(route: APIRoute) -> _Compiled | None:
     """A route the fast path can call, or None when it needs FastAPI's dependency solving."""
     d = route.dependant
-    if route.dependencies or d.query_params or d.header_params or d.cookie_params or d.path_params:
+    if route.dependencies or d.header_params or d.cookie_params:
+        return None
+    if not all(_scalar(f) for f in (*d.path_params, *d.query_params)):
         return None
     special = (d.websocket_param_name, d.http_connection_param_name, d.response_param_name)
     if any(special) or d.background_tasks_param_name or d.security_scopes_param_name:
@@ -87,6 +95,7 @@ def _compile(route: APIRoute) -> _Compiled | None:
         returns = get_type_hints(route.endpoint).get("return")
     except (NameError, TypeError):
         return None
+    # Exactly Response: a StreamingResponse (the SSE trace) needs the live receive channel.
     if not inspect.iscoroutinefunction(route.endpoint) or returns is not Response:
         return None
     resolvers = []
@@ -104,7 +113,20 @@ def _compile(route: APIRoute) -> _Compiled | None:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
         body = (field.name, model)
-    return _Compiled(route, route.endpoint, tuple(resolvers), d.request_param_name, body)
+    params = tuple((f, True) for f in d.path_params) + tuple((f, False) for f in d.query_params)
+    return _Compiled(route, route.endpoint, tuple(resolvers), params, d.request_param_name, body)
+
+
+def _scalar(field: ModelField) -> bool:
+    """A path or query parameter read as FastAPI reads it: the one string under its own name.
+    (Lists, parameter models, aliases and Json fields are left to FastAPI.)"""
+    info = field.field_info
+    annotation = info.annotation
+    if field.alias != field.name or info.validation_alias is not None:
+        return False
+    if any(type(item) is Json for item in info.metadata) or field_annotation_is_sequence(annotation):
+        return False
+    return not any(isinstance(a, type) and issubclass(a, BaseModel) for a in (annotation, *get_args(annotation)))
 
 
 class FastPath:
@@ -130,16 +152,19 @@ class FastPath:
     def compiled(self) -> list[APIRoute]:
         return [c.compiled.route for c in self.candidates if c.compiled is not None]
 
-    def match(self, method: str, path: str) -> tuple[_Compiled, dict[str, str]] | None:
+    def match(self, method: str, path: str) -> tuple[_Compiled, dict[str, Any]] | None:
         """The compiled route that the router would pick for this request, with its path params."""
         for c in self._by_head.get(path.split("/", 2)[1] if path[:1] == "/" else "", self._wild):
             m = c.regex.match(path)
             if m is not None and (c.methods is None or method in c.methods):
-                return (c.compiled, m.groupdict()) if c.compiled is not None else None
+                if c.compiled is None:
+                    return None
+                convert = c.compiled.route.param_convertors  # as Starlette's Route.matches() does
+                return c.compiled, {k: convert[k].convert(v) for k, v in m.groupdict().items()}
         return None
 
     async def __call__(
-        self, compiled: _Compiled, params: dict[str, str], scope: Scope, body: bytes, send: Send
+        self, compiled: _Compiled, params: dict[str, Any], scope: Scope, body: bytes, send: Send
     ) -> None:
         """Answer the request, or raise ``Fallback`` before anything has been sent or changed."""
         if self.app.dependency_overrides:  # a test swapped a dependency: only FastAPI knows it
@@ -150,6 +175,19 @@ class FastPath:
             if value is None:
                 raise Fallback
             kwargs[name] = value
+        if compiled.params:
+            query = QueryParams(scope["query_string"]) if any(not p for _, p in compiled.params) else None
+            for field, in_path in compiled.params:
+                raw = params.get(field.name) if in_path else query.get(field.name)  # type: ignore[union-attr]
+                if raw is None:
+                    if field.field_info.is_required() or field.field_info.validate_default:
+                        raise Fallback
+                    kwargs[field.name] = copy.deepcopy(field.default)
+                    continue
+                value, errors = field.validate(raw, {}, loc=())
+                if errors:
+                    raise Fallback
+                kwargs[field.name] = value
         if compiled.body is not None:
             name, model = compiled.body
             if not body or _content_type(scope) != _JSON:
