@@ -36,6 +36,8 @@ HOT = {
     ("POST", "/v1/vms/{vm_id}/memory-encrypt/unreg-region"),
     ("PUT", "/v1/vms/{vm_id}/memory-attributes"),
     ("POST", "/v1/vms/{vm_id}/faults"),
+    ("GET", "/v1/vms/{vm_id}/memory-attributes"),
+    ("GET", "/v1/vms/{vm_id}/gfns/{gfn}"),
 }
 
 
