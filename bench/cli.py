@@ -15,22 +15,17 @@ from __future__ import annotations
 
 import argparse
 import compileall
-import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.pop(0)  # not bench/: its http.py would shadow the standard library's http
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.live import ROOT, live_server
 
 
 def wall(cmd: list[str]) -> float:
@@ -44,36 +39,23 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     args = parser.parse_args()
     compileall.compile_dir(ROOT / "app", quiet=1)
-    port = free_port()
-    env = {**os.environ, "KVM_MEMATTR_LOG_LEVEL": "warning"}
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env, cwd=ROOT)
     script = shutil.which("kvm-memattr", path=str(Path(sys.executable).parent)) or shutil.which("kvm-memattr")
     cli = [script] if script else [sys.executable, "-m", "app.cli"]
-    url = ["--url", f"http://127.0.0.1:{port}"]
-    cases = {
-        'python -c "import httpx"': [sys.executable, "-c", "import httpx"],
-        "kvm-memattr health": [*cli, *url, "health"],
-        "kvm-memattr --json health": [*cli, *url, "--json", "health"],
-        "kvm-memattr vm list": [*cli, *url, "vm", "list"],
-        "kvm-memattr --version": [*cli, "--version"],
-        "kvm-memattr --help": [*cli, "--help"],
-    }
-    try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    with live_server() as (url, _):
+        cases = {
+            'python -c "import httpx"': [sys.executable, "-c", "import httpx"],
+            "kvm-memattr health": [*cli, "--url", url, "health"],
+            "kvm-memattr --json health": [*cli, "--url", url, "--json", "health"],
+            "kvm-memattr vm list": [*cli, "--url", url, "vm", "list"],
+            "kvm-memattr --version": [*cli, "--version"],
+            "kvm-memattr --help": [*cli, "--help"],
+        }
         times: dict[str, list[float]] = {name: [] for name in cases}
         for cmd in cases.values():  # warm-up: file cache
             wall(cmd)
         for _ in range(args.runs):
             for name, cmd in cases.items():
                 times[name].append(wall(cmd))
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     anchor = statistics.median(times['python -c "import httpx"'])
     print(f"{args.runs} runs each, interleaved, median wall time ({' '.join(cli[-1:])})")
     for name, t in times.items():

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,13 +40,9 @@ sys.path[0] = str(ROOT)
 
 Request = tuple[str, str, bytes | None]  # method, path, JSON body
 
+from tests.live import free_port, start_server  # noqa: E402
+
 SLOT = {"guest_phys_addr": "0x100000000", "memory_size": "0x40000000", "userspace_addr": "0x7f0000000000"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def conversions(vm: str) -> list[Request]:
@@ -162,16 +157,8 @@ PIN_CLIENT = ["taskset", "-c", "1"] if PIN_SERVER else []
 
 
 def start(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "KVM_MEMATTR_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([*PIN_SERVER, sys.executable, *cmd], env=env, cwd=ROOT)
-    for _ in range(200):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return proc
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise SystemExit(f"server {cmd} did not start")
+    """A server pinned to CPU 0, once its /healthz answers."""
+    return start_server(port, argv=[*PIN_SERVER, sys.executable, *cmd])
 
 
 async def setup_vm(port: int) -> str:

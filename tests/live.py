@@ -43,10 +43,11 @@ def live_server(
 
 
 def start_server(
-    port: int, env: dict[str, str] | None = None, stderr: IO[bytes] | None = None
+    port: int, env: dict[str, str] | None = None, stderr: IO[bytes] | None = None, argv: list[str] | None = None
 ) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (default: ``kvm-memattr serve`` on ``port``) and wait until its /healthz answers 200."""
     full_env = {**os.environ, "KVM_MEMATTR_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT), **(env or {})}
-    argv = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
+    argv = argv or [sys.executable, "-m", "app.cli", "serve", "--port", str(port)]
     proc = subprocess.Popen(argv, env=full_env, cwd=ROOT, stderr=stderr)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -214,6 +214,7 @@ def _head(path: str) -> str | None:
 
 
 def _content_type(scope: Scope) -> bytes | None:
+    # The first one, as Starlette's Headers.get() (and so FastAPI) reads a repeated header.
     for key, value in scope["headers"]:
         if key == b"content-type":
             return bytes(value)

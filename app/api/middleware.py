@@ -111,10 +111,9 @@ class ServiceMiddleware:
             if length is not None and (not length.isdigit() or int(length) > limit):
                 raise self._too_large(limit)
             body_parts = await self._read_limited(receive, limit)
-            fast_path = self.fast_path
             # Under a root_path the router matches a shorter path: leave those requests to it.
-            routed = fast_path is not None and not scope.get("root_path")
-            target = fast_path.match(scope["method"], scope["path"]) if routed and fast_path else None
+            fast_path = None if scope.get("root_path") else self.fast_path
+            target = fast_path.match(scope["method"], scope["path"]) if fast_path is not None else None
             if fast_path is not None and target is not None and body_parts[-1]["type"] == "http.request":
                 try:
                     body = b"".join(part["body"] for part in body_parts if part.get("body"))

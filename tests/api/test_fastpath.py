@@ -118,6 +118,18 @@ def test_dependency_overrides_still_apply() -> None:
         assert client.get("/healthz").json()["vms"] == 1  # the override's engine, not the app's
 
 
+def test_a_repeated_content_type_is_read_as_fastapi_reads_it(twins: tuple[TestClient, TestClient]) -> None:
+    answers = []
+    for client in twins:
+        vm = client.post("/v1/vms", json={"semantics": "rfc-v9"}).json()["id"]
+        headers = [("content-type", "text/plain"), ("content-type", "application/json")]
+        body = b'{"addr": "0x0", "size": "0x1000"}'
+        r = client.post(f"/v1/vms/{vm}/memory-encrypt/reg-region", content=body, headers=headers)
+        answers.append(_normal(r, vm))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 422  # the first one counts: not JSON
+
+
 @pytest.mark.parametrize(
     "tail",
     [
