@@ -299,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
     v.set_defaults(verify_host=True)
 
+    hp = cmd("host-profile", "measure this host's /dev/kvm as a host profile (--json: the document)", None)
+    hp.add_argument("--device", default="/dev/kvm", help="the KVM device (default /dev/kvm)")
+    hp.set_defaults(host_profile=True)
+    cmd("profiles", "list the host profiles a VM can behave as", lambda c, a: ops.list_host_profiles())
+
     cmd("health", "GET /healthz", lambda c, a: ops.healthz())
     caps = cmd(
         "caps",
@@ -309,7 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     vm = group("vm", "VMs: KVM_CREATE_VM / kvm_destroy_vm")
     x = cmd(
-        "create", "create a VM", lambda c, a: ops.create_vm(type=a.type, semantics=a.semantics, name=a.name), parent=vm
+        "create",
+        "create a VM",
+        lambda c, a: ops.create_vm(type=a.type, semantics=a.semantics, name=a.name, profile=_profile_arg(a.profile)),
+        parent=vm,
     )
     x.add_argument(
         "--type",
@@ -319,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--semantics", default="rfc-v9", choices=["rfc-v9", "linux"], help="which kernel design")
     x.add_argument("--name", help="a name to show with the id")
+    x.add_argument(
+        "--profile", help="host to behave as: a name (kvm-memattr profiles) or a file from host-profile --json"
+    )
     cmd("list", "list VMs", lambda c, a: ops.list_vms(), parent=vm)
     cmd("get", "show a VM", lambda c, a: ops.get_vm(a.vm), parent=vm).add_argument("vm")
     x = cmd("export", "print the VM's snapshot (JSON) to stdout", _export_vm, parent=vm)
@@ -609,7 +620,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from app.core.journal import StateFileError
     from app.main import create_app
-    from app.settings import Settings
+    from app.settings import ProfileError, Settings
 
     if args.workers != 1:
         # State lives in this process: a second worker would be a second, diverging "kernel".
@@ -625,7 +636,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 3
     try:
         app = create_app(settings)
-    except StateFileError as e:
+    except (StateFileError, ProfileError) as e:
         print(f"kvm-memattr: {e}", file=sys.stderr)
         return 2
     uvicorn.run(
@@ -648,6 +659,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def _profile_arg(value: str | None) -> Any:
+    """A profile name as it is; a path (it has a ``/`` or ends in ``.json``): the document in it."""
+    if value is None or ("/" not in value and not value.endswith(".json")):
+        return value
+    try:
+        with open(value, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"kvm-memattr: --profile {value}: {e}") from None
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -661,6 +683,10 @@ def _main(argv: Sequence[str] | None) -> int:
         from app.hostkvm.report import run
 
         return run(args.steps, args.seed, args.json, out.console, args.device)
+    if getattr(args, "host_profile", False):
+        from app.hostkvm.report import host_profile
+
+        return host_profile(args.json, out.console, args.device)
     if getattr(args, "demo", False):
         from app.demo import run_demo
 

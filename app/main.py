@@ -72,7 +72,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     settings = settings or Settings()
     configure(settings.log_level, settings.log_json)
     if engine is None:  # not `or`: an empty Engine is falsy (it has a __len__)
-        engine = Engine(settings.engine_limits())
+        engine = Engine(settings.engine_limits(), settings.host_profile())
     journal = None
     if settings.state_file:  # StateFileError: one line for the operator (kvm-memattr serve exits 2)
         journal = SqliteJournal(settings.state_file, settings.journal_compact_after)
@@ -93,12 +93,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         gc.freeze()
         url = f"http://{settings.host}:{settings.port}"
         log.info(
-            "kvm-memattr %s ready at %s: memory map %s/ui, API docs %s/docs (max_gfn %#x)",
+            "kvm-memattr %s ready at %s: memory map %s/ui, API docs %s/docs (host profile %s)",
             __version__,
             url,
             url,
             url,
-            settings.max_gfn,
+            engine.host.name,
         )
         yield
         log.info("kvm-memattr shutting down with %d VM(s)", len(engine))

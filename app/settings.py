@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.limits import EngineLimits
+from app.models.host import DEFAULT_PROFILE, PROFILES, HostProfile
+from app.models.kvm import GFN_LIMIT
+
+
+class ProfileError(Exception):
+    """``KVM_MEMATTR_PROFILE`` names no profile, or its file is not one (one line for the operator)."""
 
 
 class Settings(BaseSettings, EngineLimits):
@@ -38,6 +45,48 @@ class Settings(BaseSettings, EngineLimits):
         True,
         description="answer simple routes without FastAPI's per-request machinery (same answers; false to compare)",
     )
+
+    profile: str = Field(
+        DEFAULT_PROFILE,
+        description="the default host profile of new VMs: a shipped name (GET /v1/host-profiles) or the path of a "
+        "profile document (kvm-memattr host-profile --json > host.json)",
+    )
+    max_gfn: int | None = Field(None, gt=0, lt=GFN_LIMIT, description="overrides the default profile's max_gfn")
+    address_spaces: int | None = Field(
+        None, ge=1, le=2, description="overrides the default profile's address spaces: 1 drops the SMM space"
+    )
+
+    def host_profile(self) -> HostProfile:
+        """The default profile: ``profile`` with the two overrides applied (then named ``<name>-custom``)."""
+        if self.profile in PROFILES:
+            host = PROFILES[self.profile]
+        else:
+            try:
+                host = HostProfile.model_validate_json(Path(self.profile).read_bytes())
+            except OSError as e:
+                known = ", ".join(PROFILES)
+                raise ProfileError(
+                    f"KVM_MEMATTR_PROFILE={self.profile}: not a profile ({known}) nor a file: {e.strerror}"
+                ) from None
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ProfileError(
+                    f"KVM_MEMATTR_PROFILE={self.profile}: not a host profile: {where}: {first['msg']}"
+                ) from None
+        if self.max_gfn is None and self.address_spaces is None:
+            return host
+        caps = host.caps
+        if self.address_spaces is not None:  # a host without SMM does not have the capability: 0
+            caps = caps.model_copy(update={"KVM_CAP_MULTI_ADDRESS_SPACE": 2 if self.address_spaces == 2 else 0})
+        return host.model_copy(
+            update={
+                "name": f"{host.name}-custom",
+                "description": f"{host.description} Changed by KVM_MEMATTR_MAX_GFN / KVM_MEMATTR_ADDRESS_SPACES.",
+                "max_gfn": host.max_gfn if self.max_gfn is None else self.max_gfn,
+                "caps": caps,
+            }
+        )
 
     def engine_limits(self) -> EngineLimits:
         return EngineLimits.model_validate(self.model_dump(include=set(EngineLimits.model_fields)))

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.core import Engine
 from app.core.vm import VirtualMachine
-from app.models.kvm import KvmMemoryAttributes, KvmUserspaceMemoryRegion2, Semantics, VmCreate, VmType
+from app.models.kvm import KvmMemoryAttributes, KvmUserspaceMemoryRegion2, Semantics, VmType
+from app.models.vm import VmCreate
 from tests.core.reference import RefVM
 
 PAGE = 4096

@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.core import Engine
-from app.models.kvm import Semantics, VmCreate, VmType
+from app.models.kvm import Semantics, VmType
+from app.models.vm import VmCreate
 
 
 def main() -> None:

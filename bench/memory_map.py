@@ -18,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.core import Engine
-from app.models.kvm import GFN_LIMIT, KvmUserspaceMemoryRegion2, Semantics, VmCreate, VmType
+from app.models.kvm import GFN_LIMIT, KvmUserspaceMemoryRegion2, Semantics, VmType
+from app.models.vm import VmCreate
 
 BUCKETS = 2048
 TARGET_MS = 50.0

@@ -29,9 +29,9 @@ from app.models.kvm import (
     KvmMemoryAttributes,
     KvmUserspaceMemoryRegion2,
     Semantics,
-    VmCreate,
     VmType,
 )
+from app.models.vm import VmCreate
 
 GIB4 = 0x1_0000_0000
 TARGET_S = 2.0

@@ -61,10 +61,10 @@ EndGfnQuery = Annotated[EndGfnValue | None, Query(description="end gfn, exclusiv
 LimitQuery = Annotated[int, Query(ge=1, le=10_000, description="most items to return")]
 
 
-def gfn_window(engine: Engine, start: int | None, end: int | None) -> tuple[int, int]:
-    """Defaults and the ``start < end`` rule shared by the run listings."""
+def gfn_window(vm: VirtualMachine, start: int | None, end: int | None) -> tuple[int, int]:
+    """Defaults (0 and the VM's host ``max_gfn + 1``) and the ``start < end`` rule of the run listings."""
     s = 0 if start is None else start
-    e = engine.limits.max_gfn + 1 if end is None else end
+    e = vm.kvm.host.max_gfn + 1 if end is None else end
     if s >= e:
         raise EINVAL(f"start_gfn {s:#x} must be below end_gfn {e:#x}")
     return s, e

@@ -21,6 +21,11 @@ CREATE_VM = _ex(
     linux=("a linux software-protected VM", {"type": "sw_protected", "semantics": "linux", "name": "demo"}),
     v9=("an rfc-v9 VM (memory private by default)", {"type": "sw_protected", "semantics": "rfc-v9"}),
     sev=("an SEV VM (REG/UNREG pin host memory)", {"type": "sev", "semantics": "linux"}),
+    host=(
+        "a default VM on a 6.18 host built without guest_memfd",
+        {"type": "default", "semantics": "linux", "profile": "pvm-6.18"},
+    ),
+    tdx=("a TDX VM on a TDX host", {"type": "tdx", "semantics": "linux", "profile": "tdx-6.18"}),
 )
 MEMSLOT = _ex(
     gmem=(

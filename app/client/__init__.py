@@ -130,6 +130,8 @@ class Client:
 
     healthz = _sync(ops.healthz)
     capabilities = _sync(ops.capabilities)
+    list_host_profiles = _sync(ops.list_host_profiles)
+    get_host_profile = _sync(ops.get_host_profile)
     create_vm = _sync(ops.create_vm)
     list_vms = _sync(ops.list_vms)
     get_vm = _sync(ops.get_vm)
@@ -214,6 +216,8 @@ class AsyncClient:
 
     healthz = _async(ops.healthz)
     capabilities = _async(ops.capabilities)
+    list_host_profiles = _async(ops.list_host_profiles)
+    get_host_profile = _async(ops.get_host_profile)
     create_vm = _async(ops.create_vm)
     list_vms = _async(ops.list_vms)
     get_vm = _async(ops.get_vm)

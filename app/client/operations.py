@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:  # the models (and pydantic) load on the first answer parsed: see _model
     from app.models import explorer, state
+    from app.models.host import HostProfile
     from app.models.snapshot import VmSnapshot
 
 T = TypeVar("T")
@@ -59,10 +60,25 @@ def capabilities() -> Op[state.Capabilities]:
     return Op("GET", "/v1/capabilities", _model("state", "Capabilities"))
 
 
+def list_host_profiles() -> Op[state.HostProfileList]:
+    """The host profiles a VM can behave as, and the default one."""
+    return Op("GET", "/v1/host-profiles", _model("state", "HostProfileList"))
+
+
+def get_host_profile(name: str) -> Op[HostProfile]:
+    """One host profile by name."""
+    return Op("GET", f"/v1/host-profiles/{name}", _model("host", "HostProfile"))
+
+
 # -- VMs
-def create_vm(type: str = "sw_protected", semantics: str = "rfc-v9", name: str | None = None) -> Op[state.Vm]:
-    """KVM_CREATE_VM."""
-    return Op("POST", "/v1/vms", _model("state", "Vm"), json=_body(type=type, semantics=semantics, name=name))
+def create_vm(
+    type: str = "sw_protected", semantics: str = "rfc-v9", name: str | None = None, profile: str | Any = None
+) -> Op[state.Vm]:
+    """KVM_CREATE_VM; ``profile``: a profile name, or a whole profile document (a dict)."""
+    if hasattr(profile, "model_dump"):
+        profile = profile.model_dump(mode="json")
+    body = _body(type=type, semantics=semantics, name=name, profile=profile)
+    return Op("POST", "/v1/vms", _model("state", "Vm"), json=body)
 
 
 def list_vms() -> Op[state.VmList]:

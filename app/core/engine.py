@@ -11,28 +11,23 @@ from pydantic import BaseModel
 
 from app.core import snapshot
 from app.core.budget import ServiceBudget
-from app.core.errors import ENOENT, ENOMEM
+from app.core.errors import EINVAL, ENOENT, ENOMEM
 from app.core.journal import Journal
 from app.core.limits import EngineLimits
 from app.core.vm import OPERATIONS, VirtualMachine
-from app.models.kvm import (
-    KVM_API_VERSION,
-    KVM_CAP_VM_TYPES_MASK,
-    KVM_MEMORY_ATTRIBUTE_PRIVATE,
-    KVM_USER_MEM_SLOTS,
-    PAGE_SIZE,
-    Semantics,
-    VmCreate,
-    VmType,
-)
+from app.models.host import DEFAULT_PROFILE, PROFILES, HostProfile
+from app.models.kvm import KVM_API_VERSION, PAGE_SIZE, Semantics, VmType
 from app.models.snapshot import VmSnapshot
+from app.models.vm import VmCreate
 
 
 class Engine:
-    """All VMs of one simulated ``/dev/kvm``."""
+    """All VMs of one simulated ``/dev/kvm``. Each VM behaves as the host of its profile; ``host``
+    is the default one, whose answers ``/dev/kvm`` itself gives."""
 
-    def __init__(self, limits: EngineLimits | None = None) -> None:
+    def __init__(self, limits: EngineLimits | None = None, host: HostProfile | None = None) -> None:
         self.limits = limits or EngineLimits()
+        self.host = host or PROFILES[DEFAULT_PROFILE]
         self.budget = ServiceBudget(self.limits.max_service_items)
         self._vms: dict[str, VirtualMachine] = {}
         self._lock = threading.Lock()
@@ -45,43 +40,61 @@ class Engine:
             for vm in self._vms.values():
                 vm.journal = journal
 
-    def capabilities(self) -> dict[str, Any]:
-        """``KVM_CHECK_EXTENSION`` on ``/dev/kvm`` (system scope)."""
+    def profiles(self) -> list[HostProfile]:
+        """The shipped host profiles, and the default one if it is not among them."""
+        shipped = list(PROFILES.values())
+        return shipped if self.host in shipped else [*shipped, self.host]
+
+    def profile(self, name: str | HostProfile | None) -> HostProfile:
+        """A profile by name (the default's name included), a whole document as given, or the default."""
+        if name is None:
+            return self.host
+        if isinstance(name, HostProfile):
+            return name
+        for p in self.profiles():
+            if p.name == name:
+                return p
+        raise EINVAL(f"no host profile {name!r} (GET /v1/host-profiles lists them)")
+
+    def capabilities(self, host: HostProfile | None = None) -> dict[str, Any]:
+        """``KVM_CHECK_EXTENSION`` on ``/dev/kvm`` (system scope) of a host, by default the service's."""
+        host = host or self.host
         return {
             "api_version": KVM_API_VERSION,
             "page_size": PAGE_SIZE,
-            "max_gfn": self.limits.max_gfn,
+            "max_gfn": host.max_gfn,
+            "profile": host,
             "vm_types": [
-                {"name": t.value, "value": t.value_code, "has_private_mem": t.has_private_mem} for t in VmType
+                {"name": t.value, "value": t.value_code, "has_private_mem": t.has_private_mem}
+                for t in VmType
+                if host.supports_vm_type(t)
             ],
             "semantics": [s.value for s in Semantics],
-            "caps": {
-                "KVM_CAP_USER_MEMORY": 1,
-                "KVM_CAP_NR_MEMSLOTS": KVM_USER_MEM_SLOTS,
-                "KVM_CAP_MULTI_ADDRESS_SPACE": self.limits.address_spaces,
-                "KVM_CAP_USER_MEMORY2": 1,
-                "KVM_CAP_MEMORY_FAULT_INFO": 1,
-                "KVM_CAP_MEMORY_ATTRIBUTES": KVM_MEMORY_ATTRIBUTE_PRIVATE,
-                "KVM_CAP_GUEST_MEMFD": 1,
-                "KVM_CAP_VM_TYPES": KVM_CAP_VM_TYPES_MASK,
-            },
+            "caps": {"KVM_CAP_USER_MEMORY": 1, **host.caps.model_dump()},
         }
 
     def vm_capabilities(self, vm_id: str) -> dict[str, Any]:
         """``KVM_CHECK_EXTENSION`` on a VM fd."""
-        caps = self.capabilities()
-        caps["caps"] |= self.vm(vm_id).capabilities()
+        vm = self.vm(vm_id)
+        caps = self.capabilities(vm.kvm.host)
+        caps["caps"] |= vm.capabilities()
         return caps
 
     def create_vm(self, req: VmCreate, vm_id: str | None = None) -> VirtualMachine:
         """``KVM_CREATE_VM`` (``vm_id`` only when replaying a journal)."""
+        host = self.profile(req.profile)
+        if req.semantics is Semantics.linux and not host.supports_vm_type(req.type):
+            # kvm_arch_init_vm(): !kvm_is_vm_type_supported(type)
+            raise EINVAL(f"VM type {req.type.value} is not in KVM_CAP_VM_TYPES of host profile {host.name}")
         vm_id = vm_id or uuid.uuid4().hex
-        vm = VirtualMachine.create(vm_id, req.name, req.type, req.semantics, self.limits, self.budget)
-        return self._add(vm, "create_vm", req)
+        vm = VirtualMachine.create(vm_id, req.name, req.type, req.semantics, self.limits, host, self.budget)
+        # Journaled with the whole profile, so a restart rebuilds the VM as the same host.
+        return self._add(vm, "create_vm", req.model_copy(update={"profile": host}))
 
     def import_vm(self, doc: VmSnapshot, vm_id: str | None = None) -> VirtualMachine:
         """A new VM with exactly the state of a snapshot (``vm_id`` only when replaying a journal)."""
-        vm = VirtualMachine(snapshot.load(doc, vm_id or uuid.uuid4().hex, self.limits, self.budget))
+        host = doc.profile or self.host
+        vm = VirtualMachine(snapshot.load(doc, vm_id or uuid.uuid4().hex, self.limits, host, self.budget))
         return self._add(vm, "import_vm", doc)
 
     def _add(self, vm: VirtualMachine, op: str, arg: BaseModel) -> VirtualMachine:

@@ -25,6 +25,7 @@ from app.core.steps import Step, Steps
 from app.core.variants import VARIANTS, Scenario
 from app.models import explorer as model
 from app.models.explorer import Invariant
+from app.models.host import DEFAULT_PROFILE, PROFILES
 from app.models.kvm import (
     GFN_LIMIT,
     KVM_MEM_GUEST_MEMFD,
@@ -35,7 +36,8 @@ from app.models.kvm import (
 
 MAX_SCHEDULES = 100_000
 _HVA = 0x7F00_0000_0000
-_LIMITS = EngineLimits(max_gfn=GFN_LIMIT - 1, max_events=64)
+_LIMITS = EngineLimits(max_events=64)
+_HOST = PROFILES[DEFAULT_PROFILE].model_copy(update={"max_gfn": GFN_LIMIT - 1})
 
 
 @dataclass
@@ -75,7 +77,7 @@ class _Run:
         variant = VARIANTS[sc.variant]
         self.tracing = tracing
         self.sc, self.start, self.end = sc, sc.start_gfn, sc.start_gfn + sc.npages
-        kvm = self.kvm = Kvm("explorer", None, VmType.sw_protected, variant.semantics, _LIMITS)
+        kvm = self.kvm = Kvm("explorer", None, VmType.sw_protected, variant.semantics, _LIMITS, _HOST)
         gmem = guest_memfd.create(kvm, sc.npages << PAGE_SHIFT, 0)
         region = KvmUserspaceMemoryRegion2(
             flags=KVM_MEM_GUEST_MEMFD,

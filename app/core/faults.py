@@ -181,6 +181,8 @@ def prefault(kvm: Kvm, gpa: int, size: int, as_id: int) -> state.PrefaultResult:
         raise ENOTTY("KVM_PRE_FAULT_MEMORY does not exist under rfc-v9")
     start, end = check_gpa_range(gpa, size)
     kvm.check_as(as_id)
+    if not kvm.host.caps.KVM_CAP_PRE_FAULT_MEMORY:
+        raise EOPNOTSUPP(f"host profile {kvm.host.name} has no two-dimensional paging (KVM_CAP_PRE_FAULT_MEMORY 0)")
     if kvm.type in (VmType.snp, VmType.tdx):
         raise EOPNOTSUPP(f"prefault on {kvm.type.value} VMs needs a finalized launch (not simulated)")
     walk = _prefault_walk(kvm, as_id, start, end)

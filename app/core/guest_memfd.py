@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.core.errors import EINVAL, ENOENT
+from app.core.errors import EINVAL, ENOENT, ENOTTY
 from app.core.gfn_range import gmem_ranges, handle_gfn_range, invalidate_and_unmap, invalidate_begin, invalidate_end
 from app.core.kvm import Kvm
 from app.core.memslots import GuestMemfdFile
@@ -13,14 +13,18 @@ from app.models.kvm import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, 
 
 
 def supported_flags(kvm: Kvm) -> int:
-    """``kvm_gmem_get_supported_flags()``: MMAP always; INIT_SHARED only without private memory."""
+    """``kvm_gmem_get_supported_flags()``: MMAP always; INIT_SHARED only without private memory;
+    neither on a host whose guest_memfd predates them (its ``KVM_CAP_GUEST_MEMFD_FLAGS``)."""
     if not kvm.linux:
         return 0
-    return GUEST_MEMFD_FLAG_MMAP | (0 if kvm.has_private_mem else GUEST_MEMFD_FLAG_INIT_SHARED)
+    flags = GUEST_MEMFD_FLAG_MMAP | (0 if kvm.has_private_mem else GUEST_MEMFD_FLAG_INIT_SHARED)
+    return flags & kvm.host.caps.KVM_CAP_GUEST_MEMFD_FLAGS
 
 
 def create(kvm: Kvm, size: int, flags: int) -> GuestMemfdFile:
     """``KVM_CREATE_GUEST_MEMFD``."""
+    if not kvm.has_guest_memfd:
+        raise ENOTTY("KVM_CREATE_GUEST_MEMFD: this host is built without guest_memfd (KVM_CAP_GUEST_MEMFD 0)")
     supported = supported_flags(kvm)
     if flags & ~supported:
         raise EINVAL(f"guest_memfd flags {flags:#x} outside {supported:#x}")

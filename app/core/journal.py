@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from app.core.errors import ENOSPC, KvmError
 from app.models import kvm as kvm_models
 from app.models import snapshot as snapshot_models
+from app.models import vm as vm_models
 
 if TYPE_CHECKING:
     from app.core.engine import Engine
@@ -36,7 +37,7 @@ VERSION = 2
 
 _MODELS: dict[str, type[BaseModel]] = {
     name: cls
-    for module in (kvm_models, snapshot_models)
+    for module in (kvm_models, snapshot_models, vm_models)
     for name, cls in vars(module).items()
     if isinstance(cls, type) and issubclass(cls, BaseModel) and cls.__module__ == module.__name__
 }

@@ -17,6 +17,7 @@ from app.core.limits import EngineLimits
 from app.core.memslots import AddressSpace, GuestMemfdFile
 from app.core.mmu import Mmu, ZapFilter
 from app.core.runs import RunMap
+from app.models.host import PROFILES, HostProfile
 from app.models.kvm import GFN_LIMIT, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE, U64_MAX, Semantics, VmType
 
 PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE
@@ -52,6 +53,7 @@ class Kvm:
     type: VmType
     semantics: Semantics
     limits: EngineLimits
+    host: HostProfile = PROFILES["linux-6.18"]
     budget: ServiceBudget = UNBOUNDED
     attributes: RunMap = field(init=False)
     spaces: list[AddressSpace] = field(init=False)
@@ -98,7 +100,32 @@ class Kvm:
     def nr_as(self) -> int:
         """``kvm_arch_nr_memslot_as_ids()``: since 6.8 private-memory VMs have no SMM space (and a
         host without SMM support has one address space)."""
-        return 1 if self.linux and self.has_private_mem else self.limits.address_spaces
+        return 1 if self.linux and self.has_private_mem else self.host.address_spaces
+
+    # What the host was built with. A linux VM reads each feature from its profile; rfc-v9 is a
+    # 2022 patch series, not any of these hosts, so it keeps its own feature set and takes only
+    # the host's bounds (max_gfn, memslots, address spaces).
+
+    @property
+    def has_guest_memfd(self) -> bool:
+        """``CONFIG_KVM_GUEST_MEMFD``: without it ``KVM_CREATE_GUEST_MEMFD`` is ENOTTY."""
+        return not self.linux or bool(self.host.caps.KVM_CAP_GUEST_MEMFD)
+
+    @property
+    def has_memory_attributes(self) -> bool:
+        """``CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES``: without it ``KVM_SET_MEMORY_ATTRIBUTES`` is ENOTTY."""
+        return bool(self.host.caps.KVM_CAP_MEMORY_ATTRIBUTES)
+
+    @property
+    def has_readonly_mem(self) -> bool:
+        """``kvm_arch_has_readonly_mem()``: not where the guest state is protected."""
+        protected = self.type in (VmType.sev_es, VmType.snp, VmType.tdx)
+        return not self.linux or (bool(self.host.caps.KVM_CAP_READONLY_MEM) and not protected)
+
+    @property
+    def gmem_slots(self) -> bool:
+        """Whether ``KVM_MEM_GUEST_MEMFD`` is a valid memslot flag (rfc-v9: restrictedmem, private VMs only)."""
+        return self.has_guest_memfd and (self.linux or self.has_private_mem)
 
     @property
     def sev_guest(self) -> bool:

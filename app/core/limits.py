@@ -1,11 +1,10 @@
-"""The bounds of one simulated ``/dev/kvm``, declared once: ``Settings`` inherits these fields
+"""The bounds of one simulated ``/dev/kvm``, declared once (what the host is, its ``max_gfn`` and
+capabilities, is a host profile: ``app/models/host.py``): ``Settings`` inherits these fields
 (so each is also an environment variable) and hands them to the engine."""
 
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from app.models.kvm import DEFAULT_MAX_GFN, GFN_LIMIT
 
 
 class EngineLimits(BaseModel):
@@ -13,7 +12,6 @@ class EngineLimits(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    max_gfn: int = Field(DEFAULT_MAX_GFN, gt=0, lt=GFN_LIMIT, description="kvm_mmu_max_gfn(): bounds memslots only")
     max_vms: int = Field(1024, ge=1, description="VMs per server; beyond it KVM_CREATE_VM fails with ENOMEM")
     max_attribute_runs: int = Field(1_000_000, ge=1, description="per VM; beyond it an update fails with ENOMEM")
     max_mapping_runs: int = Field(1_000_000, ge=1, description="per VM; beyond it a fault fails with ENOMEM")
@@ -23,7 +21,4 @@ class EngineLimits(BaseModel):
         ge=1,
         description="attribute runs + mapping runs + stored events across all VMs (about 2 GiB at most); "
         "past it, calls fail with ENOMEM",
-    )
-    address_spaces: int = Field(
-        2, ge=1, le=2, description="KVM_CAP_MULTI_ADDRESS_SPACE of the simulated host: 1 drops the SMM space"
     )

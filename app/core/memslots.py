@@ -17,7 +17,6 @@ from app.models.kvm import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_MAX_NR_PAGES,
     KVM_MEM_READONLY,
-    KVM_USER_MEM_SLOTS,
     PAGE_SHIFT,
     PAGE_SIZE,
     U64_MAX,
@@ -152,27 +151,20 @@ class MemslotPlan:
     gmem: GuestMemfdFile | None = None
 
 
-def plan_set_memory_region(
-    *,
-    raw_slot: int,
-    req: KvmUserspaceMemoryRegion2,
-    spaces: list[AddressSpace],
-    gmem_files: dict[int, GuestMemfdFile],
-    gmem_allowed: bool,
-    readonly_allowed: bool,
-    max_gfn: int,
-) -> MemslotPlan:
+def plan_set_memory_region(kvm: Kvm, raw_slot: int, req: KvmUserspaceMemoryRegion2) -> MemslotPlan:
     """Every check of ``kvm_set_memory_region()``, in the kernel's order; changes nothing."""
+    spaces, gmem_files = kvm.spaces, kvm.gmem_files
     as_id, sid = raw_slot >> 16, raw_slot & 0xFFFF
     flags, size, gpa, hva = req.flags, req.memory_size, req.guest_phys_addr, req.userspace_addr
-    if sid >= KVM_USER_MEM_SLOTS:
-        raise EINVAL(f"slot id {sid} >= KVM_USER_MEM_SLOTS ({KVM_USER_MEM_SLOTS})")
+    nr_slots = kvm.host.caps.KVM_CAP_NR_MEMSLOTS
+    if sid >= nr_slots:
+        raise EINVAL(f"slot id {sid} >= KVM_USER_MEM_SLOTS ({nr_slots})")
 
     # check_memory_region_flags()
     valid = KVM_MEM_LOG_DIRTY_PAGES
-    if readonly_allowed:
+    if kvm.has_readonly_mem:
         valid |= KVM_MEM_READONLY
-    if gmem_allowed:
+    if kvm.gmem_slots:
         valid |= KVM_MEM_GUEST_MEMFD
     if flags & KVM_MEM_GUEST_MEMFD:
         valid &= ~(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY)
@@ -241,6 +233,7 @@ def plan_set_memory_region(
         new.gmem, new.gmem_fd, new.gmem_offset = gmem, req.guest_memfd, off
 
     # kvm_arch_prepare_memory_region()
+    max_gfn = kvm.host.max_gfn
     if base_gfn + npages - 1 > max_gfn:
         raise EINVAL(f"last gfn {base_gfn + npages - 1:#x} > max_gfn {max_gfn:#x}")
     return MemslotPlan(change, old, new, gmem)
@@ -253,16 +246,7 @@ def _loff(value: int) -> int:
 
 def set_memory_region(kvm: Kvm, raw_slot: int, req: KvmUserspaceMemoryRegion2) -> state.MemslotUpdate:
     """``kvm_set_memory_region()``: plan (every check), then commit create/move/flags-only/delete."""
-    plan = plan_set_memory_region(
-        raw_slot=raw_slot,
-        req=req,
-        spaces=kvm.spaces,
-        gmem_files=kvm.gmem_files,
-        gmem_allowed=kvm.linux or kvm.has_private_mem,
-        # kvm_arch_has_readonly_mem(): not where the guest state is protected.
-        readonly_allowed=not (kvm.linux and kvm.type in (VmType.sev_es, VmType.snp, VmType.tdx)),
-        max_gfn=kvm.limits.max_gfn,
-    )
+    plan = plan_set_memory_region(kvm, raw_slot, req)
     if plan.change == "none":
         return state.MemslotUpdate(change="none", memslot=plan.old.model() if plan.old else None, pages_zapped=0)
     if kvm.notifiers:

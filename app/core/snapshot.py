@@ -15,13 +15,13 @@ from app.core.kvm import PRIVATE, Kvm, NotifierInvalidation, Stats
 from app.core.limits import EngineLimits
 from app.core.memslots import GuestMemfdFile, Memslot
 from app.core.mmu import spte, spte_private, spte_writable
+from app.models.host import HostProfile
 from app.models.kvm import (
     GFN_LIMIT,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_MAX_NR_PAGES,
     KVM_MEM_READONLY,
-    KVM_USER_MEM_SLOTS,
     PAGE_SHIFT,
     PAGE_SIZE,
     U64_MAX,
@@ -55,6 +55,7 @@ def dump(kvm: Kvm) -> VmSnapshot:
         name=kvm.name,
         type=kvm.type,
         semantics=kvm.semantics,
+        profile=kvm.host,
         attributes=list(kvm.attributes.runs(0, GFN_LIMIT)),
         memslots=[
             SnapshotMemslot(
@@ -105,10 +106,15 @@ def _check(ok: bool, what: str) -> None:
         raise EINVAL(f"snapshot: {what}")
 
 
-def load(doc: VmSnapshot, vm_id: str, limits: EngineLimits, budget: ServiceBudget = UNBOUNDED) -> Kvm:
-    """A new ``Kvm`` with exactly the state of ``doc``; EINVAL, creating nothing, if it is not one."""
-    _check(doc.version == SNAPSHOT_VERSION, f"version {doc.version} is not {SNAPSHOT_VERSION}")
-    kvm = Kvm(vm_id, doc.name, doc.type, doc.semantics, limits, budget)
+def load(
+    doc: VmSnapshot, vm_id: str, limits: EngineLimits, host: HostProfile, budget: ServiceBudget = UNBOUNDED
+) -> Kvm:
+    """A new ``Kvm`` with exactly the state of ``doc``; EINVAL, creating nothing, if it is not one.
+    ``host`` is the document's profile, or for a version-1 document (which has none) the default."""
+    _check(doc.version in (1, SNAPSHOT_VERSION), f"version {doc.version} is not {SNAPSHOT_VERSION} (or 1)")
+    _check(doc.version > 1 or doc.profile is None, "a version-1 document has no profile")
+    _check(doc.version == 1 or doc.profile is not None, f"a version-{doc.version} document needs its profile")
+    kvm = Kvm(vm_id, doc.name, doc.type, doc.semantics, limits, host, budget)
     try:
         _load_state(kvm, doc)
     except KvmError:
@@ -180,14 +186,15 @@ def _load_files(kvm: Kvm, files: list[SnapshotFile], next_fd: int) -> dict[int, 
 def _load_memslot(kvm: Kvm, s: SnapshotMemslot, files: dict[int, GuestMemfdFile]) -> None:
     name = f"memslot (as_id {s.as_id}, id {s.id})"
     _check(s.as_id < kvm.nr_as, f"{name}: the VM has {kvm.nr_as} address spaces")
-    _check(s.id < KVM_USER_MEM_SLOTS, f"{name}: id >= KVM_USER_MEM_SLOTS")
+    _check(s.id < kvm.host.caps.KVM_CAP_NR_MEMSLOTS, f"{name}: id >= KVM_USER_MEM_SLOTS")
     space = kvm.spaces[s.as_id]
     _check(s.id not in space.by_id, f"{name} appears twice")
     gmem = bool(s.flags & KVM_MEM_GUEST_MEMFD)
     allowed = KVM_MEM_GUEST_MEMFD if gmem else KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
-    _check(not s.flags & ~allowed and (not gmem or kvm.linux or kvm.has_private_mem), f"{name}: flags {s.flags:#x}")
+    readonly_ok = kvm.has_readonly_mem or not s.flags & KVM_MEM_READONLY
+    _check(not s.flags & ~allowed and (not gmem or kvm.gmem_slots) and readonly_ok, f"{name}: flags {s.flags:#x}")
     _check(s.npages <= KVM_MEM_MAX_NR_PAGES, f"{name}: too many pages")
-    _check(s.base_gfn + s.npages - 1 <= kvm.limits.max_gfn, f"{name}: past max_gfn")
+    _check(s.base_gfn + s.npages - 1 <= kvm.host.max_gfn, f"{name}: past max_gfn")
     _check(s.userspace_addr % PAGE_SIZE == 0, f"{name}: userspace_addr not aligned")
     _check(s.userspace_addr + (s.npages << PAGE_SHIFT) <= USER_HVA_LIMIT, f"{name}: userspace range past the user half")
     _check(not space.overlaps_other(s.base_gfn, s.base_gfn + s.npages, None), f"{name} overlaps another slot")

@@ -21,6 +21,8 @@ def vm(kvm: Kvm) -> state.Vm:
         type=kvm.type,
         type_value=kvm.type.value_code,
         semantics=kvm.semantics,
+        profile=kvm.host.name,
+        kernel=kvm.host.kernel,
         has_private_mem=kvm.has_private_mem,
         address_spaces=kvm.nr_as,
         memslot_count=sum(len(s) for s in kvm.spaces),

@@ -18,6 +18,7 @@ from app.core.kvm import PRIVATE, Kvm, check_gpa_range
 from app.core.limits import EngineLimits
 from app.core.memslots import Memslot, set_memory_region
 from app.models import state
+from app.models.host import HostProfile
 from app.models.kvm import (
     FaultRequest,
     KvmCreateGuestMemfd,
@@ -49,11 +50,12 @@ class VirtualMachine:
         vm_type: VmType,
         semantics: Semantics,
         limits: EngineLimits,
+        host: HostProfile,
         budget: ServiceBudget,
     ) -> VirtualMachine:
         """``KVM_CREATE_VM``: a fresh ``struct kvm``."""
-        vm = cls(Kvm(vm_id, name, vm_type, semantics, limits, budget))
-        vm.kvm.events.emit("vm_create", vm_type=vm_type.value, semantics=semantics.value)
+        vm = cls(Kvm(vm_id, name, vm_type, semantics, limits, host, budget))
+        vm.kvm.events.emit("vm_create", vm_type=vm_type.value, semantics=semantics.value, profile=host.name)
         return vm
 
     @locked
@@ -83,11 +85,17 @@ class VirtualMachine:
     def capabilities(self) -> dict[str, int]:
         """The ``KVM_CHECK_EXTENSION`` answers that differ on this VM's fd from /dev/kvm's."""
         kvm = self.kvm
+        caps = kvm.host.caps
         return {
-            "KVM_CAP_MULTI_ADDRESS_SPACE": kvm.nr_as,
+            "KVM_CAP_MULTI_ADDRESS_SPACE": kvm.nr_as if caps.KVM_CAP_MULTI_ADDRESS_SPACE else 0,
             # kvm_supported_mem_attributes(); rfc-v9 has no such ioctl.
-            "KVM_CAP_MEMORY_ATTRIBUTES": PRIVATE if kvm.linux and kvm.has_private_mem else 0,
-            "KVM_CAP_GUEST_MEMFD": 1 if kvm.linux or kvm.has_private_mem else 0,
+            "KVM_CAP_MEMORY_ATTRIBUTES": PRIVATE
+            if kvm.linux and kvm.has_private_mem and kvm.has_memory_attributes
+            else 0,
+            "KVM_CAP_GUEST_MEMFD": int(kvm.gmem_slots),
+            "KVM_CAP_GUEST_MEMFD_FLAGS": guest_memfd.supported_flags(kvm),
+            "KVM_CAP_READONLY_MEM": int(kvm.has_readonly_mem),
+            "KVM_CAP_PRE_FAULT_MEMORY": caps.KVM_CAP_PRE_FAULT_MEMORY if kvm.linux else 0,
         }
 
     @locked
@@ -187,6 +195,8 @@ class VirtualMachine:
         kvm = self.kvm
         if not kvm.linux:
             raise ENOTTY("KVM_SET_MEMORY_ATTRIBUTES does not exist under rfc-v9")
+        if not kvm.has_memory_attributes:
+            raise ENOTTY(f"KVM_SET_MEMORY_ATTRIBUTES: host profile {kvm.host.name} has no KVM_CAP_MEMORY_ATTRIBUTES")
         if req.flags != 0:
             raise EINVAL("flags must be 0")
         supported = PRIVATE if kvm.has_private_mem else 0

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from app.hostkvm.ioctls import HostKvmError, Kvm
-from app.hostkvm.verify import Report, cli_lines, read_profile, verify
+from app.hostkvm.verify import Report, cli_lines, coverage, read_profile, verify
+from app.models.host import HostProfile
 
 
 def run(steps: int, seed: int, as_json: bool, console: Console, device: str = "/dev/kvm") -> int:
@@ -44,12 +44,42 @@ def run(steps: int, seed: int, as_json: bool, console: Console, device: str = "/
     return 1 if report.divergences else 0
 
 
+def host_profile(as_json: bool, console: Console, device: str = "/dev/kvm") -> int:
+    """``kvm-memattr host-profile``: this host as a profile document (0), or 2 without a KVM device."""
+    try:
+        kvm = Kvm(device)
+    except HostKvmError as e:
+        print(f"kvm-memattr: host-profile needs a usable KVM device: {e.strerror}", file=sys.stderr)
+        return 2
+    with kvm:
+        profile = read_profile(kvm)
+    if as_json:
+        print(profile.model_dump_json(indent=2))
+    else:
+        _print_profile(profile, console)
+        console.print("record it with --json > host.json; then: kvm-memattr vm create --profile host.json ...")
+    return 0
+
+
+def _print_profile(p: HostProfile, console: Console) -> None:
+    table = Table(title=f"host profile {p.name}", title_justify="left", show_header=False, box=None, pad_edge=False)
+    table.add_row("kernel", f"{p.kernel} (release {p.release})" if p.release else p.kernel)
+    table.add_row("max_gfn", hex(p.max_gfn))
+    for key, value in p.caps.model_dump().items():
+        table.add_row(key, hex(value) if key == "KVM_CAP_VM_TYPES" else str(value))
+    console.print(table)
+
+
 def _document(report: Report) -> dict[str, object]:
+    checked, cannot = coverage(report.profile)
     return {
-        "profile": asdict(report.profile),
+        "profile": report.profile.model_dump(mode="json"),
         "seed": report.seed,
         "steps": report.steps,
         "vms": report.vms,
+        "vm_types": [{"type": t, "engine": mine, "host": theirs} for t, mine, theirs in report.vm_types],
+        "checked": checked,
+        "not_checked": cannot,
         "divergences": [
             {
                 "steps": d.steps,
@@ -62,19 +92,16 @@ def _document(report: Report) -> dict[str, object]:
 
 
 def _print(report: Report, console: Console) -> None:
-    p = report.profile
-    table = Table(title="host", title_justify="left", show_header=False, box=None, pad_edge=False)
-    for key, value in asdict(p).items():
-        table.add_row(key, hex(value) if key == "max_gfn" else str(value))
-    console.print(table)
-    if not p.memory_attributes:
-        console.print("no KVM_CAP_MEMORY_ATTRIBUTES here: memslots and guest_memfd checked, conversions not")
+    _print_profile(report.profile, console)
+    checked, cannot = coverage(report.profile)
+    console.print("checked: " + "; ".join(checked), markup=False)
+    console.print("not checked on this host: " + "; ".join(cannot), markup=False)
     for n, d in enumerate(report.divergences, 1):
         console.print(f"\n[bold red]divergence {n}[/] after {len(d.steps)} step(s):")
         for step, (mine, theirs) in zip(d.steps, d.results, strict=False):
             mark = "" if mine == theirs else "   <- differs"
             console.print(f"  {json.dumps(step)}: engine {mine}, host {theirs}{mark}", markup=False, soft_wrap=True)
-        console.print("  as kvm-memattr commands (against a server started with KVM_MEMATTR_ADDRESS_SPACES=1):")
+        console.print("  as kvm-memattr commands against any server (host.json: kvm-memattr host-profile --json):")
         for line in cli_lines(d):
             console.print(f"    {line}", markup=False, soft_wrap=True)
     verdict = (

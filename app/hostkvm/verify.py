@@ -14,21 +14,31 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.core import Engine
 from app.core.errors import KvmError
-from app.core.limits import EngineLimits
 from app.core.vm import VirtualMachine
-from app.hostkvm import ioctls
 from app.hostkvm.ioctls import HostKvmError, Kvm, VmFd
-from app.models.kvm import GFN_LIMIT, KvmCreateGuestMemfd, KvmUserspaceMemoryRegion2, Semantics, VmCreate, VmType
+from app.models.host import CAP_NUMBERS, KERNELS, HostCaps, HostProfile, Kernel
+from app.models.kvm import (
+    GFN_LIMIT,
+    KvmCreateGuestMemfd,
+    KvmMemoryAttributes,
+    KvmUserspaceMemoryRegion2,
+    Semantics,
+    VmType,
+)
+from app.models.vm import VmCreate
 
 Step = dict[str, Any]
 """``{"op": "set", "slot", "flags", "gpa", "size", "hva", "file", "offset"}``,
-``{"op": "gmem", "size", "flags"}`` or ``{"op": "close", "file"}``."""
+``{"op": "gmem", "size", "flags"}``, ``{"op": "close", "file"}``,
+``{"op": "attrs", "address", "size", "attributes", "flags"}``, or (only alone, from
+``check_vm_types``) ``{"op": "vm", "type"}``."""
 
 NO_FD = 0xFFFF_FFFF
 PAGE = 4096
@@ -37,28 +47,9 @@ SAFE_PAGES = 1 << 20
 metadata for an accepted slot (8 bytes a page for rmaps), so 2^31 - 1 pages would cost 16 GiB."""
 
 
-@dataclass(frozen=True)
-class HostProfile:
-    """What the host's KVM answers, and the largest guest physical address it accepts."""
-
-    api_version: int
-    nr_memslots: int
-    address_spaces: int
-    vm_types: int
-    memory_attributes: int
-    guest_memfd: int
-    guest_memfd_flags: int
-    readonly_mem: int
-    max_gfn: int
-
-    def limits(self) -> EngineLimits:
-        """The engine configured as this host."""
-        return EngineLimits(max_gfn=self.max_gfn, address_spaces=self.address_spaces)
-
-
 def read_profile(kvm: Kvm) -> HostProfile:
-    """Capabilities from ``KVM_CHECK_EXTENSION``; ``max_gfn`` by probing one-page memslots."""
-    cap = kvm.check_extension
+    """This host as a profile: ``KVM_CHECK_EXTENSION`` of every capability a profile records, and
+    ``max_gfn`` found by probing one-page memslots."""
     vm = kvm.create_vm()
     try:
         lo, hi = 0, GFN_LIMIT  # lo is accepted; find the last accepted gfn below hi
@@ -72,18 +63,26 @@ def read_profile(kvm: Kvm) -> HostProfile:
                 hi = mid
     finally:
         vm.close()
+    release = os.uname().release
     return HostProfile(
-        api_version=kvm.api_version(),
-        nr_memslots=cap(ioctls.KVM_CAP_NR_MEMSLOTS),
-        # 0: the capability is absent, so one address space.
-        address_spaces=max(1, cap(ioctls.KVM_CAP_MULTI_ADDRESS_SPACE)),
-        vm_types=cap(ioctls.KVM_CAP_VM_TYPES),
-        memory_attributes=cap(ioctls.KVM_CAP_MEMORY_ATTRIBUTES),
-        guest_memfd=cap(ioctls.KVM_CAP_GUEST_MEMFD),
-        guest_memfd_flags=cap(ioctls.KVM_CAP_GUEST_MEMFD_FLAGS),
-        readonly_mem=cap(ioctls.KVM_CAP_READONLY_MEM),
+        name="host-" + re.sub(r"[^A-Za-z0-9._+-]", "_", release)[:59],
+        description="measured by kvm-memattr host-profile",
+        kernel=modelled_kernel(release),
+        release=release,
         max_gfn=lo,
+        caps=HostCaps.model_validate({name: kvm.check_extension(nr) for name, nr in CAP_NUMBERS.items()}),
     )
+
+
+def modelled_kernel(release: str) -> Kernel:
+    """The newest kernel version the engine models that is not newer than ``release`` (the oldest
+    modelled one for an older host: its rules are the closest there are)."""
+    version = tuple(int(n) for n in re.findall(r"\d+", release)[:2])
+    best = KERNELS[0]
+    for k in KERNELS:
+        if tuple(int(n) for n in k.split(".")) <= version:
+            best = k
+    return best
 
 
 # ---------------------------------------------------------------- running a sequence
@@ -136,6 +135,12 @@ def _engine(pair: _Pair, step: Step) -> tuple[str, int | None]:
             vm.set_user_memory_region(step["slot"], req)
         elif step["op"] == "gmem":
             return "ok", vm.create_guest_memfd(KvmCreateGuestMemfd(size=step["size"], flags=step["flags"])).fd
+        elif step["op"] == "attrs":
+            vm.set_memory_attributes(
+                KvmMemoryAttributes(
+                    address=step["address"], size=step["size"], attributes=step["attributes"], flags=step["flags"]
+                )
+            )
         else:
             f = pair.file(step["file"])
             assert f is not None
@@ -157,6 +162,9 @@ def _host(pair: _Pair, step: Step) -> tuple[str, int | None]:
             )
         elif step["op"] == "gmem":
             return "ok", vm.create_guest_memfd(step["size"], step["flags"])
+        elif step["op"] == "attrs":
+            # On a default VM nothing is stored: attributes 0 are a no-op, anything else EINVAL.
+            vm.set_memory_attributes(step["address"], step["size"], step["attributes"], step["flags"])
         else:
             f = pair.file(step["file"])
             assert f is not None
@@ -175,7 +183,7 @@ class Outcome:
 
 def run_sequence(kvm: Kvm, profile: HostProfile, steps: list[Step]) -> Outcome:
     """Run ``steps`` on a fresh VM pair until they disagree."""
-    engine = Engine(profile.limits())
+    engine = Engine(host=profile)
     pair = _Pair(engine.create_vm(VmCreate(type=VmType.default, semantics=Semantics.linux)), kvm.create_vm(0))
     results: list[tuple[str, str]] = []
     try:
@@ -257,9 +265,22 @@ class Generator:
             step = self.gmem()
         elif r < 0.27 and self.files:
             step = {"op": "close", "file": self.rng.randrange(len(self.files))}
+        elif r < 0.32:
+            step = self.attrs()
         else:
             step = self.memslot()
         return step
+
+    def attrs(self) -> Step:
+        """``KVM_SET_MEMORY_ATTRIBUTES`` on the default VM: its checks and their order."""
+        rng = self.rng
+        return {
+            "op": "attrs",
+            "address": rng.choice([0, 0x1_0000_0000, 0x800, (1 << 64) - PAGE]),
+            "size": rng.choice([PAGE, 0x200000, 0, 0x800, 1 << 63]),
+            "attributes": rng.choice([0, 0, 8, 1, 0x10]),
+            "flags": rng.choice([0, 0, 0, 0, 1]),
+        }
 
     def gmem(self) -> Step:
         rng = self.rng
@@ -372,14 +393,59 @@ class Report:
     seed: int
     steps: int = 0
     vms: int = 0
+    vm_types: list[tuple[str, str, str]] = field(default_factory=list)  # (type, engine, host)
     divergences: list[Outcome] = field(default_factory=list)
 
 
-def verify(kvm: Kvm, profile: HostProfile, steps: int, seed: int, progress: Any = None) -> Iterator[Report]:
-    """Run about ``steps`` steps in sequences of 4 to 24; yields the report after each sequence."""
+def check_vm_types(kvm: Kvm, profile: HostProfile) -> list[tuple[str, str, str]]:
+    """``KVM_CREATE_VM`` of every x86 type on both sides: ``kvm_is_vm_type_supported()``."""
+    engine = Engine(host=profile)
+    out = []
+    for t in VmType:
+        try:
+            engine.create_vm(VmCreate(type=t, semantics=Semantics.linux))
+            mine = "ok"
+        except KvmError as e:
+            mine = e.errno
+        try:
+            kvm.create_vm(t.value_code).close()
+            theirs = "ok"
+        except HostKvmError as e:
+            theirs = e.errno_name
+        out.append((t.value, mine, theirs))
+    return out
+
+
+def coverage(profile: HostProfile) -> tuple[list[str], list[str]]:
+    """What a run on this host checks, and what it cannot (said in the summary, never implied)."""
+    caps = profile.caps
+    checked = ["KVM_CREATE_VM of every VM type", "memslots (KVM_SET_USER_MEMORY_REGION2)"]
+    cannot = ["faults and prefault (they need vCPUs)"]
+    if caps.KVM_CAP_GUEST_MEMFD:
+        checked.append("guest_memfd: create, bind and close")
+    else:
+        checked.append("guest_memfd refused alike (no guest_memfd here: ENOTTY, EINVAL)")
+        cannot.append("guest_memfd files and bindings")
+    if caps.KVM_CAP_MEMORY_ATTRIBUTES:
+        checked.append("KVM_SET_MEMORY_ATTRIBUTES checks on a default VM")
+    else:
+        checked.append("KVM_SET_MEMORY_ATTRIBUTES refused alike (ENOTTY)")
+    private = [t.value for t in VmType if t.has_private_mem and profile.supports_vm_type(t)]
+    if not private:
+        cannot.append("conversions (no private-memory VM type here)")
+    else:
+        cannot.append(f"conversions (private-memory VMs: {', '.join(private)}, not driven yet)")
+    return checked, cannot
+
+
+def verify(kvm: Kvm, profile: HostProfile, steps: int, seed: int) -> Iterator[Report]:
+    """Every VM type, then about ``steps`` steps in sequences of 4 to 24; yields the report after each."""
     rng = random.Random(seed)
     gen = Generator(rng, profile)
-    report = Report(profile, seed)
+    report = Report(profile, seed, vm_types=check_vm_types(kvm, profile))
+    for t, mine, theirs in report.vm_types:
+        if mine != theirs:
+            report.divergences.append(Outcome([{"op": "vm", "type": t}], [(mine, theirs)], 0))
     seen: set[str] = set()
     while report.steps < steps:
         seq = gen.sequence(rng.randint(4, 24))
@@ -396,8 +462,12 @@ def verify(kvm: Kvm, profile: HostProfile, steps: int, seed: int, progress: Any 
 
 
 def cli_lines(outcome: Outcome) -> list[str]:
-    """The reproducer as ``kvm-memattr`` commands (the engine numbers fds 3, 4, ... as created)."""
-    lines = ["VM=$(kvm-memattr --json vm create --type default --semantics linux | jq -r .id)"]
+    """The reproducer as ``kvm-memattr`` commands against any server, with this host's profile
+    (recorded by ``kvm-memattr host-profile --json > host.json``); the engine numbers fds 3, 4, ..."""
+    create = "kvm-memattr --json vm create --semantics linux --profile host.json"
+    if outcome.steps[0]["op"] == "vm":
+        return [f"{create} --type {outcome.steps[0]['type']}"]
+    lines = [f"VM=$({create} --type default | jq -r .id)"]
     fds: list[int | None] = []
     next_fd = 3
     for s, (mine, _) in zip(outcome.steps, outcome.results, strict=False):
@@ -407,6 +477,11 @@ def cli_lines(outcome: Outcome) -> list[str]:
             lines.append(f"kvm-memattr gmem create $VM --size {s['size']:#x} --flags {s['flags']}")
         elif s["op"] == "close" and mine != "skipped":
             lines.append(f"kvm-memattr gmem close $VM {fds[s['file']]}")
+        elif s["op"] == "attrs":
+            lines.append(
+                f"kvm-memattr attrs set $VM {s['address']:#x} {s['size']:#x} --attributes {s['attributes']:#x}"
+                f" --flags {s['flags']:#x}"
+            )
         elif s["op"] == "set":
             line = (
                 f"kvm-memattr memslot set $VM {s['slot']:#x} --gpa {s['gpa']:#x} --size {s['size']:#x}"

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models.kvm import _Struct
+from app.models.kvm import Struct
 from app.models.types import U64
 
 VariantName = Literal["rfc-v9", "linux", "v9-as-posted", "v9-naive-unwind", "reviewer-reorder"]
@@ -14,7 +14,7 @@ Invariant = Literal["stale_mapping", "rollback_not_exact", "no_termination"]
 FaultAccess = Literal["private", "shared", "attribute"]
 
 
-class ExplorerRunRequest(_Struct):
+class ExplorerRunRequest(Struct):
     """One vCPU fault on ``start_gfn + fault_gfn_offset`` races one conversion of the range."""
 
     # Literals arrive as JSON strings; strict mode is fine for them.

@@ -83,13 +83,13 @@ class Semantics(StrEnum):
     linux = "linux"
 
 
-class _Struct(BaseModel):
+class Struct(BaseModel):
     # A typo such as "adress" must not silently become address 0, nor "yes" a bool.
     # Subclasses' model_config is merged into this one.
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class KvmEncRegion(_Struct):
+class KvmEncRegion(Struct):
     """``struct kvm_enc_region`` (``KVM_MEMORY_ENCRYPT_{REG,UNREG}_REGION``)."""
 
     addr: U64
@@ -100,7 +100,7 @@ class KvmEncRegion(_Struct):
     )
 
 
-class KvmMemoryAttributes(_Struct):
+class KvmMemoryAttributes(Struct):
     """``struct kvm_memory_attributes`` (``KVM_SET_MEMORY_ATTRIBUTES``)."""
 
     address: U64
@@ -113,7 +113,7 @@ class KvmMemoryAttributes(_Struct):
     )
 
 
-class KvmUserspaceMemoryRegion2(_Struct):
+class KvmUserspaceMemoryRegion2(Struct):
     """``struct kvm_userspace_memory_region2`` without ``slot`` (it is in the path)."""
 
     flags: U32 = 0
@@ -145,7 +145,7 @@ class KvmUserspaceMemoryRegion2(_Struct):
     )
 
 
-class KvmCreateGuestMemfd(_Struct):
+class KvmCreateGuestMemfd(Struct):
     """``struct kvm_create_guest_memfd`` (``KVM_CREATE_GUEST_MEMFD``)."""
 
     size: U64
@@ -154,20 +154,7 @@ class KvmCreateGuestMemfd(_Struct):
     model_config = ConfigDict(json_schema_extra={"examples": [{"size": "0x400000", "flags": 0}]})
 
 
-class VmCreate(_Struct):
-    """Arguments of ``KVM_CREATE_VM``, plus the semantics to follow."""
-
-    # Enum values arrive as JSON strings; strict mode would want enum instances.
-    type: VmType = Field(VmType.sw_protected, strict=False)
-    semantics: Semantics = Field(Semantics.rfc_v9, strict=False)
-    name: str | None = Field(default=None, max_length=200)
-
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"type": "sw_protected", "semantics": "linux", "name": "demo"}]},
-    )
-
-
-class FaultRequest(_Struct):
+class FaultRequest(Struct):
     """One vCPU page fault (``KVM_RUN`` hitting an EPT/NPT violation)."""
 
     gpa: U64
@@ -179,7 +166,7 @@ class FaultRequest(_Struct):
     model_config = ConfigDict(json_schema_extra={"examples": [{"gpa": "0x100000000", "write": True}]})
 
 
-class PrefaultRequest(_Struct):
+class PrefaultRequest(Struct):
     """``KVM_PRE_FAULT_MEMORY``: map a range ahead of the guest."""
 
     gpa: U64
@@ -189,7 +176,7 @@ class PrefaultRequest(_Struct):
     model_config = ConfigDict(json_schema_extra={"examples": [{"gpa": "0x100000000", "size": "0x200000"}]})
 
 
-class NotifierRequest(_Struct):
+class NotifierRequest(Struct):
     """``mmu_notifier_invalidate_range_start`` on ``[hva_start, hva_end)``."""
 
     hva_start: U64
@@ -200,7 +187,7 @@ class NotifierRequest(_Struct):
     )
 
 
-class FaultInjection(_Struct):
+class FaultInjection(Struct):
     """Like ``/proc/self/fail-nth``: the nth per-gfn allocation of the next update fails."""
 
     fail_nth: int | None = Field(default=None, ge=1, description="null disarms")

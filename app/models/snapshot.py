@@ -9,10 +9,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.models.host import HostProfile
 from app.models.kvm import Semantics, VmType
 
 SNAPSHOT_FORMAT: Literal["kvm-memattr/vm-snapshot"] = "kvm-memattr/vm-snapshot"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
+"""2 added ``profile``; a version-1 document loads as the service's default host."""
 
 
 class _Doc(BaseModel):
@@ -75,10 +77,11 @@ class VmSnapshot(_Doc):
     """Everything observable about one VM except its event trace (the next event id is kept)."""
 
     format: Literal["kvm-memattr/vm-snapshot"] = SNAPSHOT_FORMAT
-    version: int = Field(description=f"{SNAPSHOT_VERSION}; a document of another version is refused")
+    version: int = Field(description=f"{SNAPSHOT_VERSION} (1 is still read); another version is refused")
     name: str | None = Field(None, max_length=200)
     type: VmType
     semantics: Semantics
+    profile: HostProfile | None = Field(None, description="the host the VM behaves as (absent in version 1)")
     attributes: list[tuple[int, int, int]] = Field(description="(start_gfn, end_gfn, attributes) covering [0, 2^52)")
     memslots: list[SnapshotMemslot]
     files: list[SnapshotFile]

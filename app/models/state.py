@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.models.host import HostProfile
 from app.models.kvm import Semantics, VmType
 
 
@@ -37,6 +38,10 @@ class Vm(BaseModel):
     type: VmType
     type_value: int
     semantics: Semantics
+    profile: str = Field(
+        description="the host profile the VM behaves as (GET /v1/vms/{vm_id}/capabilities has it whole)"
+    )
+    kernel: str = Field(description="the kernel version whose behaviour a linux VM follows (from its profile)")
     has_private_mem: bool
     address_spaces: int
     memslot_count: int
@@ -229,9 +234,15 @@ class Capabilities(BaseModel):
     api_version: int
     page_size: int
     max_gfn: int
-    vm_types: list[VmTypeInfo]
+    profile: HostProfile = Field(description="the host these answers are of: the service default, or the VM's")
+    vm_types: list[VmTypeInfo] = Field(description="the VM types the host accepts (KVM_CAP_VM_TYPES)")
     semantics: list[Semantics]
     caps: dict[str, int]
+
+
+class HostProfileList(BaseModel):
+    default: str = Field(description="the profile of a VM created without one (KVM_MEMATTR_PROFILE)")
+    profiles: list[HostProfile]
 
 
 class VmList(BaseModel):

@@ -25,7 +25,7 @@ from app.api.deps import get_engine
 from app.api.fastpath import FastPath
 from app.core import Engine
 from app.main import create_app
-from app.models.kvm import VmCreate
+from app.models.vm import VmCreate
 from app.settings import Settings
 from tests.inprocess import TestClient
 from tests.live import ROOT
@@ -185,6 +185,7 @@ _PATH_VALUES = {
     "fd": ["3", "4", "0", "x", "2147483648", "+3"],
     "inv_id": ["1", "0", "2", "x", "9223372036854775808"],
     "gfn": ["0x100000", "1048576", "0x100200", "0", "4503599627370496", "zz", "0x"],
+    "name": ["linux-6.18", "pvm-6.18", "nope", "linux-6.18-custom", "a" * 65],
 }
 _QUERY = st.lists(
     st.tuples(

@@ -61,7 +61,11 @@ def test_capabilities(client: TestClient, make_vm: MakeVm) -> None:
         "KVM_CAP_MEMORY_ATTRIBUTES": 8,
         "KVM_CAP_GUEST_MEMFD": 1,
         "KVM_CAP_VM_TYPES": 0x3F,
+        "KVM_CAP_GUEST_MEMFD_FLAGS": 3,
+        "KVM_CAP_READONLY_MEM": 1,
+        "KVM_CAP_PRE_FAULT_MEMORY": 1,
     }
+    assert system["profile"]["name"] == "linux-6.18" and system["profile"]["kernel"] == "6.18"
     linux = client.get(f"/v1/vms/{make_vm('sw_protected', 'linux')}/capabilities").json()["caps"]
     assert (linux["KVM_CAP_MEMORY_ATTRIBUTES"], linux["KVM_CAP_MULTI_ADDRESS_SPACE"]) == (8, 1)
     rfc = client.get(f"/v1/vms/{make_vm('sw_protected', 'rfc-v9')}/capabilities").json()["caps"]

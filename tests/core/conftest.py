@@ -6,7 +6,8 @@ import pytest
 
 from app.core import Engine, EngineLimits
 from app.core.vm import VirtualMachine
-from app.models.kvm import KvmCreateGuestMemfd, KvmUserspaceMemoryRegion2, Semantics, VmCreate, VmType
+from app.models.kvm import KvmCreateGuestMemfd, KvmUserspaceMemoryRegion2, Semantics, VmType
+from app.models.vm import VmCreate
 
 GIB4 = 0x1_0000_0000
 HVA = 0x7F00_0000_0000

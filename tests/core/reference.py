@@ -23,6 +23,7 @@ from app.core.errors import (
     EOPNOTSUPP,
     KvmError,
 )
+from app.models.host import PROFILES, HostCaps
 from app.models.kvm import Semantics, VmType
 
 PAGE = 4096
@@ -56,6 +57,8 @@ class RefVM:
     semantics: Semantics
     max_gfn: int
     hugepages: tuple[int, ...] = (512, 262144)
+    # The host's KVM_CHECK_EXTENSION answers: raw data, every rule that reads them is below.
+    caps: HostCaps = PROFILES["linux-6.18"].caps
     attrs: dict[int, int] = field(default_factory=dict)
     slots: dict[tuple[int, int], RefSlot] = field(default_factory=dict)
     maps: dict[tuple[int, int], tuple[bool, bool]] = field(default_factory=dict)
@@ -94,7 +97,14 @@ class RefVM:
 
     @property
     def nr_as(self) -> int:
-        return 1 if self.linux and self.private_mem else 2
+        if self.linux and self.private_mem:
+            return 1
+        return 2 if self.caps.KVM_CAP_MULTI_ADDRESS_SPACE == 2 else 1
+
+    def created(self) -> None:
+        """KVM_CREATE_VM: a linux VM of a type the host does not list is EINVAL."""
+        if self.linux and not self.caps.KVM_CAP_VM_TYPES & (1 << self.vm_type.value_code):
+            raise EINVAL("vm type")
 
     @property
     def tdx(self) -> bool:
@@ -188,6 +198,8 @@ class RefVM:
     def set_attributes(self, address: int, size: int, attributes: int, flags: int) -> dict[str, object]:
         if not self.linux:
             raise ENOTTY("rfc")
+        if not self.caps.KVM_CAP_MEMORY_ATTRIBUTES:
+            raise ENOTTY("not built")
         if flags:
             raise EINVAL("flags")
         if attributes & ~(PRIVATE if self.private_mem else 0):
@@ -232,12 +244,14 @@ class RefVM:
         self, raw: int, flags: int, gpa: int, size: int, hva: int, fd: int | None, off: int
     ) -> dict[str, object]:
         as_id, sid = raw >> 16, raw & 0xFFFF
-        if sid >= 32764:
+        if sid >= self.caps.KVM_CAP_NR_MEMSLOTS:
             raise EINVAL("id")
         allowed = LOG_DIRTY
-        if not (self.linux and self.vm_type in (VmType.sev_es, VmType.snp, VmType.tdx)):
+        if not self.linux or (
+            self.caps.KVM_CAP_READONLY_MEM and self.vm_type not in (VmType.sev_es, VmType.snp, VmType.tdx)
+        ):
             allowed |= READONLY
-        if self.linux or self.private_mem:
+        if (self.linux and self.caps.KVM_CAP_GUEST_MEMFD) or (not self.linux and self.private_mem):
             allowed |= GMEM
         if flags & GMEM:
             allowed &= ~(LOG_DIRTY | READONLY)
@@ -313,7 +327,9 @@ class RefVM:
         return {"change": change, "pages_zapped": zapped}
 
     def create_gmem(self, size: int, flags: int) -> int:
-        supported = (1 | (0 if self.private_mem else 2)) if self.linux else 0
+        if self.linux and not self.caps.KVM_CAP_GUEST_MEMFD:
+            raise ENOTTY("not built")
+        supported = (1 | (0 if self.private_mem else 2)) & self.caps.KVM_CAP_GUEST_MEMFD_FLAGS if self.linux else 0
         if flags & ~supported or size == 0 or size % PAGE or size >= 2**63:
             raise EINVAL("gmem")
         fd = self.next_fd
@@ -403,7 +419,7 @@ class RefVM:
         gfns = self._range(gpa, size)
         if as_id >= self.nr_as:
             raise EINVAL("as")
-        if self.vm_type in (VmType.snp, VmType.tdx):
+        if not self.caps.KVM_CAP_PRE_FAULT_MEMORY or self.vm_type in (VmType.snp, VmType.tdx):
             raise EOPNOTSUPP("prefault")
         plan: dict[tuple[int, int], tuple[bool, bool]] = {}
         already = 0

@@ -281,7 +281,7 @@ def test_linux_range_is_the_union_of_slot_intersections(make_vm: MakeVm) -> None
 
 def test_attribute_budget(make_vm: MakeVm) -> None:
     from app.core import Engine, EngineLimits
-    from app.models.kvm import VmCreate
+    from app.models.vm import VmCreate
 
     vm = Engine(EngineLimits(max_attribute_runs=3)).create_vm(VmCreate(semantics="linux"))
     vm.set_memory_attributes(attrs(0, 4096))  # runs: [0,1) private, rest shared -> 2

@@ -4,7 +4,7 @@ import pytest
 
 from app.core import Engine, EngineLimits
 from app.core.errors import ENOENT, ENOMEM
-from app.models.kvm import VmCreate
+from app.models.vm import VmCreate
 
 
 def test_create_list_destroy() -> None:

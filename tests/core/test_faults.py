@@ -229,7 +229,7 @@ def test_prefault_whole_slot_is_range_based(make_vm: MakeVm) -> None:
 
 def test_mapping_budget(make_vm: MakeVm) -> None:
     from app.core import Engine, EngineLimits
-    from app.models.kvm import VmCreate
+    from app.models.vm import VmCreate
 
     vm = Engine(EngineLimits(max_mapping_runs=5)).create_vm(VmCreate(type="default", semantics="linux"))
     vm.set_user_memory_region(0, region(0, 0x10000, hva=0))

@@ -6,7 +6,8 @@ import pytest
 
 from app.core import Engine
 from app.core.errors import EBADF, EBUSY, EEXIST, EINVAL, ENOENT
-from app.models.kvm import FaultRequest, KvmCreateGuestMemfd, KvmMemoryAttributes, NotifierRequest, VmCreate
+from app.models.kvm import FaultRequest, KvmCreateGuestMemfd, KvmMemoryAttributes, NotifierRequest
+from app.models.vm import VmCreate
 from tests.core.conftest import GIB4, HVA, MakeVm, add_gmem_slot, region
 
 MIB2 = 0x200000

@@ -6,7 +6,8 @@ import threading
 
 from app.core import Engine
 from app.core.errors import KvmError
-from app.models.kvm import FaultRequest, KvmMemoryAttributes, NotifierRequest, VmCreate
+from app.models.kvm import FaultRequest, KvmMemoryAttributes, NotifierRequest
+from app.models.vm import VmCreate
 from tests.core.conftest import GIB4, HVA, add_gmem_slot
 
 

@@ -29,8 +29,8 @@ from app.models.kvm import (
     KvmUserspaceMemoryRegion2,
     NotifierRequest,
     PrefaultRequest,
-    VmCreate,
 )
+from app.models.vm import VmCreate
 from tests.live import free_port, live_server, start_server
 
 GIB4 = 0x1_0000_0000

@@ -16,7 +16,8 @@ import pytest
 from app.core.engine import Engine
 from app.core.journal import SqliteJournal, StateFileError
 from app.main import create_app
-from app.models.kvm import FaultRequest, KvmCreateGuestMemfd, KvmMemoryAttributes, KvmUserspaceMemoryRegion2, VmCreate
+from app.models.kvm import FaultRequest, KvmCreateGuestMemfd, KvmMemoryAttributes, KvmUserspaceMemoryRegion2
+from app.models.vm import VmCreate
 from app.settings import Settings
 from tests.inprocess import TestClient
 from tests.live import ROOT, free_port

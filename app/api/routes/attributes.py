@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Response
 
 from app.api import examples
-from app.api.deps import EndGfnQuery, EngineDep, LimitQuery, StartGfnQuery, VmDep, gfn_window
+from app.api.deps import EndGfnQuery, LimitQuery, StartGfnQuery, VmDep, gfn_window
 from app.api.problems import error_responses
 from app.api.responses import model_response
 from app.models.kvm import KvmEncRegion, KvmMemoryAttributes
@@ -90,8 +90,8 @@ async def set_memory_attributes(vm: VmDep, req: Annotated[KvmMemoryAttributes, e
     response_model=AttributeRuns,
 )
 async def get_memory_attributes(
-    engine: EngineDep, vm: VmDep, start_gfn: StartGfnQuery = None, end_gfn: EndGfnQuery = None, limit: LimitQuery = 1000
+    vm: VmDep, start_gfn: StartGfnQuery = None, end_gfn: EndGfnQuery = None, limit: LimitQuery = 1000
 ) -> Response:
-    start, end = gfn_window(engine, start_gfn, end_gfn)
+    start, end = gfn_window(vm, start_gfn, end_gfn)
     runs, next_gfn = vm.attribute_runs(start, end, limit)
     return model_response(AttributeRuns(runs=runs, next_gfn=next_gfn))

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import EndGfnQuery, EngineDep, GfnValue, LimitQuery, StartGfnQuery, VmDep, gfn_window
+from app.api.deps import EndGfnQuery, GfnValue, LimitQuery, StartGfnQuery, VmDep, gfn_window
 from app.api.problems import error_responses
 from app.api.responses import model_response
 from app.core.errors import KvmError
@@ -57,14 +57,13 @@ async def get_mmu(vm: VmDep) -> Response:
     response_model=MappingRuns,
 )
 async def get_mappings(
-    engine: EngineDep,
     vm: VmDep,
     as_id: Annotated[int, Query(ge=0, le=1, description="address space (1 = SMM)")] = 0,
     start_gfn: StartGfnQuery = None,
     end_gfn: EndGfnQuery = None,
     limit: LimitQuery = 1000,
 ) -> Response:
-    start, end = gfn_window(engine, start_gfn, end_gfn)
+    start, end = gfn_window(vm, start_gfn, end_gfn)
     runs, next_gfn = vm.mapping_runs(as_id, start, end, limit)
     return model_response(MappingRuns(runs=runs, next_gfn=next_gfn))
 
@@ -82,13 +81,12 @@ async def get_mappings(
     response_model=MemoryMap,
 )
 async def get_memory_map(
-    engine: EngineDep,
     vm: VmDep,
     start_gfn: StartGfnQuery = None,
     end_gfn: EndGfnQuery = None,
     buckets: Annotated[int, Query(ge=1, le=4096, description="number of buckets, 1..4096")] = 1024,
 ) -> Response:
-    start, end = gfn_window(engine, start_gfn, end_gfn)
+    start, end = gfn_window(vm, start_gfn, end_gfn)
     return model_response(vm.memory_map(start, end, buckets))
 
 

@@ -10,9 +10,9 @@ from app.api import examples
 from app.api.deps import EngineDep, VmDep
 from app.api.problems import error_responses
 from app.api.responses import model_response
-from app.models.kvm import VmCreate
 from app.models.snapshot import VmSnapshot
 from app.models.state import Capabilities, Vm, VmList
+from app.models.vm import VmCreate
 
 router = APIRouter(prefix="/v1/vms", tags=["vms"])
 

@@ -1,0 +1,185 @@
+"""Host profiles: which host a VM behaves as.
+
+A real ``/dev/kvm`` differs by kernel version, build options (``CONFIG_KVM_GUEST_MEMFD``,
+``CONFIG_KVM_SW_PROTECTED_VM``, ``CONFIG_KVM_SMM``), vendor module (TDX, SEV-SNP) and hardware
+(the usable physical address width). A profile records what userspace can observe of that: the
+``KVM_CHECK_EXTENSION`` answers on ``/dev/kvm``, ``kvm_mmu_max_gfn()`` and the kernel version
+whose behaviour a ``linux`` VM follows. The engine reads every host-dependent rule from the
+VM's profile (``app/core/host.py`` says which rule reads which field).
+
+The shipped profiles are below; ``kvm-memattr host-profile --json`` measures the host it runs
+on into the same document, so a production host can be recorded once and simulated anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.models.kvm import (
+    DEFAULT_MAX_GFN,
+    GFN_LIMIT,
+    KVM_CAP_VM_TYPES_MASK,
+    KVM_USER_MEM_SLOTS,
+    VmType,
+)
+
+KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_READONLY_MEM = 81
+KVM_CAP_MULTI_ADDRESS_SPACE = 118
+KVM_CAP_USER_MEMORY2 = 231
+KVM_CAP_MEMORY_FAULT_INFO = 232
+KVM_CAP_MEMORY_ATTRIBUTES = 233
+KVM_CAP_GUEST_MEMFD = 234
+KVM_CAP_VM_TYPES = 235
+KVM_CAP_PRE_FAULT_MEMORY = 236
+KVM_CAP_GUEST_MEMFD_FLAGS = 244
+
+CAP_NUMBERS: dict[str, int] = {
+    "KVM_CAP_NR_MEMSLOTS": KVM_CAP_NR_MEMSLOTS,
+    "KVM_CAP_READONLY_MEM": KVM_CAP_READONLY_MEM,
+    "KVM_CAP_MULTI_ADDRESS_SPACE": KVM_CAP_MULTI_ADDRESS_SPACE,
+    "KVM_CAP_USER_MEMORY2": KVM_CAP_USER_MEMORY2,
+    "KVM_CAP_MEMORY_FAULT_INFO": KVM_CAP_MEMORY_FAULT_INFO,
+    "KVM_CAP_MEMORY_ATTRIBUTES": KVM_CAP_MEMORY_ATTRIBUTES,
+    "KVM_CAP_GUEST_MEMFD": KVM_CAP_GUEST_MEMFD,
+    "KVM_CAP_VM_TYPES": KVM_CAP_VM_TYPES,
+    "KVM_CAP_PRE_FAULT_MEMORY": KVM_CAP_PRE_FAULT_MEMORY,
+    "KVM_CAP_GUEST_MEMFD_FLAGS": KVM_CAP_GUEST_MEMFD_FLAGS,
+}
+"""The capabilities a profile records, by uapi name (``include/uapi/linux/kvm.h``)."""
+
+Kernel = Literal["6.18"]
+KERNELS: tuple[Kernel, ...] = ("6.18",)
+"""Kernel versions whose ``linux`` behaviour the engine models, oldest first."""
+
+_Flag = Annotated[int, Field(ge=0, le=1)]
+
+
+class HostCaps(BaseModel):
+    """``KVM_CHECK_EXTENSION`` on ``/dev/kvm`` (system scope); 0 where the host lacks the capability."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    KVM_CAP_NR_MEMSLOTS: int = Field(KVM_USER_MEM_SLOTS, ge=1, le=KVM_USER_MEM_SLOTS, description="slot ids per AS")
+    KVM_CAP_MULTI_ADDRESS_SPACE: int = Field(
+        2, ge=0, le=2, description="2 with CONFIG_KVM_SMM; 0 (the capability is absent) without: one address space"
+    )
+    KVM_CAP_VM_TYPES: int = Field(
+        KVM_CAP_VM_TYPES_MASK,
+        ge=1,
+        le=KVM_CAP_VM_TYPES_MASK,
+        description="bit n: KVM_CREATE_VM accepts type n (bit 0 always)",
+    )
+    KVM_CAP_MEMORY_ATTRIBUTES: Literal[0, 8] = Field(
+        8, description="8 with CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES, else 0 (no ioctl)"
+    )
+    KVM_CAP_GUEST_MEMFD: _Flag = Field(1, description="1 with CONFIG_KVM_GUEST_MEMFD, else 0 (no ioctl)")
+    KVM_CAP_GUEST_MEMFD_FLAGS: int = Field(
+        3, ge=0, le=3, description="GUEST_MEMFD_FLAG_MMAP (1) | GUEST_MEMFD_FLAG_INIT_SHARED (2) the host knows"
+    )
+    KVM_CAP_READONLY_MEM: _Flag = 1
+    KVM_CAP_USER_MEMORY2: _Flag = 1
+    KVM_CAP_MEMORY_FAULT_INFO: _Flag = 1
+    KVM_CAP_PRE_FAULT_MEMORY: _Flag = Field(1, description="1 with two-dimensional paging (TDP), else 0")
+
+    @model_validator(mode="after")
+    def _kconfig(self) -> HostCaps:
+        # What Kconfig makes impossible: private-memory VM types select guest_memfd and memory
+        # attributes (KVM_SW_PROTECTED_VM, KVM_INTEL_TDX and KVM_AMD_SEV select them), guest_memfd
+        # flags need guest_memfd, and guest_memfd needs KVM_SET_USER_MEMORY_REGION2.
+        if not self.KVM_CAP_VM_TYPES & 1:
+            raise ValueError("KVM_CAP_VM_TYPES must include the default VM (bit 0)")
+        private = sum(1 << t.value_code for t in VmType if t.has_private_mem)
+        if self.KVM_CAP_VM_TYPES & private and not (self.KVM_CAP_GUEST_MEMFD and self.KVM_CAP_MEMORY_ATTRIBUTES):
+            raise ValueError("private-memory VM types need KVM_CAP_GUEST_MEMFD and KVM_CAP_MEMORY_ATTRIBUTES")
+        if self.KVM_CAP_GUEST_MEMFD_FLAGS and not self.KVM_CAP_GUEST_MEMFD:
+            raise ValueError("KVM_CAP_GUEST_MEMFD_FLAGS without KVM_CAP_GUEST_MEMFD")
+        if self.KVM_CAP_GUEST_MEMFD and not self.KVM_CAP_USER_MEMORY2:
+            raise ValueError("KVM_CAP_GUEST_MEMFD without KVM_CAP_USER_MEMORY2")
+        return self
+
+
+class HostProfile(BaseModel):
+    """Which host a VM behaves as: its capabilities, ``max_gfn`` and kernel version."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        strict=True,
+        json_schema_extra={"examples": [{"name": "pvm-6.18", "kernel": "6.18", "caps": {"KVM_CAP_GUEST_MEMFD": 0}}]},
+    )
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+    description: str = Field("", max_length=500)
+    kernel: Kernel = Field("6.18", description="the kernel version whose behaviour a linux VM follows")
+    release: str | None = Field(None, max_length=200, description="uname -r of a measured host (informational)")
+    max_gfn: int = Field(DEFAULT_MAX_GFN, gt=0, lt=GFN_LIMIT, description="kvm_mmu_max_gfn(): bounds memslots")
+    caps: HostCaps = Field(default_factory=HostCaps)
+
+    @property
+    def address_spaces(self) -> int:
+        """``KVM_MAX_NR_ADDRESS_SPACES``: 2 with SMM, else 1 (and the capability is absent)."""
+        return max(1, self.caps.KVM_CAP_MULTI_ADDRESS_SPACE)
+
+    def supports_vm_type(self, vm_type: VmType) -> bool:
+        """``kvm_is_vm_type_supported()``."""
+        return bool(self.caps.KVM_CAP_VM_TYPES >> vm_type.value_code & 1)
+
+
+def _profile(name: str, description: str, max_gfn: int = DEFAULT_MAX_GFN, **caps: int) -> HostProfile:
+    return HostProfile(name=name, description=description, max_gfn=max_gfn, caps=HostCaps.model_validate(caps))
+
+
+_NO_GMEM: dict[str, int] = {
+    "KVM_CAP_MULTI_ADDRESS_SPACE": 0,
+    "KVM_CAP_VM_TYPES": 1,
+    "KVM_CAP_MEMORY_ATTRIBUTES": 0,
+    "KVM_CAP_PRE_FAULT_MEMORY": 0,
+}
+# 46 usable physical address bits: 52 less the bits a TDX key id or the SEV C-bit take. An
+# assumption (docs/host-profiles.md says so): record your own host for its real max_gfn.
+_MAX_GFN_46_BITS = (1 << (46 - 12)) - 1
+
+PROFILES: dict[str, HostProfile] = {
+    p.name: p
+    for p in (
+        _profile(
+            "linux-6.18",
+            "Linux 6.18 on x86 with everything built in: SMM (two address spaces), all six VM types "
+            "(KVM_SW_PROTECTED_VM, TDX and SEV-SNP), memory attributes, guest_memfd with MMAP and INIT_SHARED, "
+            "TDP (prefault). The default.",
+        ),
+        _profile(
+            "pvm-6.18",
+            "Linux 6.18.44 with kvm_pvm and no guest_memfd, as measured on the CI machines of 2026-12: one "
+            "address space, the default VM type only, no memory attributes, no guest_memfd, no prefault.",
+            KVM_CAP_GUEST_MEMFD=0,
+            KVM_CAP_GUEST_MEMFD_FLAGS=0,
+            **_NO_GMEM,
+        ),
+        _profile(
+            "pvm-6.18-gmem",
+            "Linux 6.18.44 with kvm_pvm and guest_memfd, as measured on the CI machines until 2026-11: one address "
+            "space, the default VM type only, no memory attributes, guest_memfd with MMAP and INIT_SHARED, no "
+            "prefault.",
+            **_NO_GMEM,
+        ),
+        _profile(
+            "tdx-6.18",
+            "Linux 6.18 on an Intel TDX host (kvm_intel with TDX): default and TDX VM types, SMM, memory "
+            "attributes, guest_memfd, TDP. max_gfn assumes 46 usable physical address bits.",
+            _MAX_GFN_46_BITS,
+            KVM_CAP_VM_TYPES=1 << VmType.default.value_code | 1 << VmType.tdx.value_code,
+        ),
+        _profile(
+            "snp-6.18",
+            "Linux 6.18 on an AMD SEV-SNP host (kvm_amd with SEV): default, SEV, SEV-ES and SNP VM types, SMM, "
+            "memory attributes, guest_memfd, TDP. max_gfn assumes 46 usable physical address bits.",
+            _MAX_GFN_46_BITS,
+            KVM_CAP_VM_TYPES=sum(1 << t.value_code for t in (VmType.default, VmType.sev, VmType.sev_es, VmType.snp)),
+        ),
+    )
+}
+DEFAULT_PROFILE = "linux-6.18"
