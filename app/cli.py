@@ -128,7 +128,7 @@ _COLUMNS: dict[str, list[_Column]] = {
         ("name", lambda r: r["name"] or "-"),
         ("type", lambda r: r["type"]),
         ("semantics", lambda r: r["semantics"]),
-        ("seq", lambda r: str(r["mmu"]["mmu_invalidate_seq"])),
+        ("host", lambda r: r["profile"]),
     ],
     "events": [
         ("id", lambda r: str(r["id"])),
@@ -165,6 +165,24 @@ _COLUMNS: dict[str, list[_Column]] = {
         ),
     ],
 }
+
+_VM_TYPE_NAMES = ["default", "sw_protected", "sev", "sev_es", "snp", "tdx"]
+
+
+def _vm_types(mask: int) -> str:
+    """The types beside ``default`` (every host has that one)."""
+    return "all" if mask == 0x3F else ",".join(n for i, n in enumerate(_VM_TYPE_NAMES) if i and mask >> i & 1) or "-"
+
+
+_COLUMNS["profiles"] = [
+    ("name", lambda r: r["name"]),
+    ("kernel", lambda r: r["kernel"]),
+    ("+types", lambda r: _vm_types(r["caps"]["KVM_CAP_VM_TYPES"])),
+    ("as", lambda r: str(max(1, r["caps"]["KVM_CAP_MULTI_ADDRESS_SPACE"]))),
+    ("attrs", lambda r: str(r["caps"]["KVM_CAP_MEMORY_ATTRIBUTES"])),
+    ("gmem", lambda r: f"{r['caps']['KVM_CAP_GUEST_MEMFD']} ({r['caps']['KVM_CAP_GUEST_MEMFD_FLAGS']:#x})"),
+    ("max_gfn", lambda r: hex(r["max_gfn"])),
+]
 
 _PRINTED = object()
 """A command that printed its own output (``vm export``)."""
@@ -221,7 +239,7 @@ class Output:
         from rich import box
         from rich.table import Table
 
-        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         spec = _COLUMNS.get(title)
         if spec is None or not all(_fits(spec, r) for r in rows):
             rows = [_flatten(r) for r in rows]

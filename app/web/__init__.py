@@ -26,7 +26,7 @@ async def root() -> RedirectResponse:
 @router.get("/ui", response_class=HTMLResponse)
 async def ui(request: Request) -> HTMLResponse:
     return templates.TemplateResponse(
-        request, "index.html", {"version": request.app.version, "max_gfn": request.app.state.engine.limits.max_gfn}
+        request, "index.html", {"version": request.app.version, "max_gfn": request.app.state.engine.host.max_gfn}
     )
 
 

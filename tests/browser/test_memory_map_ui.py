@@ -74,8 +74,9 @@ def test_a_conversion_seen_on_the_map(browser: Browser) -> None:
     page.locator("#create-vm [name=type]").select_option("sw_protected")
     page.locator("#create-vm [name=semantics]").select_option("linux")
     page.locator("#create-vm [name=name]").fill("browser")
+    expect(page.locator("#create-vm [name=profile]")).to_have_value("linux-6.18")  # the service default
     page.locator("#create-vm button").click()
-    expect(page.locator("#vm-title")).to_contain_text("browser (sw_protected, linux)")
+    expect(page.locator("#vm-title")).to_contain_text("browser (sw_protected, linux, host linux-6.18)")
     page.wait_for_selector("#map[data-drawn]")
 
     browser.submit("#add-slot", slot="10", gpa="0x100000000", size="0x400000", hva="0x7f0000000000")

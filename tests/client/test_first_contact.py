@@ -36,7 +36,8 @@ def test_tables_fit_80_columns_with_full_ids_and_headers(
     assert run(capsys, *line.split())[0] == 0
     assert run(capsys, "-q", "fault", vm, "4G", "--url", url)[0] == 0
     for argv, header in (
-        (["vm", "list"], ["id", "name", "type", "semantics", "seq"]),
+        (["vm", "list"], ["id", "name", "type", "semantics", "host"]),
+        (["profiles"], ["name", "kernel", "+types", "as", "attrs", "gmem", "max_gfn"]),
         (["events", vm], ["id", "time", "type", "detail"]),
         (["memslot", "list", vm], ["slot", "flags", "gpa", "size", "hva", "gmem"]),
         (["gmem", "list", vm], ["fd", "size", "flags", "bindings"]),

@@ -1,6 +1,7 @@
 // kvm-memattr memory map: draws one VM's gfn space from the JSON API. No framework, no CDN.
 "use strict";
 
+// The service default host's max_gfn; a selected VM's own profile replaces it (state.maxGfn).
 const MAX_GFN = BigInt(document.body.dataset.maxGfn);
 const GFN_LIMIT = 1n << 52n;
 const LABEL_W = 130;
@@ -15,6 +16,7 @@ const state = {
   vm: null,
   start: 0n,
   end: MAX_GFN + 1n,
+  maxGfn: MAX_GFN,
   lastEvent: 0,
   traceSince: 0,  // events up to here were there when the VM was opened: not highlighted
   stream: null,
@@ -86,7 +88,8 @@ async function loadVms() {
     li.dataset.id = vm.id;
     li.className = state.vm && state.vm.id === vm.id ? "selected" : "";
     const label = document.createElement("span");
-    label.textContent = `${vm.name || vm.id.slice(0, 8)} · ${vm.type} · ${vm.semantics}`;
+    label.textContent = `${vm.name || vm.id.slice(0, 8)} · ${vm.type} · ${vm.semantics} · ${vm.profile}`;
+    label.title = `behaves as host profile ${vm.profile} (kernel ${vm.kernel})`;
     const del = document.createElement("button");
     del.textContent = "delete";
     del.title = "destroy this VM";
@@ -112,13 +115,14 @@ async function deleteVm(id) {
 async function selectVm(id) {
   clearError();
   state.vm = await api("GET", `/v1/vms/${id}`);
+  state.maxGfn = BigInt((await api("GET", `/v1/vms/${id}/capabilities`)).max_gfn);
   state.start = 0n;
-  state.end = MAX_GFN + 1n;
+  state.end = state.maxGfn + 1n;
   state.lastEvent = 0;
   $("#events").replaceChildren();
   $("#vm-view").hidden = false;
   $("#mmu-panel").hidden = false;
-  $("#vm-title").textContent = `${state.vm.name || state.vm.id} (${state.vm.type}, ${state.vm.semantics})`;
+  $("#vm-title").textContent = `${state.vm.name || state.vm.id} (${state.vm.type}, ${state.vm.semantics}, host ${state.vm.profile})`;
   $("#convert-api").textContent = state.vm.semantics === "linux" ? "KVM_SET_MEMORY_ATTRIBUTES" : "KVM_MEMORY_ENCRYPT_{REG,UNREG}_REGION";
   await loadVms();
   await refresh();
@@ -315,7 +319,7 @@ function setupMap() {
     }
   });
   svg.addEventListener("mouseleave", () => { $("#tooltip").hidden = true; });
-  $("#zoom-all").addEventListener("click", () => zoomTo(0n, MAX_GFN + 1n));
+  $("#zoom-all").addEventListener("click", () => zoomTo(0n, state.maxGfn + 1n));
   $("#zoom-out").addEventListener("click", () => {
     const span = state.end - state.start;
     zoomTo(state.start - span / 2n, state.end + span / 2n);
@@ -434,7 +438,8 @@ function form(id, handler) {
 
 function setupActions() {
   form("#create-vm", async (d) => {
-    const vm = await api("POST", "/v1/vms", { type: d.type, semantics: d.semantics, name: d.name || null });
+    const body = { type: d.type, semantics: d.semantics, name: d.name || null, profile: d.profile || null };
+    const vm = await api("POST", "/v1/vms", body);
     await selectVm(vm.id);
     return vm;
   });
@@ -529,8 +534,21 @@ function drawRun(run) {
 
 // ------------------------------------------------------------------ start
 
+async function loadProfiles() {
+  const { default: dflt, profiles } = await api("GET", "/v1/host-profiles");
+  const select = $("#create-vm select[name=profile]");
+  select.replaceChildren(...profiles.map((p) => {
+    const o = document.createElement("option");
+    o.value = o.textContent = p.name;
+    o.title = p.description;
+    o.selected = p.name === dflt;
+    return o;
+  }));
+}
+
 async function boot() {
   try {
+    await loadProfiles();
     const vms = await loadVms();
     await loadVariants();
     const wanted = new URLSearchParams(location.search).get("vm");
