@@ -85,9 +85,10 @@ async def delete_memslot(vm: VmDep, slot: SlotPath) -> Response:
     summary="Create a guest_memfd (KVM_CREATE_GUEST_MEMFD)",
     description="Size must be a non-zero multiple of 4 KiB below 2^63 (a signed `loff_t`). Flags: `linux` allows "
     "`GUEST_MEMFD_FLAG_MMAP` (1) on every VM and `GUEST_MEMFD_FLAG_INIT_SHARED` (2) on VMs without private "
-    "memory; `rfc-v9` none. fds are per VM and unique while open.",
+    "memory; `rfc-v9` none. fds are per VM and unique while open. `ENOTTY` on a host profile built without "
+    "guest_memfd (`KVM_CAP_GUEST_MEMFD` 0).",
     operation_id="create_guest_memfd",
-    responses=error_responses("ENOENT"),
+    responses=error_responses("ENOENT", "ENOTTY"),
     response_model=GuestMemfd,
 )
 async def create_guest_memfd(vm: VmDep, req: Annotated[KvmCreateGuestMemfd, examples.GUEST_MEMFD]) -> Response:
