@@ -76,7 +76,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     journal = None
     if settings.state_file:  # StateFileError: one line for the operator (kvm-memattr serve exits 2)
         journal = SqliteJournal(settings.state_file, settings.journal_compact_after)
-        snapshots, calls = journal.replay(engine)
+        snapshots, calls = engine.restore(journal)
         engine.attach_journal(journal)
         log.info(
             "loaded %d snapshot(s) and replayed %d journaled call(s) from %s: %d VM(s)",

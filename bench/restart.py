@@ -63,7 +63,7 @@ def restart(db: Path) -> tuple[float, Engine]:
     t0 = time.perf_counter()
     engine = Engine()
     journal = SqliteJournal(db)
-    journal.replay(engine)
+    engine.restore(journal)
     elapsed = time.perf_counter() - t0
     engine.attach_journal(journal)
     return elapsed, engine

@@ -11,8 +11,8 @@ from pydantic import BaseModel
 
 from app.core import snapshot
 from app.core.budget import ServiceBudget
-from app.core.errors import EINVAL, ENOENT, ENOMEM
-from app.core.journal import Journal
+from app.core.errors import EINVAL, ENOENT, ENOMEM, KvmError
+from app.core.journal import Journal, SqliteJournal
 from app.core.limits import EngineLimits
 from app.core.vm import OPERATIONS, VirtualMachine
 from app.models.host import DEFAULT_PROFILE, PROFILES, HostProfile
@@ -156,6 +156,26 @@ class Engine:
             with contextlib.suppress(ENOENT):  # destroyed meanwhile by another request
                 self.destroy_vm(vm_id)
         return len(ids)
+
+    def restore(self, journal: SqliteJournal) -> tuple[int, int]:
+        """Start-up: load every snapshot of the state file, then re-run the calls after them, in
+        order (before ``attach_journal()``). Returns (snapshots, calls); what cannot be loaded or
+        replayed stops start-up with one line naming it."""
+        snapshots = calls = 0
+        for vm_id, doc in journal.snapshots():
+            try:
+                self.import_vm(doc, vm_id=vm_id)
+            except KvmError as e:
+                raise journal.error(f"the snapshot of VM {vm_id} does not load: {e}") from None
+            snapshots += 1
+        for seq, vm_id, op, args in journal.calls():
+            try:
+                with contextlib.suppress(KvmError):  # it failed the same way when it was recorded
+                    self.replay(vm_id, op, args)
+            except (ValueError, TypeError) as e:
+                raise journal.error(f"journal row {seq} (VM {vm_id}, {op}) cannot be replayed: {e}") from None
+            calls += 1
+        return snapshots, calls
 
     def replay(self, vm_id: str, op: str, args: list[Any]) -> None:
         """Re-run one journaled call (``create_vm`` or an entry of ``vm.OPERATIONS``)."""

@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from app.core.errors import EAGAIN, EFAULT, ENOENT, ENOMEM, ENOTTY, EOPNOTSUPP, KvmError
-from app.core.kvm import PRIVATE, Kvm, check_gpa_range
-from app.core.memslots import Memslot
+from app.core.kvm import PRIVATE, Kvm, Memslot, check_gpa_range
 from app.core.mmu import UNMAPPED, spte, spte_private, spte_writable
 from app.core.steps import Step, Steps
 from app.models import state

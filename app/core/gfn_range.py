@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from app.core.kvm import GuestMemfdFile, Kvm, Memslot
 from app.core.mmu import ZapFilter
 from app.models.kvm import GFN_LIMIT, PAGE_SHIFT, PAGE_SIZE
-
-if TYPE_CHECKING:
-    from app.core.kvm import Kvm
-    from app.core.memslots import GuestMemfdFile, Memslot
 
 
 @dataclass(frozen=True, slots=True)

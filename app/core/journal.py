@@ -14,22 +14,19 @@ start-up and never rewritten.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from app.core.errors import ENOSPC, KvmError
+from app.core.errors import ENOSPC
 from app.models import kvm as kvm_models
 from app.models import snapshot as snapshot_models
 from app.models import vm as vm_models
-
-if TYPE_CHECKING:
-    from app.core.engine import Engine
 
 FORMAT = "kvm-memattr-journal"
 VERSION = 2
@@ -159,31 +156,27 @@ class SqliteJournal:
                 self._db.execute("DELETE FROM snapshots WHERE vm_id = ?", (vm_id,))
             self._tail.pop(vm_id, None)
 
-    def replay(self, engine: Engine) -> tuple[int, int]:
-        """Load every snapshot, then re-run the calls after them, in order, into ``engine`` (which must
-        not journal yet). Returns (snapshots, calls); a row that cannot be replayed stops start-up."""
-        snapshots = 0
-        for vm_id, doc in self._db.execute("SELECT vm_id, doc FROM snapshots ORDER BY seq"):
+    def snapshots(self) -> Iterator[tuple[str, snapshot_models.VmSnapshot]]:
+        """Every VM's latest snapshot, in the order they were written."""
+        for vm_id, doc in self._db.execute("SELECT vm_id, doc FROM snapshots ORDER BY seq").fetchall():
             try:
-                engine.import_vm(snapshot_models.VmSnapshot.model_validate_json(doc), vm_id=vm_id)
-            except (ValidationError, KvmError) as e:
-                raise StateFileError(
-                    f"KVM_MEMATTR_STATE_FILE={self.path}: the snapshot of VM {vm_id} does not load: {e}"
-                ) from None
-            snapshots += 1
-        calls = 0
+                yield vm_id, snapshot_models.VmSnapshot.model_validate_json(doc)
+            except ValidationError as e:
+                raise self.error(f"the snapshot of VM {vm_id} does not load: {e}") from None
+
+    def calls(self) -> Iterator[tuple[int, str, str, list[Any]]]:
+        """The calls after the snapshots, in call order: (seq, vm_id, op, args)."""
         for seq, vm_id, op, payload in self._db.execute("SELECT seq, vm_id, op, args FROM journal ORDER BY seq"):
             try:
                 args = [_decode(a) for a in json.loads(payload)]
-                with contextlib.suppress(KvmError):  # it failed the same way when it was recorded
-                    engine.replay(vm_id, op, args)
             except (ValueError, KeyError, TypeError, ValidationError) as e:
-                raise StateFileError(
-                    f"KVM_MEMATTR_STATE_FILE={self.path}: journal row {seq} (VM {vm_id}, {op}) cannot be replayed: {e}"
-                ) from None
+                raise self.error(f"journal row {seq} (VM {vm_id}, {op}) cannot be replayed: {e}") from None
             self._tail[vm_id] = self._tail.get(vm_id, 0) + 1
-            calls += 1
-        return snapshots, calls
+            yield seq, vm_id, op, args
+
+    def error(self, what: str) -> StateFileError:
+        """The one line a state-file failure prints."""
+        return StateFileError(f"KVM_MEMATTR_STATE_FILE={self.path}: {what}")
 
     def close(self) -> None:
         self._db.close()

@@ -1,4 +1,5 @@
-"""``struct kvm``: the state of one VM, and the few facts every concept module asks of it.
+"""``struct kvm`` and its parts (the kernel's ``kvm_host.h``): the state of one VM, its memslots and
+guest_memfd files, and the few facts every concept module asks of it.
 
 The behaviour lives beside it, one module per kernel concept (``attributes``, ``faults``,
 ``mmu_notifier``, ``guest_memfd``, ``memslots``, ``sev``), each taking a ``Kvm`` the way the
@@ -7,18 +8,31 @@ kernel's functions take a ``struct kvm *``. ``vm.VirtualMachine`` is the locked 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from sortedcontainers import SortedDict
 
 from app.core.budget import UNBOUNDED, ServiceBudget
 from app.core.errors import EINVAL
 from app.core.events import EventLog
 from app.core.invalidation import MmuInvalidation
 from app.core.limits import EngineLimits
-from app.core.memslots import AddressSpace, GuestMemfdFile
 from app.core.mmu import Mmu, ZapFilter
 from app.core.runs import RunMap
 from app.models.host import PROFILES, HostProfile
-from app.models.kvm import GFN_LIMIT, KVM_MEMORY_ATTRIBUTE_PRIVATE, PAGE_SHIFT, PAGE_SIZE, U64_MAX, Semantics, VmType
+from app.models.kvm import (
+    GFN_LIMIT,
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    U64_MAX,
+    Semantics,
+    VmType,
+)
 
 PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE
 
@@ -32,6 +46,95 @@ class Stats:
     fault_retries: int = 0
     memory_fault_exits: int = 0
     mmio_exits: int = 0
+
+
+@dataclass(eq=False)
+class GuestMemfdFile:
+    """A ``[kvm-gmem]`` file; bindings keep it alive after its fd is closed."""
+
+    fd: int
+    size: int
+    flags: int
+    # raw slot -> (offset, size)
+    bindings: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def bind_conflict(self, offset: int, size: int) -> bool:
+        return any(offset < o + s and o < offset + size for o, s in self.bindings.values())
+
+
+@dataclass(eq=False)
+class Memslot:
+    """``struct kvm_memory_slot``."""
+
+    as_id: int
+    id: int
+    flags: int
+    base_gfn: int
+    npages: int
+    userspace_addr: int
+    gmem: GuestMemfdFile | None = None
+    gmem_fd: int | None = None
+    gmem_offset: int = 0
+
+    @property
+    def slot(self) -> int:
+        return self.as_id << 16 | self.id
+
+    @property
+    def end_gfn(self) -> int:
+        return self.base_gfn + self.npages
+
+    @property
+    def hva_end(self) -> int:
+        return self.userspace_addr + (self.npages << PAGE_SHIFT)
+
+    @property
+    def is_gmem(self) -> bool:
+        return bool(self.flags & KVM_MEM_GUEST_MEMFD)
+
+    def writable(self, write: bool) -> bool:
+        """Writable SPTE unless READONLY, or dirty logging and a read fault."""
+        if self.flags & KVM_MEM_READONLY:
+            return False
+        return write or not self.flags & KVM_MEM_LOG_DIRTY_PAGES
+
+
+class AddressSpace:
+    """The memslots of one address space, ordered by ``base_gfn`` (non-overlapping)."""
+
+    def __init__(self) -> None:
+        self.by_gfn: SortedDict = SortedDict()
+        self.by_id: dict[int, Memslot] = {}
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    def add(self, slot: Memslot) -> None:
+        self.by_gfn[slot.base_gfn] = slot
+        self.by_id[slot.id] = slot
+
+    def remove(self, slot: Memslot) -> None:
+        del self.by_gfn[slot.base_gfn]
+        del self.by_id[slot.id]
+
+    def find(self, gfn: int) -> Memslot | None:
+        """``gfn_to_memslot()``."""
+        i = self.by_gfn.bisect_right(gfn) - 1
+        if i < 0:
+            return None
+        slot: Memslot = self.by_gfn.peekitem(i)[1]
+        return slot if gfn < slot.end_gfn else None
+
+    def overlapping(self, start: int, end: int) -> Iterator[Memslot]:
+        """Slots intersecting ``[start, end)`` in gfn order (``kvm_for_each_memslot_in_gfn_range``)."""
+        first = self.find(start)
+        if first is not None:
+            yield first
+        for base in self.by_gfn.irange(start, end, inclusive=(False, False)):
+            yield self.by_gfn[base]
+
+    def overlaps_other(self, start: int, end: int, exclude: Memslot | None) -> bool:
+        return any(s is not exclude for s in self.overlapping(start, end))
 
 
 @dataclass

@@ -7,10 +7,15 @@ from app.core.kvm import Kvm
 from app.models.kvm import U64_MAX
 
 
-def register_region(kvm: Kvm, addr: int, size: int) -> None:
-    """Pin an HVA range (duplicates and overlaps allowed, each recorded)."""
+def check_region(addr: int, size: int) -> None:
+    """``sev_mem_enc_register_region()``'s range check (the snapshot loader's too)."""
     if size == 0 or addr + size > U64_MAX:
         raise EINVAL("size 0 or addr + size wraps")
+
+
+def register_region(kvm: Kvm, addr: int, size: int) -> None:
+    """Pin an HVA range (duplicates and overlaps allowed, each recorded)."""
+    check_region(addr, size)
     kvm.pinned.append((addr, size))
     kvm.events.emit("sev_region", op="reg", addr=addr, size=size)
 

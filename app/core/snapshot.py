@@ -1,31 +1,33 @@
 """VM snapshots: ``Kvm`` -> one versioned document and back, in O(runs).
 
-Loading checks the document the way the kernel would have built such a state (slots that do not
-overlap, bindings inside their file, runs in order covering the gfn space, counters that agree),
-so a tampered or inconsistent document is refused with EINVAL naming what is wrong, before
-anything is created.
+Loading builds the state through the ioctls' own rules: every file passes ``kvm_gmem_create()``'s
+checks and every memslot the whole plan of ``kvm_set_memory_region()`` (``kvm_gmem_bind()``
+included), so an import accepts exactly what the API can reach, on that VM's type and host
+profile. What no single ioctl checks (runs in order covering the gfn space, mappings that agree
+with the attributes and lie inside memslots, counters that agree) is checked here. A document
+that is not such a state is refused with EINVAL naming what is wrong, before anything is created.
 """
 
 from __future__ import annotations
 
-from app.core import guest_memfd
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+from app.core import guest_memfd, sev
 from app.core.budget import UNBOUNDED, ServiceBudget
 from app.core.errors import EINVAL, ENOMEM, KvmError
-from app.core.kvm import PRIVATE, Kvm, NotifierInvalidation, Stats
+from app.core.gfn_range import hva_ranges
+from app.core.kvm import PRIVATE, GuestMemfdFile, Kvm, NotifierInvalidation, Stats
 from app.core.limits import EngineLimits
-from app.core.memslots import GuestMemfdFile, Memslot
+from app.core.memslots import install, plan_set_memory_region
 from app.core.mmu import spte, spte_private, spte_writable
 from app.models.host import HostProfile
 from app.models.kvm import (
     GFN_LIMIT,
     KVM_MEM_GUEST_MEMFD,
-    KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_MEM_MAX_NR_PAGES,
-    KVM_MEM_READONLY,
     PAGE_SHIFT,
     PAGE_SIZE,
-    U64_MAX,
-    USER_HVA_LIMIT,
+    KvmUserspaceMemoryRegion2,
 )
 from app.models.snapshot import (
     SNAPSHOT_VERSION,
@@ -106,6 +108,18 @@ def _check(ok: bool, what: str) -> None:
         raise EINVAL(f"snapshot: {what}")
 
 
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+def _as_ioctl(what: str, check: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run an ioctl's own checks; a refusal is the document's fault, so EINVAL naming the errno."""
+    try:
+        return check(*args, **kwargs)
+    except KvmError as e:
+        raise EINVAL(f"snapshot: {what}: the ioctl refuses it ({e.errno}: {e.detail})") from None
+
+
 def load(
     doc: VmSnapshot, vm_id: str, limits: EngineLimits, host: HostProfile, budget: ServiceBudget = UNBOUNDED
 ) -> Kvm:
@@ -128,10 +142,13 @@ def _load_state(kvm: Kvm, doc: VmSnapshot) -> None:
     files = _load_files(kvm, doc.files, doc.next_fd)
     for s in doc.memslots:
         _load_memslot(kvm, s, files)
+    for n, f in files.items():
+        _check(f.fd >= 0 or bool(f.bindings), f"file {n} is neither open nor held by a slot")
     for as_id, runs in enumerate(doc.mappings):
         _check(as_id < kvm.nr_as, f"mappings for address space {as_id}, the VM has {kvm.nr_as}")
         _load_mappings(kvm, as_id, runs)
     _check(len(doc.mappings) == kvm.nr_as, f"mappings for {len(doc.mappings)} address spaces, the VM has {kvm.nr_as}")
+    _check_mappings(kvm)
     _load_notifiers(kvm, doc)
     inv = doc.invalidation
     matched = sum(1 for n in kvm.notifiers.values() if n.gfn_ranges)
@@ -147,7 +164,7 @@ def _load_state(kvm: Kvm, doc: VmSnapshot) -> None:
     kvm.inval.range_start, kvm.inval.range_end = rs, re_
     _check(kvm.sev_guest or not doc.pinned_regions, "pinned regions on a VM that is not an SEV guest")
     for addr, size in doc.pinned_regions:
-        _check(size > 0 and addr + size <= U64_MAX, f"pinned region ({addr:#x}, {size:#x}) is empty or wraps")
+        _as_ioctl(f"pinned region ({addr:#x}, {size:#x})", sev.check_region, addr, size)
     kvm.pinned = list(doc.pinned_regions)
     kvm.fail_nth = doc.fail_nth
     kvm.stats = Stats(**doc.stats.model_dump())
@@ -169,49 +186,66 @@ def _load_attributes(kvm: Kvm, runs: list[tuple[int, int, int]]) -> None:
 
 def _load_files(kvm: Kvm, files: list[SnapshotFile], next_fd: int) -> dict[int, GuestMemfdFile]:
     out: dict[int, GuestMemfdFile] = {}
-    supported = guest_memfd.supported_flags(kvm)
     for f in files:
         _check(f.id not in out, f"file id {f.id} appears twice")
-        _check(f.size > 0 and f.size % PAGE_SIZE == 0 and f.size < 1 << 63, f"file {f.id} has an invalid size")
-        _check(not f.flags & ~supported, f"file {f.id} has flags {f.flags:#x} outside {supported:#x}")
+        _as_ioctl(f"file {f.id}", guest_memfd.check_create, kvm, f.size, f.flags)
         gmem = out[f.id] = GuestMemfdFile(f.fd if f.fd is not None else -1, f.size, f.flags)
         if f.fd is not None:
             _check(f.fd not in kvm.gmem_files, f"fd {f.fd} is open twice")
-            _check(f.fd < next_fd, f"fd {f.fd} is not below next_fd {next_fd}")
+            _check(FIRST_FD <= f.fd < next_fd, f"fd {f.fd} is not in [{FIRST_FD}, next_fd {next_fd})")
             kvm.gmem_files[f.fd] = gmem
+    _check(next_fd >= FIRST_FD, f"next_fd {next_fd} < {FIRST_FD}")
     kvm.next_fd = next_fd
     return out
 
 
+FIRST_FD = 3
+"""The first fd a VM hands out (0 to 2 are stdio)."""
+
+LARGEST_FILE = (1 << 63) - PAGE_SIZE
+"""The largest guest_memfd ``kvm_gmem_create()`` allows."""
+
+
 def _load_memslot(kvm: Kvm, s: SnapshotMemslot, files: dict[int, GuestMemfdFile]) -> None:
+    """The slot as ``KVM_SET_USER_MEMORY_REGION2`` created it: the ioctl's plan, then its commit."""
     name = f"memslot (as_id {s.as_id}, id {s.id})"
-    _check(s.as_id < kvm.nr_as, f"{name}: the VM has {kvm.nr_as} address spaces")
-    _check(s.id < kvm.host.caps.KVM_CAP_NR_MEMSLOTS, f"{name}: id >= KVM_USER_MEM_SLOTS")
-    space = kvm.spaces[s.as_id]
-    _check(s.id not in space.by_id, f"{name} appears twice")
-    gmem = bool(s.flags & KVM_MEM_GUEST_MEMFD)
-    allowed = KVM_MEM_GUEST_MEMFD if gmem else KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
-    readonly_ok = kvm.has_readonly_mem or not s.flags & KVM_MEM_READONLY
-    _check(not s.flags & ~allowed and (not gmem or kvm.gmem_slots) and readonly_ok, f"{name}: flags {s.flags:#x}")
-    _check(s.npages <= KVM_MEM_MAX_NR_PAGES, f"{name}: too many pages")
-    _check(s.base_gfn + s.npages - 1 <= kvm.host.max_gfn, f"{name}: past max_gfn")
-    _check(s.userspace_addr % PAGE_SIZE == 0, f"{name}: userspace_addr not aligned")
-    _check(s.userspace_addr + (s.npages << PAGE_SHIFT) <= USER_HVA_LIMIT, f"{name}: userspace range past the user half")
-    _check(not space.overlaps_other(s.base_gfn, s.base_gfn + s.npages, None), f"{name} overlaps another slot")
-    slot = Memslot(s.as_id, s.id, s.flags, s.base_gfn, s.npages, s.userspace_addr)
-    _check(s.file is None or gmem, f"{name}: a file bound to a slot without KVM_MEM_GUEST_MEMFD")
-    _check(s.file is not None or not gmem or kvm.linux, f"{name}: an rfc-v9 guest_memfd slot always holds its file")
+    is_gmem = bool(s.flags & KVM_MEM_GUEST_MEMFD)
+    _check(s.as_id < kvm.nr_as and s.id <= 0xFFFF, f"{name}: the VM has {kvm.nr_as} address spaces")
+    gmem: GuestMemfdFile | None = None
     if s.file is not None:
         _check(s.file in files, f"{name}: unknown file {s.file}")
-        f, size = files[s.file], s.npages << PAGE_SHIFT
-        off = s.guest_memfd_offset
-        _check(off % PAGE_SIZE == 0 and off + size <= f.size, f"{name}: binding past the end of file {s.file}")
-        _check(not f.bind_conflict(off, size), f"{name}: binding overlaps another binding of file {s.file}")
-        f.bindings[slot.slot] = (off, size)
-        slot.gmem = f
-    if gmem:
-        slot.gmem_fd, slot.gmem_offset = s.guest_memfd, s.guest_memfd_offset
-    space.add(slot)
+        _check(is_gmem, f"{name}: a file bound to a slot without KVM_MEM_GUEST_MEMFD")
+        gmem = files[s.file]
+        fd = s.guest_memfd
+        if gmem.fd >= 0:
+            _check(fd == gmem.fd, f"{name}: guest_memfd {fd} is not its file's fd {gmem.fd}")
+        else:  # rfc-v9 (restrictedmem): the fd the slot was created with, closed since
+            _check(not kvm.linux, f"{name}: on a linux VM closing a file unbinds it (kvm_gmem_release())")
+            _check(fd is not None and FIRST_FD <= fd < kvm.next_fd and fd not in kvm.gmem_files, f"{name}: fd {fd}")
+    elif is_gmem:
+        # linux: the file was closed since (kvm_gmem_release() cleared the binding). It was bound
+        # then, so the binding must fit some file: check it against the largest one there can be.
+        _check(kvm.linux, f"{name}: an rfc-v9 guest_memfd slot always holds its file")
+        _check(s.guest_memfd is None, f"{name}: a slot whose file was closed has no fd")
+        gmem = GuestMemfdFile(-1, LARGEST_FILE, 0)
+    else:
+        _check(s.guest_memfd is None and s.guest_memfd_offset == 0, f"{name}: guest_memfd fields without the flag")
+    req = KvmUserspaceMemoryRegion2.model_construct(
+        flags=s.flags,
+        guest_phys_addr=s.base_gfn << PAGE_SHIFT,
+        memory_size=s.npages << PAGE_SHIFT,
+        userspace_addr=s.userspace_addr,
+        guest_memfd=0 if is_gmem else None,
+        guest_memfd_offset=s.guest_memfd_offset,
+    )
+    fds = {0: gmem} if gmem is not None else {}
+    plan = _as_ioctl(name, plan_set_memory_region, kvm, s.as_id << 16 | s.id, req, fds)
+    _check(plan.change == "create" and plan.new is not None, f"{name} appears twice")
+    install(kvm, plan)
+    assert plan.new is not None
+    if s.file is None and is_gmem:
+        guest_memfd.unbind(plan.new)
+    plan.new.gmem_fd = s.guest_memfd
 
 
 def _load_mappings(kvm: Kvm, as_id: int, runs: list[SnapshotMapping]) -> None:
@@ -224,10 +258,38 @@ def _load_mappings(kvm: Kvm, as_id: int, runs: list[SnapshotMapping]) -> None:
 
 
 def _load_notifiers(kvm: Kvm, doc: VmSnapshot) -> None:
+    """Each open invalidation matched what its hva range covers now (slots cannot change while
+    one is open: EBUSY), so its gfn ranges are recomputed by the notifier's own walk and compared."""
     for n in doc.notifiers:
         _check(n.id not in kvm.notifiers and n.id < doc.next_notifier_id, f"notifier id {n.id}")
         _check(n.hva_start < n.hva_end, f"notifier {n.id}: empty hva range")
-        for a, s, e in n.gfn_ranges:
-            _check(a < kvm.nr_as and s < e <= GFN_LIMIT, f"notifier {n.id}: gfn range ({a}, {s:#x}, {e:#x})")
-        kvm.notifiers[n.id] = NotifierInvalidation(n.id, n.hva_start, n.hva_end, list(n.gfn_ranges))
+        matched = [(r.as_id, r.start, r.end) for r in hva_ranges(kvm, n.hva_start, n.hva_end)]
+        _check(list(n.gfn_ranges) == matched, f"notifier {n.id}: gfn ranges are not what its hva range covers")
+        kvm.notifiers[n.id] = NotifierInvalidation(n.id, n.hva_start, n.hva_end, matched)
     kvm.next_notifier_id = doc.next_notifier_id
+
+
+def _check_mappings(kvm: Kvm) -> None:
+    """What the fault path can have installed: every mapping inside a memslot of its address space,
+    writable only where the slot is, private exactly where the gfn is private (linux; rfc-v9 on
+    guest_memfd slots, shared elsewhere) and only where the slot still has its file.
+    O(mapping runs x log), never O(pages)."""
+    for as_id in range(kvm.nr_as):
+        space = kvm.spaces[as_id]
+        for start, end, value in kvm.mmu.mapped_runs(as_id, 0, GFN_LIMIT):
+            where = f"mapping [{start:#x}, {end:#x}) of address space {as_id}"
+            covered = start
+            for slot in space.overlapping(start, end):
+                _check(slot.base_gfn <= covered, f"{where}: gfn {covered:#x} is in no memslot")
+                a, b = covered, min(end, slot.end_gfn)
+                covered = b
+                private = spte_private(value)
+                _check(not spte_writable(value) or slot.writable(True), f"{where}: writable in a read-only slot")
+                if kvm.linux or slot.is_gmem:
+                    _check(kvm.attributes.is_uniform(a, b, PRIVATE if private else 0), f"{where}: {_privacy(private)}")
+                _check(not private or slot.gmem is not None, f"{where}: private without a guest_memfd file")
+            _check(covered == end, f"{where}: gfn {covered:#x} is in no memslot")
+
+
+def _privacy(private: bool) -> str:
+    return "a private mapping over a shared gfn" if private else "a shared mapping over a private gfn"

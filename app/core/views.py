@@ -7,8 +7,7 @@ from collections.abc import Callable, Iterator
 from itertools import accumulate, islice, pairwise
 from typing import Any
 
-from app.core.kvm import PRIVATE, Kvm, NotifierInvalidation
-from app.core.memslots import Memslot
+from app.core.kvm import PRIVATE, GuestMemfdFile, Kvm, Memslot, NotifierInvalidation
 from app.core.mmu import UNMAPPED, spte_private, spte_writable
 from app.models import state
 from app.models.kvm import PAGE_SHIFT
@@ -98,6 +97,31 @@ def gfn_info(kvm: Kvm, gfn: int) -> state.GfnInfo:
     )
 
 
+def memslot(slot: Memslot) -> state.Memslot:
+    return state.Memslot(
+        slot=slot.slot,
+        as_id=slot.as_id,
+        id=slot.id,
+        flags=slot.flags,
+        guest_phys_addr=slot.base_gfn << PAGE_SHIFT,
+        memory_size=slot.npages << PAGE_SHIFT,
+        userspace_addr=slot.userspace_addr,
+        base_gfn=slot.base_gfn,
+        npages=slot.npages,
+        guest_memfd=slot.gmem_fd if slot.is_gmem else None,
+        guest_memfd_offset=slot.gmem_offset if slot.is_gmem else 0,
+    )
+
+
+def guest_memfd(gmem: GuestMemfdFile) -> state.GuestMemfd:
+    return state.GuestMemfd(
+        fd=gmem.fd,
+        size=gmem.size,
+        flags=gmem.flags,
+        bindings=[state.GmemBinding(slot=k, offset=o, size=s) for k, (o, s) in sorted(gmem.bindings.items())],
+    )
+
+
 def notifier(inv: NotifierInvalidation) -> state.NotifierInvalidation:
     return state.NotifierInvalidation(
         id=inv.id,
@@ -141,7 +165,7 @@ def memory_map(kvm: Kvm, start: int, end: int, buckets: int) -> state.MemoryMap:
         start_gfn=start,
         end_gfn=end,
         buckets=out,
-        memslots=[slot.model() for slot in slots],
+        memslots=[memslot(slot) for slot in slots],
         invalidation=window,
     )
 

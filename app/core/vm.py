@@ -14,9 +14,9 @@ from app.core.errors import EINVAL, ENOENT, ENOTTY
 from app.core.faults import Fault, prefault
 from app.core.ioctl import locked, mutation
 from app.core.journal import Journal
-from app.core.kvm import PRIVATE, Kvm, check_gpa_range
+from app.core.kvm import PRIVATE, Kvm, Memslot, check_gpa_range
 from app.core.limits import EngineLimits
-from app.core.memslots import Memslot, set_memory_region
+from app.core.memslots import set_memory_region
 from app.models import state
 from app.models.host import HostProfile
 from app.models.kvm import (
@@ -119,11 +119,11 @@ class VirtualMachine:
 
     @locked
     def memslot(self, raw_slot: int) -> state.Memslot:
-        return self._slot(raw_slot).model()
+        return views.memslot(self._slot(raw_slot))
 
     @locked
     def memslots(self) -> list[state.Memslot]:
-        return [slot.model() for space in self.kvm.spaces for slot in space.by_gfn.values()]
+        return [views.memslot(slot) for space in self.kvm.spaces for slot in space.by_gfn.values()]
 
     def _slot(self, raw_slot: int) -> Memslot:
         as_id, sid = raw_slot >> 16, raw_slot & 0xFFFF
@@ -137,18 +137,18 @@ class VirtualMachine:
     @mutation
     def create_guest_memfd(self, req: KvmCreateGuestMemfd) -> state.GuestMemfd:
         """``KVM_CREATE_GUEST_MEMFD``."""
-        return guest_memfd.create(self.kvm, req.size, req.flags).model()
+        return views.guest_memfd(guest_memfd.create(self.kvm, req.size, req.flags))
 
     @locked
     def guest_memfd(self, fd: int) -> state.GuestMemfd:
         gmem = self.kvm.gmem_files.get(fd)
         if gmem is None:
             raise ENOENT(f"no open guest_memfd {fd}")
-        return gmem.model()
+        return views.guest_memfd(gmem)
 
     @locked
     def guest_memfds(self) -> list[state.GuestMemfd]:
-        return [g.model() for g in self.kvm.gmem_files.values()]
+        return [views.guest_memfd(g) for g in self.kvm.gmem_files.values()]
 
     @mutation
     def close_guest_memfd(self, fd: int) -> state.GuestMemfdClose:

@@ -5,12 +5,17 @@ Everything is stored as runs or small lists, so a document is O(runs), not O(pag
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.models.host import HostProfile
-from app.models.kvm import Semantics, VmType
+from app.models.kvm import U64_MAX, Semantics, VmType
+
+N = Annotated[int, Field(ge=0, le=U64_MAX)]
+"""Every number of a snapshot is a kernel ``__u64`` (or narrower, which the loader checks)."""
+Fd = Annotated[int, Field(ge=0, le=2**31 - 1)]
+"""A file descriptor: a non-negative C ``int``."""
 
 SNAPSHOT_FORMAT: Literal["kvm-memattr/vm-snapshot"] = "kvm-memattr/vm-snapshot"
 SNAPSHOT_VERSION = 2
@@ -24,53 +29,53 @@ class _Doc(BaseModel):
 class SnapshotFile(_Doc):
     """A guest_memfd file; ``fd`` null once closed (an ``rfc-v9`` slot may still hold it)."""
 
-    id: int = Field(ge=0)
-    fd: int | None = Field(ge=0)
-    size: int = Field(ge=0)
-    flags: int = Field(ge=0)
+    id: N
+    fd: Fd | None
+    size: N
+    flags: N
 
 
 class SnapshotMemslot(_Doc):
-    as_id: int = Field(ge=0)
-    id: int = Field(ge=0)
-    flags: int = Field(ge=0)
-    base_gfn: int = Field(ge=0)
-    npages: int = Field(ge=1)
-    userspace_addr: int = Field(ge=0)
-    file: int | None = Field(None, description="id of the bound file, if the slot still has one")
-    guest_memfd: int | None = Field(None, description="the fd the slot was created with")
-    guest_memfd_offset: int = Field(0, ge=0)
+    as_id: N
+    id: N
+    flags: N
+    base_gfn: N
+    npages: Annotated[int, Field(ge=1, le=U64_MAX)]
+    userspace_addr: N
+    file: N | None = Field(None, description="id of the bound file, if the slot still has one")
+    guest_memfd: Fd | None = Field(None, description="the fd the slot was created with")
+    guest_memfd_offset: N = 0
 
 
 class SnapshotMapping(_Doc):
-    start_gfn: int = Field(ge=0)
-    end_gfn: int = Field(ge=0)
+    start_gfn: N
+    end_gfn: N
     private: bool
     writable: bool
 
 
 class SnapshotNotifier(_Doc):
-    id: int = Field(ge=0)
-    hva_start: int = Field(ge=0)
-    hva_end: int = Field(ge=0)
-    gfn_ranges: list[tuple[int, int, int]] = Field(description="(as_id, start_gfn, end_gfn)")
+    id: N
+    hva_start: N
+    hva_end: N
+    gfn_ranges: list[tuple[N, N, N]] = Field(description="(as_id, start_gfn, end_gfn)")
 
 
 class SnapshotInvalidation(_Doc):
-    mmu_invalidate_seq: int = Field(ge=0)
-    mmu_invalidate_in_progress: int = Field(ge=0)
-    mmu_invalidate_range_start: int | None
-    mmu_invalidate_range_end: int | None
+    mmu_invalidate_seq: N
+    mmu_invalidate_in_progress: N
+    mmu_invalidate_range_start: N | None
+    mmu_invalidate_range_end: N | None
 
 
 class SnapshotStats(_Doc):
-    attribute_updates: int = Field(ge=0)
-    tlb_flushes: int = Field(ge=0)
-    pages_zapped: int = Field(ge=0)
-    faults: int = Field(ge=0)
-    fault_retries: int = Field(ge=0)
-    memory_fault_exits: int = Field(ge=0)
-    mmio_exits: int = Field(ge=0)
+    attribute_updates: N
+    tlb_flushes: N
+    pages_zapped: N
+    faults: N
+    fault_retries: N
+    memory_fault_exits: N
+    mmio_exits: N
 
 
 class VmSnapshot(_Doc):
@@ -82,15 +87,15 @@ class VmSnapshot(_Doc):
     type: VmType
     semantics: Semantics
     profile: HostProfile | None = Field(None, description="the host the VM behaves as (absent in version 1)")
-    attributes: list[tuple[int, int, int]] = Field(description="(start_gfn, end_gfn, attributes) covering [0, 2^52)")
+    attributes: list[tuple[N, N, N]] = Field(description="(start_gfn, end_gfn, attributes) covering [0, 2^52)")
     memslots: list[SnapshotMemslot]
     files: list[SnapshotFile]
     mappings: list[list[SnapshotMapping]] = Field(description="present mappings, per address space")
     invalidation: SnapshotInvalidation
     notifiers: list[SnapshotNotifier]
-    next_notifier_id: int = Field(ge=1)
-    next_fd: int = Field(ge=0)
-    pinned_regions: list[tuple[int, int]] = Field(description="(addr, size) in registration order")
-    fail_nth: int | None = Field(None, ge=1)
+    next_notifier_id: Annotated[int, Field(ge=1, le=U64_MAX)]
+    next_fd: N
+    pinned_regions: list[tuple[N, N]] = Field(description="(addr, size) in registration order")
+    fail_nth: int | None = Field(None, ge=1, le=U64_MAX)
     stats: SnapshotStats
-    next_event_id: int = Field(ge=1)
+    next_event_id: Annotated[int, Field(ge=1, le=U64_MAX)]

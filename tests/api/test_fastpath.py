@@ -112,10 +112,13 @@ def test_engine_errors_on_the_fast_path_are_the_same_problem(twins: tuple[TestCl
 def test_dependency_overrides_still_apply() -> None:
     app = create_app(Settings(log_level="warning"))
     other = Engine(app.state.engine.limits)
-    other.create_vm(VmCreate())
+    vm = other.create_vm(VmCreate())
     app.dependency_overrides[get_engine] = lambda: other
     with TestClient(app) as client:
         assert client.get("/healthz").json()["vms"] == 1  # the override's engine, not the app's
+        assert [v["id"] for v in client.get("/v1/vms").json()["vms"]] == [vm.id]
+        assert client.get(f"/v1/vms/{vm.id}").status_code == 200  # a VM route too (it was a 404)
+        assert client.get(f"/v1/vms/{vm.id}/memory-attributes").status_code == 200
 
 
 def test_a_repeated_content_type_is_read_as_fastapi_reads_it(twins: tuple[TestClient, TestClient]) -> None:

@@ -141,5 +141,5 @@ def test_a_restart_keeps_each_vms_host_whatever_the_new_default(tmp_path: Path) 
     with TestClient(create_app(Settings(log_level="warning"), first)) as c:
         vm = _vm(c, **PVM)["id"]
     restarted = Engine(host=PROFILES["tdx-6.18"])
-    SqliteJournal(db).replay(restarted)
+    restarted.restore(SqliteJournal(db))
     assert restarted.vm(vm).model().profile == "pvm-6.18"

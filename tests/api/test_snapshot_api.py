@@ -88,9 +88,51 @@ def _private_on_plain_vm(doc: dict[str, Any]) -> None:
     doc["type"] = "default"
 
 
+def _huge_counter(doc: dict[str, Any]) -> None:
+    doc["stats"]["faults"] = 10**400  # was stored, and every GET /metrics after it was a 500
+
+
+def _private_mapping_over_shared(doc: dict[str, Any]) -> None:
+    doc["attributes"] = [[0, 1 << 52, 0]]  # the mapped gfn at 4 GiB is no longer private
+
+
+def _mapping_outside_slots(doc: dict[str, Any]) -> None:
+    doc["mappings"][0].append({"start_gfn": 1 << 40, "end_gfn": (1 << 40) + 1, "private": False, "writable": True})
+
+
+def _negative_pin(doc: dict[str, Any]) -> None:
+    doc["type"] = "sev"
+    doc["attributes"] = [[0, 1 << 52, 8]]
+    doc["pinned_regions"] = [[-4096, 4096]]
+
+
+def _negative_fd(doc: dict[str, Any]) -> None:
+    doc["memslots"][0]["guest_memfd"] = -7
+
+
+def _notifier_that_matched_nothing(doc: dict[str, Any]) -> None:
+    doc["notifiers"][0]["gfn_ranges"] = [[0, -3, 5]]
+
+
+def _notifier_range_not_its_hva(doc: dict[str, Any]) -> None:
+    doc["notifiers"][0]["gfn_ranges"] = [[0, 5, 9]]
+
+
+def _closed_file_held_by_nothing(doc: dict[str, Any]) -> None:
+    doc["files"].append({"id": 7, "fd": None, "size": 4096, "flags": 0})
+
+
 BAD: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
+    "a counter past u64": (_huge_counter, "less than or equal to 18446744073709551615"),
+    "a private mapping over a shared gfn": (_private_mapping_over_shared, "a private mapping over a shared gfn"),
+    "a mapping outside every memslot": (_mapping_outside_slots, "is in no memslot"),
+    "a negative pinned region": (_negative_pin, "greater than or equal to 0"),
+    "a negative guest_memfd": (_negative_fd, "greater than or equal to 0"),
+    "a negative notifier range": (_notifier_that_matched_nothing, "greater than or equal to 0"),
+    "a notifier range its hva does not cover": (_notifier_range_not_its_hva, "not what its hva range covers"),
+    "a closed file no slot holds": (_closed_file_held_by_nothing, "neither open nor held"),
     "overlapping slots": (_overlap, "overlaps another slot"),
-    "binding past its file": (_past_file, "binding past the end of file"),
+    "binding past its file": (_past_file, "beyond the file"),
     "runs out of order": (_out_of_order, "attribute runs"),
     "a hole in the runs": (_hole, "not contiguous"),
     "counters that disagree": (_in_progress, "mmu_invalidate_in_progress"),
@@ -107,6 +149,7 @@ def test_bad_snapshots_are_refused_and_create_nothing(client: TestClient, make_v
     client.put(f"/v1/vms/{vm}/memslots/1", json={"guest_phys_addr": 0, "memory_size": "0x10000", "userspace_addr": 0})
     client.post(f"/v1/vms/{vm}/memory-encrypt/unreg-region", json={"addr": 0, "size": 4096})
     client.post(f"/v1/vms/{vm}/mmu-notifier/invalidations", json={"hva_start": 0, "hva_end": 4096})
+    client.post(f"/v1/vms/{vm}/faults", json={"gpa": hex(GIB4 + 0x3000)})  # a private mapping
     doc = client.get(f"/v1/vms/{vm}/snapshot").json()
     assert client.post("/v1/vms/import", json=doc).status_code == 201, "the untouched document loads"
     before = client.get("/v1/vms").json()
@@ -116,6 +159,43 @@ def test_bad_snapshots_are_refused_and_create_nothing(client: TestClient, make_v
     problem = assert_problem(client.post("/v1/vms/import", json=bad), 422, "EINVAL")
     assert needle in problem["detail"] or needle in str(problem.get("errors")), problem
     assert client.get("/v1/vms").json() == before
+
+
+@pytest.mark.parametrize("vm_type", ["sev_es", "snp", "tdx"])
+def test_import_refuses_what_the_ioctl_refuses(client: TestClient, make_vm: MakeVm, vm_type: str) -> None:
+    """One set of rules: a READONLY slot on a linux VM whose guest state is protected is refused by
+    KVM_SET_USER_MEMORY_REGION2, and so by an import (an import used to accept it)."""
+    vm = make_vm(vm_type, "linux")
+    slot = {"flags": 2, "guest_phys_addr": 0, "memory_size": "0x10000", "userspace_addr": hex(HVA)}
+    assert_problem(client.put(f"/v1/vms/{vm}/memslots/1", json=slot), 422, "EINVAL")
+    assert client.put(f"/v1/vms/{vm}/memslots/1", json={**slot, "flags": 0}).status_code == 200
+    doc = client.get(f"/v1/vms/{vm}/snapshot").json()
+    doc["memslots"][0]["flags"] = 2
+    problem = assert_problem(client.post("/v1/vms/import", json=doc), 422, "EINVAL")
+    assert "the ioctl refuses it" in problem["detail"] and "flags" in problem["detail"]
+
+
+def test_what_the_ioctl_accepts_round_trips_near_2_63(client: TestClient, make_vm: MakeVm) -> None:
+    """kvm_gmem_bind()'s loff_t overflow: an offset + size past 2^63 is accepted by the ioctl (and
+    by a real 6.18 host), so an export of that VM must import (the loader used to refuse it, and a
+    state file holding it then refused to start)."""
+    vm = make_vm("sw_protected", "linux")
+    fd = client.post(f"/v1/vms/{vm}/guest-memfds", json={"size": "0x200000"}).json()["fd"]
+    offset = (1 << 63) - 0x1000
+    slot = {"flags": 4, "guest_phys_addr": 0, "memory_size": "0x2000", "userspace_addr": hex(HVA)}
+    r = client.put(f"/v1/vms/{vm}/memslots/3", json={**slot, "guest_memfd": fd, "guest_memfd_offset": hex(offset)})
+    assert r.status_code == 200, r.text
+    doc = client.get(f"/v1/vms/{vm}/snapshot").json()
+    r = client.post("/v1/vms/import", json=doc)
+    assert r.status_code == 201, r.text
+    assert client.get(f"/v1/vms/{r.json()['id']}/snapshot").json() == doc
+    client.delete(f"/v1/vms/{vm}/guest-memfds/{fd}")  # closed: the slot keeps its offset, not its file
+    doc = client.get(f"/v1/vms/{vm}/snapshot").json()
+    r = client.post("/v1/vms/import", json=doc)
+    assert r.status_code == 201, r.text
+    assert client.get(f"/v1/vms/{r.json()['id']}/snapshot").json() == doc
+    doc["memslots"][0]["guest_memfd_offset"] = 1 << 63  # negative as a loff_t: refused by the ioctl
+    assert_problem(client.post("/v1/vms/import", json=doc), 422, "EINVAL")
 
 
 def test_import_budgets_and_large_documents() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from app.core import Engine, KvmError, attributes
+from app.core.journal import SqliteJournal
 from app.core.vm import VirtualMachine
 from app.models.host import PROFILES
 from app.models.kvm import (
@@ -91,7 +93,7 @@ class EngineVsReference(RuleBasedStateMachine):
         hva_base=st.sampled_from(HVA_BASES),
         hva_page=st.integers(0, 4),
         fd=st.sampled_from([None, 3, 3, 3, 4, 5, 99]),
-        off_page=st.integers(0, 4),
+        off_page=st.sampled_from([0, 1, 2, 3, 4, 2**51 - 2, 2**51 - 1, 2**51, 2**52 - 1]),
         misalign=st.sampled_from([0] * 16 + [1, 0x800]),
     )
     def set_region(
@@ -138,9 +140,11 @@ class EngineVsReference(RuleBasedStateMachine):
         gpa_page=st.integers(0, 10),
         npages=st.integers(1, 6),
         hva_base=st.sampled_from(HVA_BASES),
+        off=st.sampled_from([0, 0, 0, 2**63 - PAGE, 2**63 - 2 * PAGE]),
     )
-    def gmem_slot(self, sid: int, gpa_page: int, npages: int, hva_base: int) -> None:
-        """A guest_memfd and a slot bound to all of it: the set-up of every private-memory test."""
+    def gmem_slot(self, sid: int, gpa_page: int, npages: int, hva_base: int, off: int) -> None:
+        """A guest_memfd and a slot bound to all of it: the set-up of every private-memory test.
+        Or, past 2^63, bound where kvm_gmem_bind()'s loff_t overflow lets it."""
         size = npages * PAGE
         got, fd = same(
             lambda: self.vm.create_guest_memfd(KvmCreateGuestMemfd(size=size)),
@@ -149,11 +153,16 @@ class EngineVsReference(RuleBasedStateMachine):
         if got is None:
             return
         req = KvmUserspaceMemoryRegion2(
-            flags=4, guest_phys_addr=gpa_page * PAGE, memory_size=size, userspace_addr=hva_base, guest_memfd=fd
+            flags=4,
+            guest_phys_addr=gpa_page * PAGE,
+            memory_size=size,
+            userspace_addr=hva_base,
+            guest_memfd=fd,
+            guest_memfd_offset=off,
         )
         same(
             lambda: self.vm.set_user_memory_region(sid, req),
-            lambda: self.ref.set_region(sid, 4, gpa_page * PAGE, size, hva_base, fd, 0),
+            lambda: self.ref.set_region(sid, 4, gpa_page * PAGE, size, hva_base, fd, off),
         )
 
     @rule(fd=st.integers(2, 6))
@@ -282,6 +291,27 @@ class EngineVsReference(RuleBasedStateMachine):
         assert copy.snapshot() == doc
         assert copy.model().model_dump(exclude={"id"}) == self.vm.model().model_dump(exclude={"id"})
         self.vm = copy
+
+    @rule(graceful=st.booleans())
+    def restart_from_a_state_file(self, graceful: bool) -> None:
+        """Shutdown -> restart: the VM goes into a state file (as its snapshot after a graceful
+        shutdown, else as the journaled import), a new engine starts from the file, and the
+        reference model carries on against the restarted VM."""
+        doc = self.vm.snapshot()
+        with tempfile.TemporaryDirectory() as tmp:
+            db = os.path.join(tmp, "state.sqlite3")
+            before, journal = Engine(), SqliteJournal(db)
+            before.attach_journal(journal)
+            vm = before.import_vm(doc)
+            if graceful:
+                before.compact_all()
+            journal.close()
+            after, journal = Engine(), SqliteJournal(db)
+            assert after.restore(journal) == ((1, 0) if graceful else (0, 1))
+            journal.close()
+        restarted = after.vm(vm.id)
+        assert restarted.snapshot() == doc
+        self.vm = restarted
 
     @rule(n=st.integers(1, 12))
     def arm_fault_injection(self, n: int) -> None:

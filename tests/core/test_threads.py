@@ -3,12 +3,45 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+
+import pytest
 
 from app.core import Engine
 from app.core.errors import KvmError
 from app.models.kvm import FaultRequest, KvmMemoryAttributes, NotifierRequest
 from app.models.vm import VmCreate
 from tests.core.conftest import GIB4, HVA, add_gmem_slot
+
+
+def run_workers(worker: Callable[[int], None], n: int) -> None:
+    """Run ``worker(0..n-1)`` in threads at once; the first exception of any worker fails the test
+    (an exception in a plain Thread is only printed, and the test went on to pass)."""
+    errors: list[BaseException] = []
+
+    def guarded(i: int) -> None:
+        try:
+            worker(i)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def test_a_failing_worker_fails_the_test() -> None:
+    def worker(n: int) -> None:
+        for i in range(10):
+            if n == 3 and i == 5:
+                raise KvmError("injected at iteration 5")
+
+    with pytest.raises(KvmError, match="injected"):
+        run_workers(worker, 8)
 
 
 def test_concurrent_conversions_faults_and_notifiers() -> None:
@@ -34,11 +67,7 @@ def test_concurrent_conversions_faults_and_notifiers() -> None:
             except KvmError as e:  # pragma: no cover - would be a bug
                 raise AssertionError(e.detail) from e
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_workers(worker, 8)
     mmu = vm.mmu_model()
     assert mmu.mmu_invalidate_in_progress == 0
     assert mmu.mmu_invalidate_seq == sum(invalidations)

@@ -94,7 +94,7 @@ def test_replay_rebuilds_engine_state_exactly(tmp_path: Path) -> None:
     copy.fault(FaultRequest(gpa=GIB4 + 0x5000))
     before = engine_state(engine)
     fresh = Engine()
-    SqliteJournal(db).replay(fresh)
+    fresh.restore(SqliteJournal(db))
     assert engine_state(fresh) == before
     assert gone.id not in before
 
@@ -184,7 +184,7 @@ def test_sigkill_at_a_random_point_keeps_exactly_the_acknowledged_changes(
 
     with live_server(env) as (url2, _):
         restarted = Engine()
-        SqliteJournal(db).replay(restarted)
+        restarted.restore(SqliteJournal(db))
         got = engine_state(restarted)
         with Client(url2) as kvm:
             assert {v.id for v in kvm.list_vms().vms} == set(vms)

@@ -60,7 +60,7 @@ def test_a_vm_is_compacted_past_the_threshold_and_restarts_from_its_snapshot(tmp
     assert _rows(db, "SELECT COUNT(*) FROM snapshots") == 1
     assert _rows(db, f"SELECT COUNT(*) FROM journal WHERE vm_id = '{vm}'") < 25, "only the tail is kept"
     restarted = Engine()
-    snapshots, calls = SqliteJournal(db).replay(restarted)
+    snapshots, calls = restarted.restore(SqliteJournal(db))
     assert snapshots == 1 and calls < 25
     assert _state(restarted) == _state(engine)
 
@@ -132,7 +132,7 @@ def test_a_row_that_cannot_be_replayed_stops_start_up_naming_it(tmp_path: Path) 
         (seq,) = conn.execute("SELECT MAX(seq) FROM journal").fetchone()
     _refused(db, f"journal row {seq} (VM x, set_memory_attribute) cannot be replayed")
     with pytest.raises(StateFileError):
-        SqliteJournal(db).replay(Engine())
+        Engine().restore(SqliteJournal(db))
 
 
 def test_a_version_1_file_is_upgraded(tmp_path: Path) -> None:
@@ -145,7 +145,7 @@ def test_a_version_1_file_is_upgraded(tmp_path: Path) -> None:
             '[{"$model": "VmCreate", "data": {"type": "default", "semantics": "linux", "name": "old"}}]')""")
         conn.commit()
     engine = Engine()
-    assert SqliteJournal(db).replay(engine) == (0, 1)
+    assert engine.restore(SqliteJournal(db)) == (0, 1)
     assert engine.vm("v1").model().name == "old"
     assert _rows(db, "SELECT value FROM meta WHERE key = 'version'") == 2
 

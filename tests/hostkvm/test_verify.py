@@ -9,8 +9,8 @@ import os
 import pytest
 
 from app.cli import main
+from app.core.kvm import AddressSpace, Memslot
 from app.core.kvm import Kvm as StructKvm
-from app.core.memslots import AddressSpace, Memslot
 from app.hostkvm import verify as v
 from app.hostkvm.ioctls import HostKvmError, Kvm
 from app.models.host import PROFILES, HostProfile

@@ -184,6 +184,6 @@ def test_concurrent_clients_on_shared_vms(tmp_path: Path) -> None:
         rows = sqlite3.connect(db).execute("SELECT COUNT(*) FROM journal").fetchone()[0]
         assert rows == tally.mutations + setup_rows
         fresh = Engine()
-        SqliteJournal(db).replay(fresh)
+        fresh.restore(SqliteJournal(db))
         for vm in vms:
             assert engine_state(fresh, vm) == got[vm]
