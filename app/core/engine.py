@@ -168,12 +168,16 @@ class Engine:
             except KvmError as e:
                 raise journal.error(f"the snapshot of VM {vm_id} does not load: {e}") from None
             snapshots += 1
-        for seq, vm_id, op, args in journal.calls():
+        for seq, vm_id, op, args, budget_refused in journal.calls():
+            # The service-wide budget answers as it did then: that depended on every other VM.
+            self.budget.replaying = not budget_refused
             try:
                 with contextlib.suppress(KvmError):  # it failed the same way when it was recorded
                     self.replay(vm_id, op, args)
             except (ValueError, TypeError) as e:
                 raise journal.error(f"journal row {seq} (VM {vm_id}, {op}) cannot be replayed: {e}") from None
+            finally:
+                self.budget.replaying = None
             calls += 1
         return snapshots, calls
 

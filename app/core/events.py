@@ -27,7 +27,7 @@ class EventLog:
             raise ValueError(f"event field names id, time and type are the log's own: {sorted(fields)}")
         events = self._events
         if len(events) < (events.maxlen or 0):
-            if self.budget.room(1) or not events:
+            if self.budget.fits(1) or not events:
                 self.budget.add(1)
             else:  # the service is full: this log makes room by dropping its oldest event
                 events.popleft()

@@ -39,7 +39,8 @@ def mutation(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, 
     """A state-changing ioctl: atomic, and written ahead to the journal (if any) in call order.
 
     Failed calls are journaled too: some failures change state the kernel way (the rfc-v9
-    rollback bumps the seq, faults count), and replay reproduces the same failure.
+    rollback bumps the seq, faults count), and replay reproduces the same failure. A call the
+    service-wide budget refused is marked, so replay refuses it again whatever the other VMs hold.
     """
     name = method.__name__
 
@@ -49,12 +50,17 @@ def mutation(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, 
             raise TypeError(f"{name}() takes positional arguments only, so the journal can replay it")
         with self.lock:
             journal = self.journal
-            if journal is not None:
-                journal.record(self.id, name, args)
+            if journal is None:
+                return method(self, *args, **kwargs)
+            row = journal.record(self.id, name, args)
+            budget = self.kvm.budget
+            budget.begin_call()
             try:
                 return method(self, *args, **kwargs)  # kwargs is empty: checked above
             finally:
-                if journal is not None and journal.wants_compaction(self.id):
+                if budget.refused_call():  # an outcome replay cannot decide again: record it
+                    journal.mark_budget_refused(row)
+                if journal.wants_compaction(self.id):
                     journal.compact(self.id, snapshot.dump(self.kvm))
 
     return wrapper

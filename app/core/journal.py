@@ -14,6 +14,7 @@ start-up and never rewritten.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -29,8 +30,9 @@ from app.models import snapshot as snapshot_models
 from app.models import vm as vm_models
 
 FORMAT = "kvm-memattr-journal"
-VERSION = 2
-"""1: the journal table alone; 2: adds the format row and per-VM snapshots (a v1 file is upgraded)."""
+VERSION = 3
+"""1: the journal table alone; 2: adds the format row and per-VM snapshots; 3: marks the calls the
+service-wide budget refused (older files are upgraded)."""
 
 _MODELS: dict[str, type[BaseModel]] = {
     name: cls
@@ -45,7 +47,9 @@ class StateFileError(Exception):
 
 
 class Journal(Protocol):
-    def record(self, vm_id: str, op: str, args: tuple[Any, ...]) -> None: ...
+    def record(self, vm_id: str, op: str, args: tuple[Any, ...]) -> int: ...
+
+    def mark_budget_refused(self, row: int) -> None: ...
 
     def forget_vm(self, vm_id: str) -> None: ...
 
@@ -112,23 +116,34 @@ class SqliteJournal:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?), ('version', ?)", (FORMAT, str(VERSION)))
             db.execute(
-                "CREATE TABLE IF NOT EXISTS journal "
-                "(seq INTEGER PRIMARY KEY, vm_id TEXT NOT NULL, op TEXT NOT NULL, args TEXT NOT NULL)"
+                "CREATE TABLE IF NOT EXISTS journal (seq INTEGER PRIMARY KEY, vm_id TEXT NOT NULL, op TEXT NOT NULL, "
+                "args TEXT NOT NULL, budget_refused INTEGER NOT NULL DEFAULT 0)"
             )
+            if "budget_refused" not in {row[1] for row in db.execute("PRAGMA table_info(journal)")}:
+                db.execute("ALTER TABLE journal ADD COLUMN budget_refused INTEGER NOT NULL DEFAULT 0")
             db.execute("CREATE INDEX IF NOT EXISTS journal_vm ON journal (vm_id)")
             db.execute(
                 "CREATE TABLE IF NOT EXISTS snapshots (vm_id TEXT PRIMARY KEY, seq INTEGER NOT NULL, doc TEXT NOT NULL)"
             )
 
-    def record(self, vm_id: str, op: str, args: tuple[Any, ...]) -> None:
-        """Write one call ahead of running it; a full disk fails the call (ENOSPC), changing nothing."""
+    def record(self, vm_id: str, op: str, args: tuple[Any, ...]) -> int:
+        """Write one call ahead of running it; a full disk fails the call (ENOSPC), changing nothing.
+        Returns the row, for ``mark_budget_refused()``."""
         payload = json.dumps([_encode(a) for a in args])
         with self._lock:
             try:
-                self._db.execute("INSERT INTO journal (vm_id, op, args) VALUES (?, ?, ?)", (vm_id, op, payload))
+                cur = self._db.execute("INSERT INTO journal (vm_id, op, args) VALUES (?, ?, ?)", (vm_id, op, payload))
             except sqlite3.OperationalError as e:
                 raise ENOSPC(f"the state file could not record the call: {e}") from None
             self._tail[vm_id] = self._tail.get(vm_id, 0) + 1
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+    def mark_budget_refused(self, row: int) -> None:
+        """The service-wide budget refused the call of ``row``: replay must refuse it too. Written
+        before the response; a crash in between leaves the call in flight, which may go either way."""
+        with self._lock, contextlib.suppress(sqlite3.OperationalError):  # a full disk: as a crash before it
+            self._db.execute("UPDATE journal SET budget_refused = 1 WHERE seq = ?", (row,))
 
     def wants_compaction(self, vm_id: str) -> bool:
         return self._tail.get(vm_id, 0) >= self.compact_after
@@ -164,15 +179,16 @@ class SqliteJournal:
             except ValidationError as e:
                 raise self.error(f"the snapshot of VM {vm_id} does not load: {e}") from None
 
-    def calls(self) -> Iterator[tuple[int, str, str, list[Any]]]:
-        """The calls after the snapshots, in call order: (seq, vm_id, op, args)."""
-        for seq, vm_id, op, payload in self._db.execute("SELECT seq, vm_id, op, args FROM journal ORDER BY seq"):
+    def calls(self) -> Iterator[tuple[int, str, str, list[Any], bool]]:
+        """The calls after the snapshots, in call order: (seq, vm_id, op, args, budget_refused)."""
+        rows = self._db.execute("SELECT seq, vm_id, op, args, budget_refused FROM journal ORDER BY seq")
+        for seq, vm_id, op, payload, refused in rows:
             try:
                 args = [_decode(a) for a in json.loads(payload)]
             except (ValueError, KeyError, TypeError, ValidationError) as e:
                 raise self.error(f"journal row {seq} (VM {vm_id}, {op}) cannot be replayed: {e}") from None
             self._tail[vm_id] = self._tail.get(vm_id, 0) + 1
-            yield seq, vm_id, op, args
+            yield seq, vm_id, op, args, bool(refused)
 
     def error(self, what: str) -> StateFileError:
         """The one line a state-file failure prints."""

@@ -20,6 +20,7 @@ from app.client.operations import Op
 from app.core import Engine
 from app.core.errors import EBUSY, ENOMEM, ENOTTY
 from app.core.journal import SqliteJournal
+from app.core.limits import EngineLimits
 from app.main import create_app
 from app.models.kvm import (
     FaultRequest,
@@ -119,18 +120,27 @@ def _script(rng: random.Random, vms: list[str]) -> Op[Any]:
     return ops.fault(vm, GIB4 + page * 0x1000, mmu_seq=0)
 
 
-@pytest.mark.parametrize(("seed", "compact_after"), [(1, None), (2, None), (3, None), (4, 3), (5, 7), (6, 2)])
+@pytest.mark.parametrize(
+    ("seed", "compact_after", "service_items"),
+    [(1, None, None), (2, None, None), (3, None, None), (4, 3, None), (5, 7, None), (6, 2, None), (7, 3, 60)],
+)
 @pytest.mark.slow
 def test_sigkill_at_a_random_point_keeps_exactly_the_acknowledged_changes(
-    tmp_path: Path, seed: int, compact_after: int | None
+    tmp_path: Path, seed: int, compact_after: int | None, service_items: int | None
 ) -> None:
     """With a low compaction threshold the kill lands during compactions too: nothing acknowledged
-    may be lost (a compacted VM's trace restarts empty, so only its next event id is compared)."""
+    may be lost (a compacted VM's trace restarts empty, so only its next event id is compared).
+    With a small service-wide budget, calls it refused must stay refused after the restart."""
     rng = random.Random(seed)
     db = tmp_path / "state.sqlite3"
     env = {"KVM_MEMATTR_STATE_FILE": str(db)}
     if compact_after is not None:
         env["KVM_MEMATTR_JOURNAL_COMPACT_AFTER"] = str(compact_after)
+    limits = EngineLimits()
+    if service_items is not None:
+        env["KVM_MEMATTR_MAX_SERVICE_ITEMS"] = str(service_items)
+        limits = EngineLimits(max_service_items=service_items)
+    refused = 0
     port = free_port()
     proc = start_server(port, env)
     url = f"http://127.0.0.1:{port}"
@@ -157,8 +167,8 @@ def test_sigkill_at_a_random_point_keeps_exactly_the_acknowledged_changes(
                 in_flight = _script(rng, vms)
                 try:
                     kvm.send(in_flight)
-                except KvmMemattrError:
-                    pass  # a kernel error is an acknowledged answer too
+                except KvmMemattrError as e:  # a kernel error is an acknowledged answer too
+                    refused += e.status == 507
                 except httpx.TransportError:
                     break
                 acked.append(in_flight)
@@ -169,8 +179,11 @@ def test_sigkill_at_a_random_point_keeps_exactly_the_acknowledged_changes(
         proc.wait()
     assert len(acked) > 10, "the server was killed before the test did anything"
 
+    if service_items is not None:
+        assert refused, "the service-wide budget never refused a call"
+
     def expected(ops_done: list[Op[Any]]) -> dict[str, Any]:
-        engine = Engine()
+        engine = Engine(limits)
         ids: list[str] = []
         with Client.in_process(create_app(engine=engine)) as local:
             for op in ops_done:
@@ -183,7 +196,7 @@ def test_sigkill_at_a_random_point_keeps_exactly_the_acknowledged_changes(
         return _rename(engine_state(engine), dict(zip(ids, vms, strict=False)))
 
     with live_server(env) as (url2, _):
-        restarted = Engine()
+        restarted = Engine(limits)
         restarted.restore(SqliteJournal(db))
         got = engine_state(restarted)
         with Client(url2) as kvm:

@@ -147,7 +147,8 @@ def test_a_version_1_file_is_upgraded(tmp_path: Path) -> None:
     engine = Engine()
     assert engine.restore(SqliteJournal(db)) == (0, 1)
     assert engine.vm("v1").model().name == "old"
-    assert _rows(db, "SELECT value FROM meta WHERE key = 'version'") == 2
+    assert _rows(db, "SELECT value FROM meta WHERE key = 'version'") == 3
+    assert _rows(db, "SELECT COUNT(*) FROM pragma_table_info('journal') WHERE name = 'budget_refused'") == 1
 
 
 @pytest.fixture
