@@ -169,6 +169,11 @@ class Engine:
                 raise journal.error(f"the snapshot of VM {vm_id} does not load: {e}") from None
             snapshots += 1
         for seq, vm_id, op, args, budget_refused in journal.calls():
+            if vm_id not in self._vms and op not in ("create_vm", "import_vm"):
+                # Destroying a VM deletes its rows: such a row means the file lost some.
+                raise journal.error(
+                    f"journal row {seq} ({op}) names VM {vm_id}, which no snapshot or earlier row creates"
+                )
             # The service-wide budget answers as it did then: that depended on every other VM.
             self.budget.replaying = not budget_refused
             try:

@@ -46,6 +46,14 @@ class StateFileError(Exception):
     """The state file cannot be used; the message is the one line to print."""
 
 
+def one_line(e: ValidationError) -> str:
+    """A pydantic error as one line: how many problems, and the first with its place."""
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "the document"
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
 class Journal(Protocol):
     def record(self, vm_id: str, op: str, args: tuple[Any, ...]) -> int: ...
 
@@ -79,13 +87,17 @@ class SqliteJournal:
         self.path, self.compact_after = str(path), compact_after
         self._lock = threading.Lock()
         self._tail: dict[str, int] = {}  # rows since each VM's snapshot
+        file = Path(self.path)
+        if file.is_file() and file.stat().st_size == 0:
+            # SQLite would take it as a new database: whatever it held is gone. Say so.
+            raise self.error("the file is empty (0 bytes), not a kvm-memattr journal; remove it to start afresh")
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._open()
         except sqlite3.Error as e:
-            raise StateFileError(self._why(e)) from None
+            raise self.error(self._why(e)) from None
 
     def _why(self, e: sqlite3.Error) -> str:
         reason = str(e)
@@ -94,7 +106,7 @@ class SqliteJournal:
             reason = f"the directory {parent} does not exist"
         elif "unable to open" in reason or "readonly" in reason:
             reason = f"{reason} (is it writable by this user?)"
-        return f"KVM_MEMATTR_STATE_FILE={self.path}: {reason}"
+        return reason
 
     def _open(self) -> None:
         db = self._db
@@ -102,15 +114,21 @@ class SqliteJournal:
         if "meta" in tables:
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
             if meta.get("format") != FORMAT:
-                raise StateFileError(f"KVM_MEMATTR_STATE_FILE={self.path}: not a kvm-memattr journal")
-            version = int(meta.get("version", "0"))
+                raise self.error("not a kvm-memattr journal")
+            text = meta.get("version", "")
+            if not text.isdigit():
+                raise self.error(f"the journal format version {text!r} is not a number: the file is damaged")
+            version = int(text)
             if version > VERSION:
-                raise StateFileError(
-                    f"KVM_MEMATTR_STATE_FILE={self.path}: journal format {version} is newer than this "
-                    f"kvm-memattr reads ({VERSION}); it was left untouched"
+                raise self.error(
+                    f"journal format {version} is newer than this kvm-memattr reads ({VERSION}); it was left untouched"
                 )
+            # A file of ours missing a table lost state: refuse it rather than start without it.
+            for table in ("journal", "snapshots") if version >= 2 else ("journal",):
+                if table not in tables:
+                    raise self.error(f"the file has no {table} table: it is damaged, and starting would lose state")
         elif tables - {"journal"}:
-            raise StateFileError(f"KVM_MEMATTR_STATE_FILE={self.path}: not a kvm-memattr journal")
+            raise self.error("not a kvm-memattr journal")
         with db:  # a v1 file (or a new one) becomes v2 in one transaction
             db.execute("BEGIN IMMEDIATE")  # fails now, not at the first call, on a read-only file
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
@@ -173,22 +191,32 @@ class SqliteJournal:
 
     def snapshots(self) -> Iterator[tuple[str, snapshot_models.VmSnapshot]]:
         """Every VM's latest snapshot, in the order they were written."""
-        for vm_id, doc in self._db.execute("SELECT vm_id, doc FROM snapshots ORDER BY seq").fetchall():
+        for vm_id, doc in self._read("SELECT vm_id, doc FROM snapshots ORDER BY seq"):
             try:
                 yield vm_id, snapshot_models.VmSnapshot.model_validate_json(doc)
             except ValidationError as e:
-                raise self.error(f"the snapshot of VM {vm_id} does not load: {e}") from None
+                raise self.error(f"the snapshot of VM {vm_id} does not load: {one_line(e)}") from None
 
     def calls(self) -> Iterator[tuple[int, str, str, list[Any], bool]]:
         """The calls after the snapshots, in call order: (seq, vm_id, op, args, budget_refused)."""
-        rows = self._db.execute("SELECT seq, vm_id, op, args, budget_refused FROM journal ORDER BY seq")
-        for seq, vm_id, op, payload, refused in rows:
+        for seq, vm_id, op, payload, refused in self._read(
+            "SELECT seq, vm_id, op, args, budget_refused FROM journal ORDER BY seq"
+        ):
             try:
                 args = [_decode(a) for a in json.loads(payload)]
-            except (ValueError, KeyError, TypeError, ValidationError) as e:
+            except ValidationError as e:
+                raise self.error(f"journal row {seq} (VM {vm_id}, {op}) cannot be replayed: {one_line(e)}") from None
+            except (ValueError, KeyError, TypeError) as e:
                 raise self.error(f"journal row {seq} (VM {vm_id}, {op}) cannot be replayed: {e}") from None
             self._tail[vm_id] = self._tail.get(vm_id, 0) + 1
             yield seq, vm_id, op, args, bool(refused)
+
+    def _read(self, sql: str) -> list[Any]:
+        """All rows of a start-up query; a damaged file (SQLite's own check) is one line."""
+        try:
+            return self._db.execute(sql).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise self.error(f"the file is damaged ({e}); restore it from a backup or remove it") from None
 
     def error(self, what: str) -> StateFileError:
         """The one line a state-file failure prints."""

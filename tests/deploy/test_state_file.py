@@ -125,12 +125,12 @@ def test_a_row_that_cannot_be_replayed_stops_start_up_naming_it(tmp_path: Path) 
     db = tmp_path / "state.sqlite3"
     engine = Engine()
     engine.attach_journal(SqliteJournal(db))
-    engine.create_vm(VmCreate())
+    vm = engine.create_vm(VmCreate()).id
     with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.execute("INSERT INTO journal (vm_id, op, args) VALUES ('x', 'set_memory_attribute', '[]')")
+        conn.execute("INSERT INTO journal (vm_id, op, args) VALUES (?, 'set_memory_attribute', '[]')", (vm,))
         conn.commit()
         (seq,) = conn.execute("SELECT MAX(seq) FROM journal").fetchone()
-    _refused(db, f"journal row {seq} (VM x, set_memory_attribute) cannot be replayed")
+    _refused(db, f"journal row {seq} (VM {vm}, set_memory_attribute) cannot be replayed")
     with pytest.raises(StateFileError):
         Engine().restore(SqliteJournal(db))
 
@@ -190,3 +190,64 @@ def test_a_read_only_file_system(tiny_disk: Path) -> None:
     if subprocess.run(["mount", "-o", "remount,ro", str(tiny_disk)]).returncode:
         pytest.skip("cannot remount read-only here")
     _refused(db, "(is it writable by this user?)")
+
+
+def _journal_with_a_snapshot(tmp_path: Path) -> Path:
+    db = tmp_path / "state.sqlite3"
+    engine = Engine()
+    engine.attach_journal(SqliteJournal(db))
+    _busy_vm(engine)
+    engine.compact_all()
+    engine.create_vm(VmCreate(name="tail"))
+    engine.journal.close()  # type: ignore[union-attr]
+    return db
+
+
+def test_bytes_flipped_mid_file_are_one_line(tmp_path: Path) -> None:
+    db = _journal_with_a_snapshot(tmp_path)
+    data = bytearray(db.read_bytes())
+    at = data.index(b'"attributes"')  # inside the stored snapshot
+    for i in range(at - 200, at + 200):
+        data[i] ^= 0x5A
+    db.write_bytes(bytes(data))
+    _refused(db, "")
+
+
+def test_a_non_numeric_format_version(tmp_path: Path) -> None:
+    db = tmp_path / "state.sqlite3"
+    SqliteJournal(db).close()
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("UPDATE meta SET value = 'two' WHERE key = 'version'")
+        conn.commit()
+    _refused(db, "format version 'two' is not a number")
+
+
+def test_a_bad_snapshot_row_is_one_line(tmp_path: Path) -> None:
+    db = _journal_with_a_snapshot(tmp_path)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("""UPDATE snapshots SET doc = '{"version": 2, "type": "wrong"}'""")
+        conn.commit()
+    _refused(db, "does not load")
+
+
+def test_an_empty_file_is_refused_not_treated_as_new(tmp_path: Path) -> None:
+    empty = tmp_path / "state.sqlite3"
+    empty.touch()
+    _refused(empty, "is empty")
+
+
+@pytest.mark.parametrize("table", ["snapshots", "journal"])
+def test_a_dropped_table_is_refused(tmp_path: Path, table: str) -> None:
+    db = _journal_with_a_snapshot(tmp_path)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(f"DROP TABLE {table}")
+        conn.commit()
+    _refused(db, f"has no {table} table")
+
+
+def test_a_row_naming_an_unknown_vm_is_refused(tmp_path: Path) -> None:
+    db = _journal_with_a_snapshot(tmp_path)
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("""INSERT INTO journal (vm_id, op, args) VALUES ('nobody', 'set_fault_injection', '[3]')""")
+        conn.commit()
+    _refused(db, "VM nobody, which no snapshot or earlier row creates")
