@@ -635,6 +635,7 @@ def _inject(client: Client, args: argparse.Namespace) -> Any:
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
 
     from app.core.journal import StateFileError
     from app.main import create_app
@@ -647,7 +648,12 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {
         k: v for k, v in (("host", args.host), ("port", args.port), ("log_level", args.log_level)) if v is not None
     }
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        first = e.errors()[0]
+        print(f"kvm-memattr: KVM_MEMATTR_{str(first['loc'][0]).upper()}: {first['msg']}", file=sys.stderr)
+        return 2
     problem = _cannot_listen(settings.host, settings.port)
     if problem:
         print(f"kvm-memattr: cannot listen on {settings.host}:{settings.port}: {problem}", file=sys.stderr)

@@ -158,6 +158,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         max_import_bytes=settings.max_import_bytes,
         api_token=settings.api_token,
         fast_path=FastPath(app) if settings.fast_path else None,
+        allowed_hosts=settings.host_names(),
     )
 
     def openapi() -> dict[str, Any]:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.limits import EngineLimits
 from app.models.host import DEFAULT_PROFILE, PROFILES, HostProfile
 from app.models.kvm import GFN_LIMIT
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 class ProfileError(Exception):
@@ -36,7 +38,14 @@ class Settings(BaseSettings, EngineLimits):
     max_import_bytes: int = Field(
         256 << 20, ge=1024, description="the body limit of POST /v1/vms/import (a snapshot holds every run)"
     )
-    api_token: str | None = Field(None, description="when set, /v1 needs 'Authorization: Bearer <token>'")
+    api_token: str | None = Field(
+        None, description="when set, /v1 needs 'Authorization: Bearer <token>' (an empty value is refused)"
+    )
+    allowed_hosts: str | None = Field(
+        None,
+        description="comma-separated Host names the service answers to, * for any (default: the loopback names when "
+        "bound to loopback, against DNS rebinding; any when bound elsewhere)",
+    )
     state_file: str | None = Field(None, description="SQLite journal: state survives restarts (default: in memory)")
     journal_compact_after: int = Field(
         10_000, ge=1, description="calls journaled for one VM before it is compacted to a snapshot"
@@ -55,6 +64,23 @@ class Settings(BaseSettings, EngineLimits):
     address_spaces: int | None = Field(
         None, ge=1, le=2, description="overrides the default profile's address spaces: 1 drops the SMM space"
     )
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_not_empty(cls, value: str | None) -> str | None:
+        # An empty token used to turn auth off without a word: unset the variable to mean that.
+        if value is not None and not value.strip():
+            raise ValueError("is empty: unset KVM_MEMATTR_API_TOKEN for no token, or give one")
+        return value
+
+    def host_names(self) -> frozenset[str] | None:
+        """The Host names to answer to, None for any."""
+        if self.allowed_hosts is not None:
+            names = frozenset(n.strip().lower() for n in self.allowed_hosts.split(",") if n.strip())
+            return None if "*" in names else names
+        if self.host in LOOPBACK_NAMES or self.host.startswith("127."):
+            return LOOPBACK_NAMES | {self.host}
+        return None
 
     def host_profile(self) -> HostProfile:
         """The default profile: ``profile`` with the two overrides applied (then named ``<name>-custom``)."""

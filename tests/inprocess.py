@@ -14,4 +14,4 @@ class TestClient(httpx.Client):
     __test__ = False  # not a test class
 
     def __init__(self, app: Any, **kwargs: Any) -> None:
-        super().__init__(transport=InProcessTransport(app), base_url="http://testserver", **kwargs)
+        super().__init__(transport=InProcessTransport(app), base_url="http://localhost", **kwargs)

@@ -1,4 +1,5 @@
-"""One pure-ASGI middleware: request id, bearer token, body limit, access log and HTTP metrics.
+"""One pure-ASGI middleware: request id, Host and cross-site checks, bearer token, body limit,
+security headers, access log and HTTP metrics.
 
 Pure ASGI (not BaseHTTPMiddleware) because it sits on every request. It hands the routes that
 app/api/fastpath.py compiled to it, and everything else (or what it gives back) to FastAPI.
@@ -23,6 +24,36 @@ from app.logs import request_id_var
 
 log = logging.getLogger("kvm_memattr.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+# Every response: no MIME sniffing, never framed, no referrer leaves, and a CSP that allows only
+# this service's own files. Swagger UI starts itself with an inline script, so /docs needs it.
+_CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; "
+    "base-uri 'none'; form-action 'self'"
+)
+_SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
+_PAGE_CSP = (b"content-security-policy", _CSP.encode())
+_DOCS_CSP = (
+    b"content-security-policy",
+    _CSP.replace("default-src 'self';", "default-src 'self'; script-src 'self' 'unsafe-inline';").encode(),
+)
+
+
+def host_name(host: str) -> str:
+    """``host[:port]`` or ``[v6]:port`` -> the name alone, lower case."""
+    if host.startswith("["):
+        return host[1 : host.find("]")].lower() if "]" in host else host.lower()
+    return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
+
+
+def _printable(text: str) -> str:
+    """A request path as one log line: control characters escaped (a %0a would split the line)."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 class _Refused(Exception):
@@ -49,12 +80,31 @@ class ServiceMiddleware:
         max_import_bytes: int,
         api_token: str | None,
         fast_path: FastPath | None,
+        allowed_hosts: frozenset[str] | None = None,
     ) -> None:
         self.app, self.metrics, self.max_body, self.token = app, metrics, max_body_bytes, api_token
+        self.allowed_hosts = allowed_hosts  # None: any Host
         self.fast_path = fast_path
         self.max_import = max_import_bytes  # a snapshot holds every run of a VM
         # Unique per process and cheap: a random prefix and a counter (uuid4 costs a syscall).
         self._ids = (f"{self._prefix}{n:08x}" for n in itertools.count(1))
+
+    def _check_origin(self, method: str, headers: dict[bytes, bytes]) -> None:
+        """DNS rebinding and cross-site requests: a Host this service does not answer to, and a
+        state change a page of another site sent (a form POST needs no CORS preflight)."""
+        host = headers.get(b"host", b"").decode("latin-1")
+        if self.allowed_hosts is not None and host_name(host) not in self.allowed_hosts:
+            raise _Refused(
+                403, "EPERM", f"Host {host!r} is not one this service answers to (KVM_MEMATTR_ALLOWED_HOSTS)"
+            )
+        if method in _SAFE_METHODS:
+            return
+        site = headers.get(b"sec-fetch-site")
+        origin = headers.get(b"origin")
+        if site in (b"cross-site", b"same-site") or (
+            origin is not None and origin.decode("latin-1").partition("://")[2] != host
+        ):
+            raise _Refused(403, "EPERM", "a state change sent by a page of another site (Origin / Sec-Fetch-Site)")
 
     def _too_large(self, limit: int) -> _Refused:
         return _Refused(413, "E2BIG", f"request body larger than {limit} bytes")
@@ -97,10 +147,17 @@ class ServiceMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                csp = _DOCS_CSP if scope["path"].startswith("/docs") else _PAGE_CSP
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                    csp,
+                    *_SECURITY_HEADERS,
+                ]
             await send(message)
 
         try:
+            self._check_origin(scope["method"], headers)
             if self.token and scope["path"].startswith("/v1/"):
                 refused = check_bearer(headers.get(b"authorization"), self.token)
                 if refused is not None:
@@ -147,7 +204,7 @@ class ServiceMiddleware:
                 log.info(
                     "%s %s %d %.2fms",
                     scope["method"],
-                    scope["path"],
+                    _printable(scope["path"]),
                     status,
                     elapsed * 1000,
                     extra={"route": template, "status": status},

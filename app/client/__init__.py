@@ -109,7 +109,7 @@ class Client:
         from app.settings import Settings
 
         transport = InProcessTransport(app or create_app(Settings(log_level="warning")))
-        return cls(http=httpx.Client(transport=transport, base_url="http://kvm-memattr"))
+        return cls(http=httpx.Client(transport=transport, base_url="http://localhost"))
 
     def send(self, op: Op[T]) -> T:
         """Make the call and parse its answer into the operation's model."""
@@ -190,7 +190,7 @@ class AsyncClient:
 
         asgi_app = app or create_app(Settings(log_level="warning"))
         transport = httpx.ASGITransport(app=asgi_app)
-        client = cls(http=httpx.AsyncClient(transport=transport, base_url="http://kvm-memattr"))
+        client = cls(http=httpx.AsyncClient(transport=transport, base_url="http://localhost"))
         client._app = asgi_app
         return client
 

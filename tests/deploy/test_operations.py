@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 
 import pytest
+from pydantic import ValidationError
 
 from app.logs import JsonFormatter
 from app.main import create_app
 from app.settings import Settings
 from tests.api.conftest import assert_problem
 from tests.inprocess import TestClient
+from tests.live import ROOT
 
 
 def client_for(**settings: object) -> TestClient:
@@ -180,3 +185,57 @@ def test_readme_settings_table_matches_the_code() -> None:
         assert field.description, name
         row = re.search(rf"^\| `KVM_MEMATTR_{name.upper()}` \|[^|]*\| (.*) \|$", readme, re.M)
         assert row and row.group(1) == field.description, name
+
+
+def test_an_empty_token_is_refused_at_start_up() -> None:
+    with pytest.raises(ValidationError, match="is empty"):
+        Settings(api_token="")
+    env = {**os.environ, "KVM_MEMATTR_API_TOKEN": ""}
+    argv = [sys.executable, "-m", "app.cli", "serve", "--port", "0"]
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "KVM_MEMATTR_API_TOKEN" in result.stderr and "is empty" in result.stderr
+
+
+def test_security_headers_on_every_page() -> None:
+    with client_for() as c:
+        for path in ("/ui", "/docs", "/v1/vms", "/openapi.json", "/nowhere"):
+            r = c.get(path)
+            assert r.headers["x-content-type-options"] == "nosniff", path
+            assert r.headers["x-frame-options"] == "DENY" and r.headers["referrer-policy"] == "no-referrer"
+            csp = r.headers["content-security-policy"]
+            assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp, (path, csp)
+            # Only Swagger UI, which starts itself inline, may run an inline script.
+            assert ("script-src 'self' 'unsafe-inline'" in csp) == (path == "/docs"), (path, csp)
+
+
+def test_dns_rebinding_and_cross_site_state_changes_are_refused() -> None:
+    with client_for() as c:  # bound to 127.0.0.1: loopback names only
+        assert c.get("/healthz", headers={"host": "127.0.0.1:8000"}).status_code == 200
+        assert c.get("/healthz", headers={"host": "[::1]:8000"}).status_code == 200
+        assert_problem(c.get("/v1/vms", headers={"host": "evil.example:8000"}), 403, "EPERM")
+        before = c.get("/v1/vms").json()
+        # What a form on another site sends: no preflight, a body-less POST would create a VM.
+        assert_problem(c.post("/v1/vms", headers={"origin": "http://evil.example"}), 403, "EPERM")
+        assert_problem(c.post("/v1/vms", headers={"sec-fetch-site": "cross-site"}), 403, "EPERM")
+        assert c.get("/v1/vms").json() == before
+        # The service's own pages (same origin) still change state.
+        same = {"origin": "http://localhost", "sec-fetch-site": "same-origin"}
+        assert c.post("/v1/vms", headers=same).status_code == 201
+    with client_for(allowed_hosts="*") as c:
+        assert c.get("/healthz", headers={"host": "kvm-memattr.internal"}).status_code == 200
+    assert Settings(host="0.0.0.0").host_names() is None  # the container: any Host
+
+
+def test_the_access_log_escapes_control_characters(caplog: pytest.LogCaptureFixture) -> None:
+    app = create_app(Settings(log_level="info"))
+    logger = logging.getLogger("kvm_memattr")
+    logger.addHandler(caplog.handler)
+    try:
+        with TestClient(app) as c:
+            c.get("/v1/vms/x%0aGET%20/forged%20200")
+    finally:
+        logger.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if r.name == "kvm_memattr.access"]
+    assert lines and all("\n" not in line for line in lines)
+    assert any("\\nGET /forged" in line for line in lines), lines
