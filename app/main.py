@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.router.redirect_slashes = False
     app.state.settings = settings
     app.state.engine = engine
+    app.state.open_streams = 0  # Server-Sent Event streams (the live trace), against max_event_streams
     app.state.started = time.monotonic()
     metrics = Metrics(engine)
     app.state.metrics = metrics

@@ -46,6 +46,9 @@ class Settings(BaseSettings, EngineLimits):
         description="comma-separated Host names the service answers to, * for any (default: the loopback names when "
         "bound to loopback, against DNS rebinding; any when bound elsewhere)",
     )
+    max_event_streams: int = Field(
+        64, ge=1, description="live-trace streams open at once (each holds a connection); past it EAGAIN"
+    )
     state_file: str | None = Field(None, description="SQLite journal: state survives restarts (default: in memory)")
     journal_compact_after: int = Field(
         10_000, ge=1, description="calls journaled for one VM before it is compacted to a snapshot"

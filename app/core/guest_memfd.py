@@ -37,6 +37,7 @@ def check_create(kvm: Kvm, size: int, flags: int) -> None:
 def create(kvm: Kvm, size: int, flags: int) -> GuestMemfdFile:
     """``KVM_CREATE_GUEST_MEMFD``."""
     check_create(kvm, size, flags)
+    kvm.take("a guest_memfd")
     gmem = GuestMemfdFile(kvm.next_fd, size, flags)
     kvm.next_fd += 1
     kvm.gmem_files[gmem.fd] = gmem
@@ -93,6 +94,7 @@ def close(kvm: Kvm, fd: int) -> Close:
     gmem = kvm.gmem_files.pop(fd, None)
     if gmem is None:
         raise ENOENT(f"no open guest_memfd {fd}")
+    kvm.budget.add(-1)
     zapped, invalidated = 0, False
     if kvm.linux:
         ranges = gmem_ranges(kvm, gmem)

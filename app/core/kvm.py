@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from sortedcontainers import SortedDict
 
 from app.core.budget import UNBOUNDED, ServiceBudget
-from app.core.errors import EINVAL
+from app.core.errors import EINVAL, ENOMEM
 from app.core.events import EventLog
 from app.core.invalidation import MmuInvalidation
 from app.core.limits import EngineLimits
@@ -180,8 +180,19 @@ class Kvm:
         self.events = EventLog(self.limits.max_events, self.budget)
 
     def items(self) -> int:
-        """What this VM holds against the service budget."""
-        return len(self.attributes) + self.mmu.runs() + len(self.events)
+        """What this VM holds against the service budget: runs, events, and every stored object."""
+        return len(self.attributes) + self.mmu.runs() + len(self.events) + self.objects()
+
+    def objects(self) -> int:
+        """Memslots, open guest_memfds, open notifier invalidations, pinned regions: one item each."""
+        slots = sum(len(space) for space in self.spaces)
+        return slots + len(self.gmem_files) + len(self.notifiers) + len(self.pinned)
+
+    def take(self, what: str) -> None:
+        """One more stored object, or ENOMEM when the service is full (nothing changed yet)."""
+        if not self.budget.room(1):
+            raise ENOMEM(f"the service-wide budget ({self.budget.limit} items) is used up: no room for {what}")
+        self.budget.add(1)
 
     def release(self) -> None:
         """Give everything back to the service budget (``kvm_destroy_vm()``)."""
@@ -189,6 +200,7 @@ class Kvm:
         for space in self.mmu.spaces:
             space.release()
         self.events.release()
+        self.budget.add(-self.objects())
 
     @property
     def linux(self) -> bool:

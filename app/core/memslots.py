@@ -128,6 +128,8 @@ def set_memory_region(kvm: Kvm, raw_slot: int, req: KvmUserspaceMemoryRegion2) -
     if kvm.notifiers:
         # kvm_swap_active_memslots() would sleep until mn_active_invalidate_count is 0.
         raise EBUSY(f"{len(kvm.notifiers)} MMU-notifier invalidation(s) open; end them first")
+    if plan.change == "create":
+        kvm.take("a memslot")  # kzalloc() of the new slot
     old, new = plan.old, plan.new
     zapped = 0
     if old is not None and plan.change in ("delete", "move"):
@@ -148,12 +150,14 @@ def set_memory_region(kvm: Kvm, raw_slot: int, req: KvmUserspaceMemoryRegion2) -
 
 
 def install(kvm: Kvm, plan: MemslotPlan) -> None:
-    """``kvm_swap_active_memslots()`` with the bind or unbind it implies: the plan takes effect."""
+    """``kvm_swap_active_memslots()`` with the bind or unbind it implies: the plan takes effect
+    (a created slot was already taken from the service budget, a deleted one is given back)."""
     old, new = plan.old, plan.new
     if old is not None:
         kvm.spaces[old.as_id].remove(old)
         if plan.change == "delete":
             guest_memfd.unbind(old)
+            kvm.budget.add(-1)
     if new is not None:
         kvm.spaces[new.as_id].add(new)
         if plan.gmem is not None:

@@ -12,6 +12,7 @@ def invalidate_range_start(kvm: Kvm, hva_start: int, hva_end: int) -> tuple[Noti
     """Begin on the first matching slot, range_add + unmap each match, flush once."""
     if hva_start >= hva_end:
         raise EINVAL("hva_start must be below hva_end")
+    kvm.take("an invalidation")
     ranges = hva_ranges(kvm, hva_start, hva_end)
     # Private memory has no userspace mapping: KVM_FILTER_SHARED (all mappings outside TDX).
     walk = handle_gfn_range(
@@ -32,6 +33,7 @@ def invalidate_range_end(kvm: Kvm, inv_id: int) -> None:
     inv = kvm.notifiers.pop(inv_id, None)
     if inv is None:
         raise ENOENT(f"no open MMU-notifier invalidation {inv_id}")
+    kvm.budget.add(-1)
     if inv.gfn_ranges:
         invalidate_end(kvm)
     kvm.events.emit("notifier_end", invalidation=inv_id)

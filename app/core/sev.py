@@ -16,6 +16,7 @@ def check_region(addr: int, size: int) -> None:
 def register_region(kvm: Kvm, addr: int, size: int) -> None:
     """Pin an HVA range (duplicates and overlaps allowed, each recorded)."""
     check_region(addr, size)
+    kvm.take("a pinned region")
     kvm.pinned.append((addr, size))
     kvm.events.emit("sev_region", op="reg", addr=addr, size=size)
 
@@ -25,4 +26,5 @@ def unregister_region(kvm: Kvm, addr: int, size: int) -> None:
     if (addr, size) not in kvm.pinned:
         raise EINVAL("no pinned region with exactly this addr and size")
     kvm.pinned.remove((addr, size))
+    kvm.budget.add(-1)
     kvm.events.emit("sev_region", op="unreg", addr=addr, size=size)

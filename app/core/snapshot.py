@@ -138,6 +138,11 @@ def load(
 
 
 def _load_state(kvm: Kvm, doc: VmSnapshot) -> None:
+    # Refuse a document the service cannot hold before building any of it.
+    items = len(doc.attributes) + sum(map(len, doc.mappings)) + len(doc.memslots) + len(doc.files)
+    items += len(doc.notifiers) + len(doc.pinned_regions)
+    if not kvm.budget.room(items):
+        raise ENOMEM(f"snapshot: {items} items do not fit the service-wide budget ({kvm.budget.limit} items)")
     _load_attributes(kvm, doc.attributes)
     files = _load_files(kvm, doc.files, doc.next_fd)
     for s in doc.memslots:
@@ -166,6 +171,7 @@ def _load_state(kvm: Kvm, doc: VmSnapshot) -> None:
     for addr, size in doc.pinned_regions:
         _as_ioctl(f"pinned region ({addr:#x}, {size:#x})", sev.check_region, addr, size)
     kvm.pinned = list(doc.pinned_regions)
+    kvm.budget.add(len(kvm.pinned))  # each stored object counts as it appears: release() gives back what is there
     kvm.fail_nth = doc.fail_nth
     kvm.stats = Stats(**doc.stats.model_dump())
     kvm.events.next_id = doc.next_event_id
@@ -194,6 +200,7 @@ def _load_files(kvm: Kvm, files: list[SnapshotFile], next_fd: int) -> dict[int, 
             _check(f.fd not in kvm.gmem_files, f"fd {f.fd} is open twice")
             _check(FIRST_FD <= f.fd < next_fd, f"fd {f.fd} is not in [{FIRST_FD}, next_fd {next_fd})")
             kvm.gmem_files[f.fd] = gmem
+            kvm.budget.add(1)
     _check(next_fd >= FIRST_FD, f"next_fd {next_fd} < {FIRST_FD}")
     kvm.next_fd = next_fd
     return out
@@ -242,6 +249,7 @@ def _load_memslot(kvm: Kvm, s: SnapshotMemslot, files: dict[int, GuestMemfdFile]
     plan = _as_ioctl(name, plan_set_memory_region, kvm, s.as_id << 16 | s.id, req, fds)
     _check(plan.change == "create" and plan.new is not None, f"{name} appears twice")
     install(kvm, plan)
+    kvm.budget.add(1)
     assert plan.new is not None
     if s.file is None and is_gmem:
         guest_memfd.unbind(plan.new)
@@ -266,6 +274,7 @@ def _load_notifiers(kvm: Kvm, doc: VmSnapshot) -> None:
         matched = [(r.as_id, r.start, r.end) for r in hva_ranges(kvm, n.hva_start, n.hva_end)]
         _check(list(n.gfn_ranges) == matched, f"notifier {n.id}: gfn ranges are not what its hva range covers")
         kvm.notifiers[n.id] = NotifierInvalidation(n.id, n.hva_start, n.hva_end, matched)
+        kvm.budget.add(1)
     kvm.next_notifier_id = doc.next_notifier_id
 
 

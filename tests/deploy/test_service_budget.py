@@ -57,3 +57,35 @@ def test_the_service_budget_fails_calls_cleanly(semantics: str) -> None:
             client.request("PUT" if semantics == "linux" else "POST", f"/v1/vms/{vm}/{path}", json=body).status_code
             == 200
         )
+
+
+@pytest.mark.parametrize("kind", ["memslot", "guest_memfd", "notifier", "pinned region"])
+def test_every_stored_object_counts(kind: str) -> None:
+    """Memslots, guest_memfds, open invalidations and pinned regions count against the service
+    budget like runs and events (two imports once stored 4,000,000 notifiers while it read 6)."""
+    settings = Settings(log_level="warning", max_service_items=60)
+    with TestClient(create_app(settings)) as client:
+        vm = client.post("/v1/vms", json={"type": "sev", "semantics": "linux"}).json()["id"]
+        client.put(f"/v1/vms/{vm}/memslots/0", json={"guest_phys_addr": 0, "memory_size": "0x1000", "userspace_addr": 0})
+        refused = None
+        for i in range(1, 200):
+            if kind == "memslot":
+                body = {"guest_phys_addr": hex(i << 12), "memory_size": "0x1000", "userspace_addr": hex(i << 12)}
+                r = client.put(f"/v1/vms/{vm}/memslots/{i}", json=body)
+            elif kind == "guest_memfd":
+                r = client.post(f"/v1/vms/{vm}/guest-memfds", json={"size": "0x1000"})
+            elif kind == "notifier":
+                r = client.post(f"/v1/vms/{vm}/mmu-notifier/invalidations", json={"hva_start": 0, "hva_end": 4096})
+            else:
+                r = client.post(f"/v1/vms/{vm}/memory-encrypt/reg-region", json={"addr": hex(i << 12), "size": 4096})
+            if r.status_code >= 400:
+                refused = r
+                break
+        assert refused is not None, f"{kind}s were never refused"
+        assert_problem(refused, 507, "ENOMEM")
+        assert _metric(client, "kvm_memattr_service_items") <= 60
+        # An import of the full VM does not fit beside it: refused before it is built.
+        doc = client.get(f"/v1/vms/{vm}/snapshot").json()
+        assert_problem(client.post("/v1/vms/import", json=doc), 507, "ENOMEM")
+        client.delete(f"/v1/vms/{vm}")
+        assert _metric(client, "kvm_memattr_service_items") == 0

@@ -11,10 +11,10 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import EndGfnQuery, GfnValue, LimitQuery, StartGfnQuery, VmDep, gfn_window
+from app.api.deps import EndGfnQuery, EngineDep, GfnValue, LimitQuery, StartGfnQuery, VmDep, gfn_window
 from app.api.problems import error_responses
 from app.api.responses import model_response
-from app.core.errors import KvmError
+from app.core.errors import EAGAIN, KvmError
 from app.models.state import EventPage, GfnInfo, MappingRuns, MemoryMap, Mmu, TraceEvent
 
 router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["state"])
@@ -93,30 +93,39 @@ async def get_memory_map(
 @router.get("/events/stream", include_in_schema=False)
 async def stream_events(
     request: Request,
+    engine: EngineDep,
     vm: VmDep,
     after: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
     seconds: Annotated[float, Query(gt=0, le=3600)] = 300,
 ) -> StreamingResponse:
-    """The event trace as Server-Sent Events (the memory-map page's live trace), for ``seconds``;
-    the page falls back to polling ``events?after=`` where EventSource cannot send a token."""
+    """The event trace as Server-Sent Events (the memory-map page's live trace), for ``seconds``,
+    until the VM is destroyed; the page falls back to polling ``events?after=`` where EventSource
+    cannot send a token. At most ``max_event_streams`` are open at once (EAGAIN past it)."""
+    state = request.app.state
+    if state.open_streams >= state.settings.max_event_streams:
+        raise EAGAIN(f"{state.open_streams} event streams are open (KVM_MEMATTR_MAX_EVENT_STREAMS); poll events?after=")
 
     async def events() -> AsyncIterator[str]:
-        cursor, deadline, quiet = after, time.monotonic() + seconds, 0.0
-        yield "retry: 1000\n\n"
-        while time.monotonic() < deadline and not await request.is_disconnected():
-            try:
-                page, _ = vm.events_page(cursor, 500)
-            except KvmError:
-                return
-            for event in page:
-                yield f"id: {event['id']}\nevent: trace\ndata: {json.dumps(event)}\n\n"
-                cursor = event["id"]
-            if not page:
-                await asyncio.sleep(0.2)
-                quiet += 0.2
-                if quiet >= 15:  # a comment keeps proxies from closing an idle stream
-                    quiet = 0.0
-                    yield ": keep-alive\n\n"
+        state.open_streams += 1
+        try:
+            cursor, deadline, quiet = after, time.monotonic() + seconds, 0.0
+            yield "retry: 1000\n\n"
+            while time.monotonic() < deadline and engine.find(vm.id) is vm and not await request.is_disconnected():
+                try:
+                    page, _ = vm.events_page(cursor, 500)
+                except KvmError:
+                    return
+                for event in page:
+                    yield f"id: {event['id']}\nevent: trace\ndata: {json.dumps(event)}\n\n"
+                    cursor = event["id"]
+                if not page:
+                    await asyncio.sleep(0.2)
+                    quiet += 0.2
+                    if quiet >= 15:  # a comment keeps proxies from closing an idle stream
+                        quiet = 0.0
+                        yield ": keep-alive\n\n"
+        finally:
+            state.open_streams -= 1
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
