@@ -637,6 +637,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from app.connections import bounded_protocol
     from app.core.journal import StateFileError
     from app.main import create_app
     from app.settings import ProfileError, Settings
@@ -667,6 +668,7 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         host=settings.host,
         port=settings.port,
+        http=bounded_protocol(settings.max_connections, settings.first_byte_timeout),
         workers=1,
         log_level=settings.log_level,
         access_log=False,  # the app logs one line per request, with its request id

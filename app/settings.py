@@ -46,6 +46,12 @@ class Settings(BaseSettings, EngineLimits):
         description="comma-separated Host names the service answers to, * for any (default: the loopback names when "
         "bound to loopback, against DNS rebinding; any when bound elsewhere)",
     )
+    max_connections: int = Field(
+        4096, ge=1, description="open client connections at once; past it new ones are closed (the fd limit holds)"
+    )
+    first_byte_timeout: float = Field(
+        30, gt=0, le=3600, description="seconds a new connection may stay silent before it is closed"
+    )
     max_event_streams: int = Field(
         64, ge=1, description="live-trace streams open at once (each holds a connection); past it EAGAIN"
     )
