@@ -160,6 +160,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         api_token=settings.api_token,
         fast_path=FastPath(app) if settings.fast_path else None,
         allowed_hosts=settings.host_names(),
+        import_room=lambda: engine.budget.limit - engine.budget.used,
     )
 
     def openapi() -> dict[str, Any]:

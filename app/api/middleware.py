@@ -13,6 +13,7 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,6 +26,8 @@ from app.logs import request_id_var
 log = logging.getLogger("kvm_memattr.access")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_IMPORT_SLACK = 1024
+"""Brackets of a snapshot that are no stored item (the document, its lists, its profile)."""
 
 # Every response: no MIME sniffing, never framed, no referrer leaves, and a CSP that allows only
 # this service's own files. Swagger UI starts itself with an inline script, so /docs needs it.
@@ -81,9 +84,11 @@ class ServiceMiddleware:
         api_token: str | None,
         fast_path: FastPath | None,
         allowed_hosts: frozenset[str] | None = None,
+        import_room: Callable[[], int] | None = None,
     ) -> None:
         self.app, self.metrics, self.max_body, self.token = app, metrics, max_body_bytes, api_token
         self.allowed_hosts = allowed_hosts  # None: any Host
+        self.import_room = import_room  # items the service budget still holds
         self.fast_path = fast_path
         self.max_import = max_import_bytes  # a snapshot holds every run of a VM
         # Unique per process and cheap: a random prefix and a counter (uuid4 costs a syscall).
@@ -105,6 +110,18 @@ class ServiceMiddleware:
             origin is not None and origin.decode("latin-1").partition("://")[2] != host
         ):
             raise _Refused(403, "EPERM", "a state change sent by a page of another site (Origin / Sec-Fetch-Site)")
+
+    @staticmethod
+    def _check_import_size(parts: list[Message], room: int) -> None:
+        """Refuse a snapshot too big for the service before parsing it: every stored item is a JSON
+        array or object (a run, a slot, a mapping...), so counting brackets, at memory speed, bounds
+        the items from above. Parsing one costs about a hundred times its size: refused here, an
+        oversized import costs what reading it cost, and stalls no other request."""
+        items = sum(p.get("body", b"").count(b"[") + p.get("body", b"").count(b"{") for p in parts)
+        if items > room + _IMPORT_SLACK:
+            raise _Refused(
+                507, "ENOMEM", f"snapshot: about {items} items do not fit the service-wide budget ({room} left)"
+            )
 
     def _too_large(self, limit: int) -> _Refused:
         return _Refused(413, "E2BIG", f"request body larger than {limit} bytes")
@@ -168,6 +185,8 @@ class ServiceMiddleware:
             if length is not None and (not length.isdigit() or int(length) > limit):
                 raise self._too_large(limit)
             body_parts = await self._read_limited(receive, limit)
+            if scope["path"] == self.IMPORT_PATH and self.import_room is not None:
+                self._check_import_size(body_parts, self.import_room())
             # Under a root_path the router matches a shorter path: leave those requests to it.
             fast_path = None if scope.get("root_path") else self.fast_path
             target = fast_path.match(scope["method"], scope["path"]) if fast_path is not None else None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 
 from app.main import create_app
@@ -89,3 +92,24 @@ def test_every_stored_object_counts(kind: str) -> None:
         assert_problem(client.post("/v1/vms/import", json=doc), 507, "ENOMEM")
         client.delete(f"/v1/vms/{vm}")
         assert _metric(client, "kvm_memattr_service_items") == 0
+
+
+def test_an_import_too_big_for_the_service_is_refused_before_it_is_parsed() -> None:
+    """A 251 MiB import once peaked at 4.7 GiB and stalled /healthz for 27 s before it was refused."""
+    settings = Settings(log_level="warning", max_service_items=5000)
+    with TestClient(create_app(settings)) as client:
+        vm = client.post("/v1/vms", json={"type": "sw_protected", "semantics": "linux"}).json()["id"]
+        doc = client.get(f"/v1/vms/{vm}/snapshot").json()
+        doc["attributes"] = [[i, i + 1, 8 * (i % 2)] for i in range(1_500_000)] + [[1_500_000, 1 << 52, 0]]
+        body = json.dumps(doc).encode()
+        assert len(body) > 30 << 20
+        started = time.perf_counter()
+        r = client.post("/v1/vms/import", content=body, headers={"content-type": "application/json"})
+        elapsed = time.perf_counter() - started
+        problem = assert_problem(r, 507, "ENOMEM")
+        assert "do not fit the service-wide budget" in problem["detail"]
+        assert elapsed < 0.3, f"{elapsed:.2f} s: the document was parsed before it was refused"
+        assert len(client.get("/v1/vms").json()["vms"]) == 1
+        # A document that fits is still parsed and checked as before.
+        doc["attributes"] = [[0, 1 << 52, 0]]
+        assert client.post("/v1/vms/import", json=doc).status_code == 201
