@@ -6,6 +6,10 @@ Each kind fills a fresh process with N items of that kind only (through the engi
 the service budget counting), and reads the resident set size before and after; the growth per
 item times ``max_service_items`` (4,000,000 by default) is the RSS a service full of that kind
 would reach. The worst kind bounds the service.
+
+Then the import: a snapshot at the per-VM budget (``max_attribute_runs`` runs), the largest an
+import can hold, posted to the service in a fresh process: its peak RSS and time; and one past
+the service-wide budget, refused before it is parsed.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/ (whose http.py would shadow the stdlib)
 
 KINDS = ["attribute_run", "mapping_run", "event", "memslot", "guest_memfd", "notifier", "pinned_region"]
 MIB = 1 << 20
@@ -81,14 +85,55 @@ def fill(kind: str, n: int) -> dict[str, float]:
     return {"items": engine.budget.used, "bytes_per_item": grown / engine.budget.used}
 
 
+def import_at_the_budget(runs: int, service_items: int) -> dict[str, float]:
+    """In this process: POST /v1/vms/import of a snapshot with ``runs`` attribute runs."""
+    import asyncio
+    import resource
+
+    import httpx
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    app = create_app(Settings(log_level="warning", max_service_items=service_items))
+    doc = app.state.engine.create_vm(_vm_create()).snapshot().model_dump(mode="json")
+    doc["attributes"] = [[i, i + 1, 8 * (i % 2)] for i in range(runs - 1)] + [[runs - 1, 1 << 52, 0]]
+    body = json.dumps(doc).encode()
+    del doc
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+
+    async def post() -> int:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
+            r = await client.post("/v1/vms/import", content=body, headers={"content-type": "application/json"})
+            return r.status_code
+
+    t0 = time.perf_counter()
+    status = asyncio.run(post())
+    elapsed = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+    return {"status": status, "mib": len(body) / MIB, "seconds": elapsed, "peak_growth_mib": (peak - before) / MIB}
+
+
+def _vm_create() -> object:
+    from app.models.vm import VmCreate
+
+    return VmCreate(type="sw_protected", semantics="linux")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--items", type=int, default=400_000, help="items per kind (default 400,000)")
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--fill", help=argparse.SUPPRESS)  # the child process: one kind
+    parser.add_argument("--import-runs", type=int, help=argparse.SUPPRESS)  # the child process: an import
+    parser.add_argument("--service-items", type=int, default=4_000_000, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fill:
         print(json.dumps(fill(args.fill, args.items)))
+        return
+    if args.import_runs:
+        print(json.dumps(import_at_the_budget(args.import_runs, args.service_items)))
         return
     from app.core.limits import EngineLimits
 
@@ -109,6 +154,26 @@ def main() -> None:
         worst = max(worst, per)
         print(f"{kind:<15}{per:>12.0f}{per * bound / 2**30:>17.2f} GiB   ({time.perf_counter() - t0:.0f} s)")
     print(f"worst kind: {worst * bound / 2**30:.2f} GiB at the bound")
+    limits = EngineLimits()
+    for what, service_items in (("fits", bound), ("past the service budget", 100_000)):
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--import-runs",
+                str(limits.max_attribute_runs),
+                "--service-items",
+                str(service_items),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        r = json.loads(out.stdout)
+        print(
+            f"import of {limits.max_attribute_runs:,} runs ({r['mib']:.0f} MiB), {what}: {r['status']} in "
+            f"{r['seconds']:.2f} s, peak RSS +{r['peak_growth_mib']:.0f} MiB"
+        )
 
 
 if __name__ == "__main__":

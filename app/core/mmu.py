@@ -61,6 +61,20 @@ class Mmu:
         """Present runs of one address space in ``[start, end)``."""
         return (r for r in self.spaces[as_id].runs(start, end) if r[2] != UNMAPPED)
 
+    def load(self, as_id: int, present: list[Run]) -> None:
+        """Replace one address space by its present runs (in order, not overlapping): O(n)."""
+        cover: list[Run] = []
+        at = 0
+        for start, end, value in present:
+            if at < start:
+                cover.append((at, start, UNMAPPED))
+            cover.append((start, end, value))
+            at = end
+        cover.append((at, GFN_LIMIT, UNMAPPED))
+        self.mapped_pages -= sum(e - s for s, e, _ in self.mapped_runs(as_id, 0, GFN_LIMIT))
+        self.spaces[as_id].load(cover)
+        self.mapped_pages += sum(e - s for s, e, _ in present)
+
     def set(self, as_id: int, start: int, end: int, value: int) -> None:
         """Install (or clear) ``value`` on ``[start, end)``, keeping mapped_pages exact."""
         space = self.spaces[as_id]

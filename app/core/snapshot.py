@@ -186,8 +186,7 @@ def _load_attributes(kvm: Kvm, runs: list[tuple[int, int, int]]) -> None:
         _check(not v & ~supported, f"attributes {v:#x} at gfn {s:#x} are not supported by this VM")
     if len(runs) > kvm.limits.max_attribute_runs:
         raise ENOMEM(f"snapshot: {len(runs)} attribute runs exceed the per-VM budget ({kvm.limits.max_attribute_runs})")
-    for s, e, v in runs:
-        kvm.attributes.assign(s, e, v)
+    kvm.attributes.load(runs)
 
 
 def _load_files(kvm: Kvm, files: list[SnapshotFile], next_fd: int) -> dict[int, GuestMemfdFile]:
@@ -257,10 +256,12 @@ def _load_memslot(kvm: Kvm, s: SnapshotMemslot, files: dict[int, GuestMemfdFile]
 
 
 def _load_mappings(kvm: Kvm, as_id: int, runs: list[SnapshotMapping]) -> None:
+    if len(runs) > kvm.limits.max_mapping_runs:
+        raise ENOMEM(f"snapshot: mapping runs exceed the per-VM budget ({kvm.limits.max_mapping_runs})")
     for m, nxt in zip(runs, [*runs[1:], None], strict=False):
         _check(m.start_gfn < m.end_gfn <= GFN_LIMIT, f"mapping run ({m.start_gfn:#x}, {m.end_gfn:#x}) in as {as_id}")
         _check(nxt is None or nxt.start_gfn >= m.end_gfn, f"mapping runs of as {as_id} out of order or overlapping")
-        kvm.mmu.set(as_id, m.start_gfn, m.end_gfn, spte(m.private, m.writable))
+    kvm.mmu.load(as_id, [(m.start_gfn, m.end_gfn, spte(m.private, m.writable)) for m in runs])
     if kvm.mmu.runs() > kvm.limits.max_mapping_runs:
         raise ENOMEM(f"snapshot: mapping runs exceed the per-VM budget ({kvm.limits.max_mapping_runs})")
 

@@ -60,3 +60,21 @@ def test_count_matches_a_list_across_changes(
         for x, y in windows:
             lo, hi = min(x, y), max(x, y)
             assert m.count(lo, hi, _odd) == sum(map(_odd, ref[lo:hi]))
+
+
+@given(st.lists(st.tuples(st.integers(1, 9), st.integers(0, 3)), min_size=1, max_size=30))
+def test_load_is_the_same_map_as_assigning_each_run(pieces: list[tuple[int, int]]) -> None:
+    """A snapshot's runs loaded at once (O(n)) give the map assigning them one by one gives."""
+    runs, at = [], 0
+    for length, value in pieces:
+        runs.append((at, at + length, value))
+        at += length
+    runs[-1] = (runs[-1][0], LIMIT + at, runs[-1][2])  # the last run reaches the limit
+    limit = runs[-1][1]
+    loaded, assigned = RunMap(limit, 5), RunMap(limit, 5)
+    loaded.load(runs)
+    for s, e, v in runs:
+        assigned.assign(s, e, v)
+    assert list(loaded.runs(0, limit)) == list(assigned.runs(0, limit))
+    assert len(loaded) == len(assigned)
+    assert loaded.value_at(limit - 1) == runs[-1][2]

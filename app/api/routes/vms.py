@@ -45,7 +45,8 @@ async def create_vm(engine: EngineDep, req: Annotated[VmCreate | None, examples.
     responses=error_responses("ENOMEM"),
     response_model=Vm,
 )
-async def import_vm(engine: EngineDep, doc: VmSnapshot) -> Response:
+def import_vm(engine: EngineDep, doc: VmSnapshot) -> Response:
+    # Not async: loading a large snapshot runs in a worker thread, so other requests go on.
     return model_response(engine.import_vm(doc).model(), 201)
 
 
