@@ -26,7 +26,7 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily("kvm_memattr_vms", "VMs", value=len(usage))
         budget = self.engine.budget
         yield GaugeMetricFamily(
-            "kvm_memattr_service_items", "attribute runs + mapping runs + stored events, all VMs", value=budget.used
+            "kvm_memattr_service_items", "runs, events and stored objects, all VMs", value=budget.used
         )
         yield GaugeMetricFamily("kvm_memattr_service_items_limit", "max_service_items", value=budget.limit)
         gauges = {

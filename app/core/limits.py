@@ -19,6 +19,7 @@ class EngineLimits(BaseModel):
     max_service_items: int = Field(
         4_000_000,
         ge=1,
-        description="attribute runs + mapping runs + stored events across all VMs (about 2 GiB at most); "
+        description="attribute and mapping runs, stored events, memslots, guest_memfds, open invalidations and pinned regions "
+        "across all VMs (about 1.3 GiB at most, bench/service_bound.py); "
         "past it, calls fail with ENOMEM",
     )

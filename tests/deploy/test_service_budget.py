@@ -1,4 +1,4 @@
-"""A bound on the whole service: attribute runs + mapping runs + stored events across all VMs."""
+"""A bound on the whole service: runs, events and every stored object across all VMs."""
 
 from __future__ import annotations
 
