@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main, number
+from app.cli import main
+from app.cli.args import number
 from tests.live import ROOT, live_server
 
 

@@ -1,0 +1,70 @@
+"""The ``kvm-memattr`` command: ``serve`` the API, drive it from a terminal, or run the ``demo``.
+
+One module a room: ``args`` (argument types), ``output`` (tables and JSON), ``parser`` (every
+command and option), ``commands`` (the commands that are more than one operation), ``serve``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import httpx
+
+from app.cli.commands import explore
+from app.cli.output import Output
+from app.cli.parser import build_parser
+from app.cli.serve import serve
+from app.client import DEFAULT_URL, Client, KvmMemattrError
+from app.client.operations import Op
+from app.client.transport import StdlibTransport
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `kvm-memattr ... | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if getattr(args, "serve", False):
+        return serve(args)
+    out = Output(args.json, args.quiet)
+    if getattr(args, "verify_host", False):
+        from app.hostkvm.report import run
+
+        return run(args.steps, args.seed, args.json, out.console, args.device)
+    if getattr(args, "host_profile", False):
+        from app.hostkvm.report import host_profile
+
+        return host_profile(args.json, out.console, args.device)
+    if getattr(args, "demo", False):
+        from app.demo import run_demo
+
+        return run_demo(args.url, args.token, in_process=args.in_process, quiet=args.quiet)
+    url = args.url or os.environ.get("KVM_MEMATTR_URL") or DEFAULT_URL
+    try:
+        # A CLI call is one short process: plain http goes over the standard library (no httpcore).
+        transport = StdlibTransport() if url.lower().startswith("http://") else None
+        with Client(url, token=args.token, transport=transport) as client:
+            if getattr(args, "explore", False):
+                explore(client, args, out)
+            else:
+                result = args.run(client, args)
+                # A command builds its operation; its answer is shown as the JSON it is (no models).
+                out.show(client.send_json(result) if isinstance(result, Op) else result)
+    except KvmMemattrError as e:
+        out.errors.print(f"kvm-memattr: {e.errno} (HTTP {e.status}): {e.detail}", markup=False)
+        return 1
+    except httpx.TransportError as e:
+        out.errors.print(f"kvm-memattr: cannot reach {url}: {e}", markup=False)
+        return 3
+    return 0

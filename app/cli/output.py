@@ -1,0 +1,195 @@
+"""What the ``kvm-memattr`` command prints: 80-column tables per result kind, or JSON."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else str(value).lower()
+    if isinstance(value, int):
+        return hex(value) if value >= 0x10000 else str(value)
+    return str(value)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if (isinstance(value, dict) and key != "caps") or (isinstance(value, dict) and prefix):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, dict):
+            out.update(_flatten(value, f"{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _hex(value: Any) -> str:
+    return "-" if value is None else hex(value)
+
+
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
+
+
+def _detail(event: dict[str, Any]) -> str:
+    return " ".join(f"{k}={_fmt(v)}" for k, v in event.items() if k not in ("id", "time", "type"))
+
+
+def _fits(spec: list[tuple[str, Callable[[dict[str, Any]], str]]], row: dict[str, Any]) -> bool:
+    """Whether a known table's columns read this row (a gfn's "memslots" are not memslot objects)."""
+    try:
+        for _, get in spec:
+            get(row)
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
+def _field(key: str) -> Callable[[dict[str, Any]], str]:
+    return lambda row: _fmt(row.get(key))
+
+
+def _bindings(g: dict[str, Any]) -> str:
+    return ", ".join(f"slot {b['slot']:#x} @{b['offset']:#x}+{b['size']:#x}" for b in g["bindings"]) or "-"
+
+
+_Column = tuple[str, Callable[[dict[str, Any]], str]]
+_COLUMNS: dict[str, list[_Column]] = {
+    "vms": [
+        ("id", lambda r: r["id"]),
+        ("name", lambda r: r["name"] or "-"),
+        ("type", lambda r: r["type"]),
+        ("semantics", lambda r: r["semantics"]),
+        ("host", lambda r: r["profile"]),
+    ],
+    "events": [
+        ("id", lambda r: str(r["id"])),
+        ("time", lambda r: _clock(r["time"])),
+        ("type", lambda r: r["type"]),
+        ("detail", _detail),
+    ],
+    "memslots": [
+        ("slot", lambda r: hex(r["slot"])),
+        ("flags", lambda r: str(r["flags"])),
+        ("gpa", lambda r: hex(r["guest_phys_addr"])),
+        ("size", lambda r: hex(r["memory_size"])),
+        ("hva", lambda r: hex(r["userspace_addr"])),
+        ("gmem", lambda r: "-" if r["guest_memfd"] is None else f"{r['guest_memfd']}@{r['guest_memfd_offset']:#x}"),
+    ],
+    "guest_memfds": [
+        ("fd", lambda r: str(r["fd"])),
+        ("size", lambda r: hex(r["size"])),
+        ("flags", lambda r: str(r["flags"])),
+        ("bindings", _bindings),
+    ],
+    "runs": [
+        ("start_gfn", lambda r: hex(r["start_gfn"])),
+        ("end_gfn", lambda r: hex(r["end_gfn"])),
+        ("what", lambda r: ("private" if r["private"] else "shared") + ("" if r.get("writable", True) else " ro")),
+    ],
+    "invalidations": [
+        ("id", lambda r: str(r["id"])),
+        ("hva_start", lambda r: hex(r["hva_start"])),
+        ("hva_end", lambda r: hex(r["hva_end"])),
+        (
+            "gfn ranges",
+            lambda r: ", ".join(f"as{g['as_id']} [{g['start_gfn']:#x}, {g['end_gfn']:#x})" for g in r["gfn_ranges"]),
+        ),
+    ],
+}
+
+_VM_TYPE_NAMES = ["default", "sw_protected", "sev", "sev_es", "snp", "tdx"]
+
+
+def _vm_types(mask: int) -> str:
+    """The types beside ``default`` (every host has that one)."""
+    return "all" if mask == 0x3F else ",".join(n for i, n in enumerate(_VM_TYPE_NAMES) if i and mask >> i & 1) or "-"
+
+
+_COLUMNS["profiles"] = [
+    ("name", lambda r: r["name"]),
+    ("kernel", lambda r: r["kernel"]),
+    ("+types", lambda r: _vm_types(r["caps"]["KVM_CAP_VM_TYPES"])),
+    ("as", lambda r: str(max(1, r["caps"]["KVM_CAP_MULTI_ADDRESS_SPACE"]))),
+    ("attrs", lambda r: str(r["caps"]["KVM_CAP_MEMORY_ATTRIBUTES"])),
+    ("gmem", lambda r: f"{r['caps']['KVM_CAP_GUEST_MEMFD']} ({r['caps']['KVM_CAP_GUEST_MEMFD_FLAGS']:#x})"),
+    ("max_gfn", lambda r: hex(r["max_gfn"])),
+]
+
+PRINTED = object()
+"""A command that printed its own output (``vm export``)."""
+
+
+class Output:
+    """Human tables or JSON; colours only on a terminal (rich decides), nothing with --quiet."""
+
+    def __init__(self, as_json: bool, quiet: bool) -> None:
+        self.as_json, self.quiet = as_json, quiet
+
+    # rich loads only for a table: --json, -q and the exit paths never pay for it.
+    @functools.cached_property
+    def console(self) -> Console:
+        from rich.console import Console
+
+        return Console(highlight=False)
+
+    @functools.cached_property
+    def errors(self) -> Console:
+        from rich.console import Console
+
+        return Console(stderr=True, highlight=False)
+
+    def show(self, result: Any, title: str | None = None) -> None:
+        if self.quiet or result is PRINTED:
+            return
+        data = result.model_dump(mode="json") if hasattr(result, "model_dump") else result
+        if self.as_json:
+            print(json.dumps(data, indent=2))
+            return
+        if data is None:
+            self.console.print("ok")
+            return
+        lists = {k: v for k, v in data.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+        scalars = {k: v for k, v in data.items() if k not in lists and not (isinstance(v, list) and not v)}
+        for key, rows in lists.items():
+            self.console.print(self._table(key, rows))
+        if scalars:
+            from rich.table import Table
+
+            flat = _flatten(scalars)
+            table = Table(title=title, show_header=False, box=None, pad_edge=False)
+            for key, value in flat.items():
+                table.add_row(f"[bold]{key}[/]", _fmt(value))
+            self.console.print(table)
+        for key in data:
+            if isinstance(data[key], list) and not data[key]:
+                self.console.print(f"{key}: (none)")
+
+    @staticmethod
+    def _table(title: str, rows: list[dict[str, Any]]) -> Table:
+        """A table for 80 columns: the key columns of a known list, never a truncated id."""
+        from rich import box
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        spec = _COLUMNS.get(title)
+        if spec is None or not all(_fits(spec, r) for r in rows):
+            rows = [_flatten(r) for r in rows]
+            columns = list(dict.fromkeys(k for r in rows for k in r))
+            spec = [(c, _field(c)) for c in columns]
+        for name, _ in spec:
+            # An id must stay copyable: it never wraps; other columns fold.
+            table.add_column(name, overflow="fold", no_wrap=name == "id" and title == "vms")
+        for r in rows:
+            table.add_row(*(get(r) for _, get in spec))
+        return table
