@@ -147,6 +147,10 @@ def test_ci_ends_with_the_readme_test_command() -> None:
     assert len(commands) == 2 and commands[0].endswith("kvm-memattr serve")
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1] == commands[1]
+    # Following the README in order: the tests' editable install must not replace the package the
+    # running service was installed as (its /ui answered 500, TemplateNotFound).
+    serve_venv, test_venv = (re.match(r"python3 -m venv (\S+)", c).group(1) for c in commands)  # type: ignore[union-attr]
+    assert serve_venv != test_venv
 
 
 def test_the_docker_smoke_script_names_no_package_host() -> None:
