@@ -6,6 +6,7 @@ command and option), ``commands`` (the commands that are more than one operation
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ import httpx
 
 from app.cli.commands import explore
 from app.cli.output import Output
-from app.cli.parser import build_parser
+from app.cli.parser import Parser, build_parser
 from app.cli.serve import serve
 from app.client import DEFAULT_URL, Client, KvmMemattrError
 from app.client.operations import Op
@@ -31,7 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
+    Parser.argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.url and "://" not in args.url:  # `--url localhost:8000`, the form of every curl in the README
+        args.url = f"http://{args.url}"
     if args.command is None:
         parser.print_help()
         return 0
@@ -51,6 +55,7 @@ def _main(argv: Sequence[str] | None) -> int:
 
         return run_demo(args.url, args.token, in_process=args.in_process, quiet=args.quiet)
     url = args.url or os.environ.get("KVM_MEMATTR_URL") or DEFAULT_URL
+    url = url if "://" in url else f"http://{url}"
     try:
         # A CLI call is one short process: plain http goes over the standard library (no httpcore).
         transport = StdlibTransport() if url.lower().startswith("http://") else None
@@ -62,6 +67,8 @@ def _main(argv: Sequence[str] | None) -> int:
                 # A command builds its operation; its answer is shown as the JSON it is (no models).
                 out.show(client.send_json(result) if isinstance(result, Op) else result)
     except KvmMemattrError as e:
+        if args.json:  # the problem document, for a script reading stdout
+            print(json.dumps(e.problem))
         out.errors.print(f"kvm-memattr: {e.errno} (HTTP {e.status}): {e.detail}", markup=False)
         return 1
     except httpx.TransportError as e:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from app.cli.args import attributes, integer, number, profile_arg, tristate
 from app.cli.commands import VARIANT_NAMES, delete_vm, export_vm, import_vm, inject
@@ -36,6 +38,28 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: {default})" if text else f"(default: {default})"
 
 
+class Parser(argparse.ArgumentParser):
+    """No abbreviations (``--privat`` is not silently ``--private``), and an error first names an
+    option the command does not have (argparse reports a missing required option before it)."""
+
+    argv: Sequence[str] = ()
+    """The command line being parsed (set by ``main()``), for ``error()``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        known = set(re.findall(r"--[\w-]+", self.format_help()))
+        for token in self.argv:
+            option = token.split("=", 1)[0]
+            if option.startswith("--") and option != "--" and option not in known:
+                close = difflib.get_close_matches(option, sorted(known), n=1)
+                message = f"no option {option}" + (f" (did you mean {close[0]}?)" if close else "")
+                break
+        super().error(message)
+
+
 def global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """The options every command takes; below the top level they default to SUPPRESS, so one given
     after the subcommand overrides and one given before it survives."""
@@ -50,10 +74,10 @@ def global_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvm-memattr", description=DESCRIPTION, formatter_class=HelpFormatter)
+    p = Parser(prog="kvm-memattr", description=DESCRIPTION, formatter_class=HelpFormatter)
     p.add_argument("--version", action=VersionAction, help="show program's version number and exit")
     global_options(p, defaults=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     global_options(common, defaults=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -194,7 +194,10 @@ class VirtualMachine:
         """``KVM_SET_MEMORY_ATTRIBUTES``: ``kvm_vm_ioctl_set_mem_attributes()`` (linux only)."""
         kvm = self.kvm
         if not kvm.linux:
-            raise ENOTTY("KVM_SET_MEMORY_ATTRIBUTES does not exist under rfc-v9")
+            raise ENOTTY(
+                "KVM_SET_MEMORY_ATTRIBUTES does not exist under rfc-v9: this VM converts with "
+                "KVM_MEMORY_ENCRYPT_{REG,UNREG}_REGION (kvm-memattr reg-region / unreg-region), or create it with semantics linux"
+            )
         if not kvm.has_memory_attributes:
             raise ENOTTY(f"KVM_SET_MEMORY_ATTRIBUTES: host profile {kvm.host.name} has no KVM_CAP_MEMORY_ATTRIBUTES")
         if req.flags != 0:

@@ -157,3 +157,20 @@ def test_the_docker_smoke_script_names_no_package_host() -> None:
     script = (ROOT / "scripts" / "docker-smoke.sh").read_text()
     hosts = set(re.findall(r"https?://([^/:\s\"']+)", script)) - {"127.0.0.1"}
     assert hosts == set(), hosts
+
+
+def test_cli_edges_of_round_two(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--url without a scheme, misspelled and abbreviated options named, --json errors on stdout,
+    and a hint where attrs set meets an rfc-v9 VM."""
+    bare = url.removeprefix("http://")
+    code, out, err = run(capsys, "--url", bare, "--json", "health")
+    assert code == 0 and json.loads(out)["status"] == "ok", err
+    vm = json.loads(run(capsys, "--json", "--url", url, "vm", "create", "--semantics", "rfc-v9")[1])["id"]
+    for typo in ("--privte", "--privat"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--url", url, "attrs", "set", vm, "0", "4K", typo])
+        assert exit_.value.code == 2
+        assert f"no option {typo} (did you mean --private?)" in capsys.readouterr().err
+    code, out, err = run(capsys, "--url", url, "--json", "attrs", "set", vm, "0", "4K", "--private")
+    assert code == 1 and json.loads(out)["errno"] == "ENOTTY"
+    assert "reg-region / unreg-region" in err and "semantics linux" in err
