@@ -66,7 +66,7 @@ def items() -> list[Request]:
 
 def raw(request: Request) -> bytes:
     method, path, body = request
-    head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Length: {len(body or b'')}\r\n"
+    head = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body or b'')}\r\n"
     if body is not None:
         head += "Content-Type: application/json\r\n"
     return head.encode() + b"\r\n" + (body or b"")
@@ -229,7 +229,7 @@ Asgi = Callable[
 
 async def call(app: Asgi, request: Request) -> tuple[int, bytes]:
     method, path, body = request
-    headers = [(b"host", b"bench"), (b"content-length", str(len(body or b"")).encode())]
+    headers = [(b"host", b"localhost"), (b"content-length", str(len(body or b"")).encode())]
     if body is not None:
         headers.append((b"content-type", b"application/json"))
     scope = {
