@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 from pydantic import ValidationError
@@ -153,15 +155,22 @@ def test_event_limit() -> None:
         assert [e["id"] for e in events] == [7, 8, 9, 10, 11]
 
 
-def test_logs_carry_request_id_and_errno(caplog: pytest.LogCaptureFixture) -> None:
-    app = create_app(Settings(log_level="info"))
+@contextlib.contextmanager
+def logged(caplog: pytest.LogCaptureFixture) -> Iterator[TestClient]:
+    """A client of a service logging at info, whose log records caplog collects."""
     logger = logging.getLogger("kvm_memattr")
+    app = create_app(Settings(log_level="info"))  # configures the logger: the handler comes after
     logger.addHandler(caplog.handler)
     try:
         with TestClient(app) as c:
-            c.get("/v1/vms/nope", headers={"X-Request-ID": "req-42"})
+            yield c
     finally:
         logger.removeHandler(caplog.handler)
+
+
+def test_logs_carry_request_id_and_errno(caplog: pytest.LogCaptureFixture) -> None:
+    with logged(caplog) as c:
+        c.get("/v1/vms/nope", headers={"X-Request-ID": "req-42"})
     lines = [r for r in caplog.records if getattr(r, "request_id", None) == "req-42"]
     assert any("ENOENT" in r.getMessage() and r.levelno == logging.INFO for r in lines)
     assert any(r.name == "kvm_memattr.access" and "404" in r.getMessage() for r in lines)
@@ -228,14 +237,8 @@ def test_dns_rebinding_and_cross_site_state_changes_are_refused() -> None:
 
 
 def test_the_access_log_escapes_control_characters(caplog: pytest.LogCaptureFixture) -> None:
-    app = create_app(Settings(log_level="info"))
-    logger = logging.getLogger("kvm_memattr")
-    logger.addHandler(caplog.handler)
-    try:
-        with TestClient(app) as c:
-            c.get("/v1/vms/x%0aGET%20/forged%20200")
-    finally:
-        logger.removeHandler(caplog.handler)
+    with logged(caplog) as c:
+        c.get("/v1/vms/x%0aGET%20/forged%20200")
     lines = [r.getMessage() for r in caplog.records if r.name == "kvm_memattr.access"]
     assert lines and all("\n" not in line for line in lines)
     assert any("\\nGET /forged" in line for line in lines), lines
