@@ -11,6 +11,7 @@ failure raises :class:`KvmMemattrError` carrying the kernel errno and the proble
 
 from __future__ import annotations
 
+import inspect
 import os
 import ssl
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,7 @@ from app.client.operations import Op
 
 P = ParamSpec("P")
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -73,15 +75,30 @@ def _sync(builder: Callable[P, Op[T]]) -> Callable[Concatenate[Client, P], T]:
     def method(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return self.send(builder(*args, **kwargs))
 
-    method.__name__, method.__doc__ = builder.__name__, builder.__doc__
-    return method
+    return _like(method, builder)
 
 
 def _async(builder: Callable[P, Op[T]]) -> Callable[Concatenate[AsyncClient, P], Awaitable[T]]:
     async def method(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
         return await self.send(builder(*args, **kwargs))
 
-    method.__name__, method.__doc__ = builder.__name__, builder.__doc__
+    return _like(method, builder)
+
+
+_SELF = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+
+
+def _like(method: F, builder: Callable[..., Any]) -> F:
+    """The builder's name, doc and parameters on the method, so ``help()``, a REPL and
+    ``inspect.signature`` show ``(self, vm_id, gpa, ...)`` rather than ``(*args, **kwargs)``."""
+    signature = inspect.signature(builder)
+    returns = signature.return_annotation  # "Op[X]": the method returns (or awaits to) the parsed X
+    if isinstance(returns, str) and returns.startswith("Op[") and returns.endswith("]"):
+        returns = returns[3:-1]
+    method.__name__, method.__qualname__, method.__doc__ = builder.__name__, builder.__name__, builder.__doc__
+    method.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[_SELF, *signature.parameters.values()], return_annotation=returns
+    )
     return method
 
 
@@ -129,6 +146,7 @@ class Client:
         self.close()
 
     healthz = _sync(ops.healthz)
+    health = healthz  # the CLI's name for it
     capabilities = _sync(ops.capabilities)
     list_host_profiles = _sync(ops.list_host_profiles)
     get_host_profile = _sync(ops.get_host_profile)
@@ -215,6 +233,7 @@ class AsyncClient:
         await self.aclose()
 
     healthz = _async(ops.healthz)
+    health = healthz  # the CLI's name for it
     capabilities = _async(ops.capabilities)
     list_host_profiles = _async(ops.list_host_profiles)
     get_host_profile = _async(ops.get_host_profile)

@@ -105,3 +105,14 @@ def test_reset_destroys_every_vm() -> None:
         assert len(kvm.list_vms().vms) == 2
         kvm.reset()
         assert kvm.list_vms().vms == []
+
+
+def test_methods_show_their_parameters() -> None:
+    """help() and inspect.signature show each operation's parameters, not (*args, **kwargs)."""
+    for cls in (Client, AsyncClient):
+        sig = inspect.signature(cls.set_memslot)
+        assert list(sig.parameters)[:4] == ["self", "vm_id", "slot", "guest_phys_addr"], sig
+        assert sig.parameters["flags"].default == 0
+        assert sig.return_annotation == "state.MemslotUpdate"
+        assert "KVM_SET_USER_MEMORY_REGION" in (cls.set_memslot.__doc__ or "")
+    assert AsyncClient.health is AsyncClient.healthz and Client.health is Client.healthz
