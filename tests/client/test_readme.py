@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 
 import pytest
 
 from app.cli import main
-from tests.live import ROOT, live_server
+from tests.live import ROOT, free_port, live_server
 
 README = (ROOT / "README.md").read_text()
 SECTION = README.split("## Use it from tooling", 1)[1].split("\n## ", 1)[0]
@@ -32,3 +34,22 @@ def test_cli_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
             assert main(["--url", url, *argv[1:]]) == 0, line
         out = capsys.readouterr().out
         assert "retry" in out and "tlb_flush" in out
+
+
+def test_try_it_runs_as_written_one_json_line_per_answer() -> None:
+    """The "Try it" curls, run by a shell against a server on the port they name."""
+    if shutil.which("curl") is None:
+        pytest.skip("no curl on this machine")
+    (script,) = re.findall(r"```sh\n(.*?)```", README.split("## Try it", 1)[1].split("\n## ", 1)[0], re.S)
+    port = free_port()
+    with live_server(port=port):
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script.replace("localhost:8000", f"localhost:{port}")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 0, done.stderr
+    answers = done.stdout.splitlines()
+    assert len(answers) == script.count("curl -s -w") and all(json.loads(a) for a in answers), done.stdout
+    assert json.loads(answers[-1])["events"], "the trace of what was done"
