@@ -5,10 +5,11 @@ ARG PYTHON_IMAGE=python:3.11-slim
 
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY app ./app
+# Every dependency pinned (scripts/update-constraints.sh): the same image whenever it is built.
 RUN python3 -m venv /opt/kvm-memattr \
-    && /opt/kvm-memattr/bin/pip install --no-cache-dir --disable-pip-version-check .
+    && /opt/kvm-memattr/bin/pip install --no-cache-dir --disable-pip-version-check -c constraints.txt .
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="kvm-memattr" \

@@ -174,3 +174,35 @@ def test_cli_edges_of_round_two(url: str, capsys: pytest.CaptureFixture[str]) ->
     code, out, err = run(capsys, "--url", url, "--json", "attrs", "set", vm, "0", "4K", "--private")
     assert code == 1 and json.loads(out)["errno"] == "ENOTTY"
     assert "reg-region / unreg-region" in err and "semantics linux" in err
+
+
+def test_the_image_installs_from_pinned_constraints() -> None:
+    """Two builds a month apart are the same image: every dependency, transitive ones too, pinned."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "-c constraints.txt ." in dockerfile and "!constraints.txt" in (ROOT / ".dockerignore").read_text()
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+            assert version, f"{line}: not pinned to one version"
+    # What the service needs, as installed in this environment, is pinned (names normalised).
+    from importlib.metadata import distribution, requires
+
+    wanted = {"kvm-memattr"}
+    seen: set[str] = set()
+    while wanted:
+        name = wanted.pop()
+        seen.add(name)
+        for req in requires(name) or []:
+            if "extra ==" in req and not ("standard" in req and name == "uvicorn"):
+                continue
+            dep = re.sub(r"[-_.]+", "-", re.split(r"[\s\[<>=!~;(]", req, maxsplit=1)[0]).lower()
+            if dep not in seen:
+                try:
+                    distribution(dep)
+                except Exception:  # an environment marker that excluded it here
+                    continue
+                wanted.add(dep)
+    missing = sorted(seen - {"kvm-memattr"} - pins.keys())
+    assert not missing, f"not pinned in constraints.txt: {missing} (run scripts/update-constraints.sh)"
