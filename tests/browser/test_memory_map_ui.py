@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 pytest.importorskip("playwright", reason="the browser tests need the dev extra (playwright)")
@@ -175,4 +176,42 @@ def test_with_a_token(chromium: PwBrowser) -> None:
         page.wait_for_selector("#map[data-drawn]")
         expect(page.locator("#trace-mode")).to_have_text("(polling)")
         assert page.evaluate("sessionStorage.getItem('kvm-memattr-token')") == "s3cret"
+        page.close()
+
+
+def _window(page: Page) -> tuple[int, int]:
+    start, end = (int(x, 16) for x in re.findall(r"0x[0-9a-f]+", page.locator("#window").inner_text())[:2])
+    return start, end
+
+
+def test_the_map_opens_on_the_vms_memslots(chromium: PwBrowser) -> None:
+    """A VM of a few MiB opens fitted to its memslots, not as a hairline in 2^40 gfns; "fit" brings
+    the view back. An MMIO exit reads without "undefined"; an error clears the last result."""
+    with live_server() as (url, _):
+        vm = httpx.post(f"{url}/v1/vms", json={"type": "sw_protected", "semantics": "linux"}).json()["id"]
+        slot = {"guest_phys_addr": "0x100000000", "memory_size": "0x400000", "userspace_addr": "0x7f0000000000"}
+        assert httpx.put(f"{url}/v1/vms/{vm}/memslots/10", json=slot).status_code == 200
+        page = chromium.new_page(viewport={"width": 1400, "height": 1100})
+        browser = Browser(page, url)
+        page.goto(f"{url}/ui?vm={vm}")
+        page.wait_for_selector("#map[data-drawn]")
+        start, end = _window(page)
+        assert start <= 0x100000 and end >= 0x100400 and end - start <= 0x800, (hex(start), hex(end))
+        before = browser.drawn()
+        page.locator("#zoom-all").click()
+        browser.wait_redraw(before)
+        assert _window(page)[1] == 1 << 40
+        before = browser.drawn()
+        page.locator("#zoom-fit").click()
+        browser.wait_redraw(before)
+        assert _window(page) == (start, end)
+
+        browser.submit("#fault", gpa="0x0")  # no memslot there: an MMIO exit
+        expect(page.locator("#last-result")).to_contain_text("exit=mmio gpa=0x0 read")
+        assert "undefined" not in page.locator("#last-result").inner_text()
+        page.locator("#convert [name=size]").fill("0x1001")
+        page.locator("#convert button[type=submit]").click()
+        expect(page.locator("#error")).to_contain_text("EINVAL")
+        expect(page.locator("#last-result")).to_have_text("")
+        assert browser.errors == [e for e in browser.errors if e.startswith("Failed to load resource")]
         page.close()

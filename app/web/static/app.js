@@ -60,6 +60,7 @@ async function act(fn) {
     const result = await fn();
     if (result !== undefined) $("#last-result").textContent = summarize(result);
   } catch (err) {
+    $("#last-result").textContent = "";  // the previous call's result is not this one's
     showError(err);
   }
   if (state.vm) await refresh();
@@ -70,7 +71,9 @@ function summarize(result) {
   const keep = ["change", "outcome", "retry_reason", "noop", "invalidated", "pages_zapped", "tlb_flushed",
     "mapped_pages", "already_mapped_pages", "stopped", "id", "fail_nth", "fd"];
   const parts = keep.filter((k) => k in result).map((k) => `${k}=${JSON.stringify(result[k])}`);
-  if (result.exit) parts.push(`exit=${result.exit.reason}(${result.exit.reason_code}) flags=${result.exit.flags}`);
+  const exit = result.exit;
+  if (exit && exit.reason === "KVM_EXIT_MMIO") parts.push(`exit=mmio gpa=${hex(exit.gpa)} ${exit.is_write ? "write" : "read"}`);
+  else if (exit) parts.push(`exit=${exit.reason}(${exit.reason_code}) flags=${exit.flags}`);
   return parts.join("  ");
 }
 
@@ -88,7 +91,8 @@ async function loadVms() {
     li.dataset.id = vm.id;
     li.className = state.vm && state.vm.id === vm.id ? "selected" : "";
     const label = document.createElement("span");
-    label.textContent = `${vm.name || vm.id.slice(0, 8)} · ${vm.type} · ${vm.semantics} · ${vm.profile}`;
+    const who = vm.name ? `${vm.name} (${vm.id.slice(0, 8)})` : vm.id.slice(0, 8);
+    label.textContent = `${who} · ${vm.type} · ${vm.semantics} · ${vm.profile}`;
     label.title = `behaves as host profile ${vm.profile} (kernel ${vm.kernel})`;
     const del = document.createElement("button");
     del.textContent = "delete";
@@ -116,8 +120,7 @@ async function selectVm(id) {
   clearError();
   state.vm = await api("GET", `/v1/vms/${id}`);
   state.maxGfn = BigInt((await api("GET", `/v1/vms/${id}/capabilities`)).max_gfn);
-  state.start = 0n;
-  state.end = state.maxGfn + 1n;
+  [state.start, state.end] = await fittedWindow();
   state.lastEvent = 0;
   $("#events").replaceChildren();
   $("#vm-view").hidden = false;
@@ -269,6 +272,27 @@ async function drawMap() {
   window.kvmMemattrDrawnAt = performance.now();
 }
 
+// The window the map opens on: every memslot of the VM (all address spaces) with a margin of an
+// eighth on each side; the whole gfn space only when it has none.
+async function fittedWindow() {
+  const { memslots } = await api("GET", `/v1/vms/${state.vm.id}/memslots`);
+  if (!memslots.length) return [0n, state.maxGfn + 1n];
+  const start = memslots.reduce((m, s) => (BigInt(s.base_gfn) < m ? BigInt(s.base_gfn) : m), BigInt(memslots[0].base_gfn));
+  const end = memslots.reduce((m, s) => {
+    const e = BigInt(s.base_gfn) + BigInt(s.npages);
+    return e > m ? e : m;
+  }, 0n);
+  const margin = (end - start) / 8n;
+  const lo = start > margin ? start - margin : 0n;
+  const hi = end + margin > GFN_LIMIT ? GFN_LIMIT : end + margin;
+  return [lo, hi];
+}
+
+async function fitView() {
+  const [start, end] = await fittedWindow();
+  return zoomTo(start, end);
+}
+
 function zoomTo(start, end) {
   const min = 8n;
   if (end - start < min) {
@@ -320,6 +344,7 @@ function setupMap() {
   });
   svg.addEventListener("mouseleave", () => { $("#tooltip").hidden = true; });
   $("#zoom-all").addEventListener("click", () => zoomTo(0n, state.maxGfn + 1n));
+  $("#zoom-fit").addEventListener("click", () => fitView().catch(showError));
   $("#zoom-out").addEventListener("click", () => {
     const span = state.end - state.start;
     zoomTo(state.start - span / 2n, state.end + span / 2n);
