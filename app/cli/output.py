@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -13,11 +14,18 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 
-def _fmt(value: Any) -> str:
+# One base per meaning, on every surface: addresses, gfns, sizes, offsets and slot ids in hex;
+# counts, ids, fds and counters in decimal (the value's size decides nothing).
+_HEX = re.compile(r"(^|_)(gfn|gpa|hva|addr|address|size|offset|slot|start|end)$|^(userspace_addr|max_gfn)$")
+
+
+def _fmt(value: Any, key: str = "") -> str:
     if isinstance(value, bool) or value is None:
         return "-" if value is None else str(value).lower()
     if isinstance(value, int):
-        return hex(value) if value >= 0x10000 else str(value)
+        return hex(value) if _HEX.search(key.rsplit(".", 1)[-1]) else str(value)
+    if isinstance(value, list):  # a list of scalars (KVM_CAP_VM_TYPES names, a schedule): one line
+        return ", ".join(_fmt(v, key) for v in value) or "-"
     return str(value)
 
 
@@ -42,7 +50,7 @@ def _clock(ts: float) -> str:
 
 
 def _detail(event: dict[str, Any]) -> str:
-    return " ".join(f"{k}={_fmt(v)}" for k, v in event.items() if k not in ("id", "time", "type"))
+    return " ".join(f"{k}={_fmt(v, k)}" for k, v in event.items() if k not in ("id", "time", "type"))
 
 
 def _fits(spec: list[tuple[str, Callable[[dict[str, Any]], str]]], row: dict[str, Any]) -> bool:
@@ -56,7 +64,7 @@ def _fits(spec: list[tuple[str, Callable[[dict[str, Any]], str]]], row: dict[str
 
 
 def _field(key: str) -> Callable[[dict[str, Any]], str]:
-    return lambda row: _fmt(row.get(key))
+    return lambda row: _fmt(row.get(key), key)
 
 
 def _bindings(g: dict[str, Any]) -> str:
@@ -169,7 +177,7 @@ class Output:
             flat = _flatten(scalars)
             table = Table(title=title, show_header=False, box=None, pad_edge=False)
             for key, value in flat.items():
-                table.add_row(f"[bold]{key}[/]", _fmt(value))
+                table.add_row(f"[bold]{key}[/]", _fmt(value, key))
             self.console.print(table)
         for key in data:
             if isinstance(data[key], list) and not data[key]:

@@ -206,3 +206,41 @@ def test_the_image_installs_from_pinned_constraints() -> None:
                 wanted.add(dep)
     missing = sorted(seen - {"kvm-memattr"} - pins.keys())
     assert not missing, f"not pinned in constraints.txt: {missing} (run scripts/update-constraints.sh)"
+
+
+ADDRESS_LIKE = ("gfn", "gpa", "hva", "addr", "address", "size", "offset", "slot", "start", "end")
+
+
+def test_one_base_per_meaning_at_80_columns(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No value printed in two bases: gfns, gpas, sizes, offsets and slot ids in hex whatever their
+    size (was: below 0x10000 in decimal), counts in decimal."""
+    monkeypatch.setenv("COLUMNS", "80")
+    vm = json.loads(run(capsys, "--json", "--url", url, "vm", "create", "--semantics", "linux")[1])["id"]
+    for line in (
+        "gmem create {vm} --size 4M",
+        "memslot set {vm} 10 --gpa 0 --size 4M --hva 0x7f0000000000 --flags 4 --gmem 3",
+        "fault {vm} 0x3000 --write",
+        "attrs set {vm} 0x1000 4K --private",
+        "prefault {vm} 0x8000 0x2000",
+        "notifier start {vm} 0x7f0000000000 0x7f0000001000",
+    ):
+        assert run(capsys, "-q", "--url", url, *line.format(vm=vm).split())[0] == 0, line
+    pairs: list[tuple[str, str]] = []
+    for line in ("events {vm}", "vm get {vm}", "mmu {vm}", "gfn {vm} 3", "memslot list {vm}", "gmem list {vm}"):
+        code, out, _ = run(capsys, "--url", url, *line.format(vm=vm).split())
+        assert code == 0 and all(len(row) <= 80 for row in out.splitlines()), out
+        pairs += re.findall(r"(\w+)=(\S+)", out)  # the event trace's details
+        pairs += re.findall(r"^ ?([\w.]+) {2,}(\S+) *$", out, re.M)  # key-value tables
+    checked = 0
+    for key, value in pairs:
+        name = key.rsplit(".", 1)[-1]
+        address = name.rsplit("_", 1)[-1] in ADDRESS_LIKE or name in ADDRESS_LIKE or name == "userspace_addr"
+        if re.fullmatch(r"0x[0-9a-f]+", value):
+            assert address, f"{key}={value}: a count in hex"
+            checked += 1
+        elif re.fullmatch(r"\d+", value):
+            assert not address, f"{key}={value}: an address or size in decimal"
+            checked += 1
+    assert checked > 30, pairs

@@ -78,6 +78,8 @@ function summarize(result) {
 }
 
 const num = (text) => BigInt(String(text).trim());
+// One base per meaning, as in the CLI: addresses, gfns, sizes, offsets and slot ids in hex, counts in decimal.
+const HEX_KEY = /(^|_)(gfn|gpa|hva|addr|address|size|offset|slot|start|end)$|^(userspace_addr|max_gfn)$/;
 const hex = (n) => "0x" + BigInt(n).toString(16);
 
 // ------------------------------------------------------------------ VMs
@@ -398,7 +400,7 @@ async function startTrace() {
     li.dataset.type = ev.type;
     li.className = (ev.id > state.traceSince ? "new" : "") + (PROTOCOL.has(ev.type) ? " protocol" : "");
     const extra = Object.entries(ev).filter(([k]) => !["id", "time", "type"].includes(k))
-      .map(([k, v]) => `${k}=${typeof v === "number" && v >= 0x10000 ? hex(v) : JSON.stringify(v)}`).join(" ");
+      .map(([k, v]) => `${k}=${typeof v === "number" && HEX_KEY.test(k) ? hex(v) : JSON.stringify(v)}`).join(" ");
     li.textContent = `${ev.type} ${extra}`;
     const list = $("#events");
     list.append(li);
