@@ -17,9 +17,12 @@ def _ex(**cases: tuple[str, dict[str, Any]]) -> Any:
     )
 
 
-CREATE_VM = _ex(
+CREATE_VM = _ex(  # the defaults first: what an empty body creates, on every surface
+    v9=(
+        "the defaults: an rfc-v9 software-protected VM (memory private by default)",
+        {"type": "sw_protected", "semantics": "rfc-v9"},
+    ),
     linux=("a linux software-protected VM", {"type": "sw_protected", "semantics": "linux", "name": "demo"}),
-    v9=("an rfc-v9 VM (memory private by default)", {"type": "sw_protected", "semantics": "rfc-v9"}),
     sev=("an SEV VM (REG/UNREG pin host memory)", {"type": "sev", "semantics": "linux"}),
     host=(
         "a default VM on a 6.18 host built without guest_memfd",

@@ -24,7 +24,7 @@ class VmCreate(Struct):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"type": "sw_protected", "semantics": "linux", "name": "demo"},
+                {"type": "sw_protected", "semantics": "rfc-v9", "name": "demo"},
                 {"type": "default", "semantics": "linux", "name": "ci-host", "profile": "pvm-6.18"},
             ]
         },

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import httpx
 import pytest
 
 from app.cli import main
@@ -244,3 +245,16 @@ def test_one_base_per_meaning_at_80_columns(
             assert not address, f"{key}={value}: an address or size in decimal"
             checked += 1
     assert checked > 30, pairs
+
+
+def test_one_default_semantics_on_every_surface(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """API, CLI, the page and Swagger UI's first example all create the same kind of VM by default."""
+    default = httpx.post(f"{url}/v1/vms").json()["semantics"]
+    cli = json.loads(run(capsys, "--json", "--url", url, "vm", "create")[1])["semantics"]
+    page = httpx.get(f"{url}/ui").text
+    first_option = re.search(r'<select name="semantics"><option>([\w-]+)</option>', page)
+    spec = httpx.get(f"{url}/openapi.json").json()
+    examples = spec["paths"]["/v1/vms"]["post"]["requestBody"]["content"]["application/json"]["examples"]
+    first_example = next(iter(examples.values()))["value"]["semantics"]
+    assert first_option is not None
+    assert default == cli == first_option.group(1) == first_example == "rfc-v9"
