@@ -24,6 +24,10 @@ SLOT_SIZE = 0x40_0000  # 4 MiB
 GFN = GPA >> 12
 
 
+DEMO_NAME = "kvm-memattr-demo"
+"""The demo's VM, replaced by the next run."""
+
+
 def _connect(url: str | None, token: str | None, in_process: bool) -> tuple[Client, str]:
     """The server at ``--url`` (which must answer), else at $KVM_MEMATTR_URL or the default
     address if one answers there, else an app in this process."""
@@ -130,7 +134,10 @@ def _tell(s: Story, where: str) -> None:
         "Create a software-protected VM",
         "KVM_CREATE_VM(KVM_X86_SW_PROTECTED_VM), rfc-v9 semantics: every gfn starts private.",
     )
-    vm = kvm.create_vm(type="sw_protected", semantics="rfc-v9", name="demo")
+    for old in kvm.list_vms().vms:  # the previous run's VM: one demo VM at a time on a server
+        if old.name == DEMO_NAME:
+            kvm.delete_vm(old.id)
+    vm = kvm.create_vm(type="sw_protected", semantics="rfc-v9", name=DEMO_NAME)
     s.vm = vm.id
     s.say(f"  vm {vm.id}: {vm.address_spaces} address spaces, has_private_mem={vm.has_private_mem}")
     s.mmu()
@@ -241,7 +248,7 @@ def _tell(s: Story, where: str) -> None:
             "Next: open Swagger UI at /docs and try the same calls; GET /v1/vms/{id}/events shows every protocol step;\n"
             "create a VM with semantics 'linux' to see KVM_SET_MEMORY_ATTRIBUTES' no-op and no-memslot shortcuts;\n"
             "kvm-memattr explore --all compares the five conversion variants of the v9 review.\n"
-            f"This VM is {s.vm}.",
+            f"This VM is {s.vm} ({DEMO_NAME}): it stays for you to look at; the next demo replaces it.",
             title="where to look next",
         )
     )

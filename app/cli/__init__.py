@@ -56,16 +56,20 @@ def _main(argv: Sequence[str] | None) -> int:
         return run_demo(args.url, args.token, in_process=args.in_process, quiet=args.quiet)
     url = args.url or os.environ.get("KVM_MEMATTR_URL") or DEFAULT_URL
     url = url if "://" in url else f"http://{url}"
+    exploring = getattr(args, "explore", False)
     try:
-        # A CLI call is one short process: plain http goes over the standard library (no httpcore).
-        transport = StdlibTransport() if url.lower().startswith("http://") else None
-        with Client(url, token=args.token, transport=transport) as client:
-            if getattr(args, "explore", False):
-                explore(client, args, out)
-            else:
-                result = args.run(client, args)
-                # A command builds its operation; its answer is shown as the JSON it is (no models).
-                out.show(client.send_json(result) if isinstance(result, Op) else result)
+        if exploring and not (args.url or os.environ.get("KVM_MEMATTR_URL")):
+            client = Client.in_process()  # a pure computation: no server needed
+        else:
+            # A CLI call is one short process: plain http goes over the standard library (no httpcore).
+            transport = StdlibTransport() if url.lower().startswith("http://") else None
+            client = Client(url, token=args.token, transport=transport)
+        with client:
+            if exploring:
+                return explore(client, args, out)
+            result = args.run(client, args)
+            # A command builds its operation; its answer is shown as the JSON it is (no models).
+            out.show(client.send_json(result) if isinstance(result, Op) else result)
     except KvmMemattrError as e:
         if args.json:  # the problem document, for a script reading stdout
             print(json.dumps(e.problem))

@@ -15,7 +15,12 @@ from app.client import operations as ops
 VARIANT_NAMES = ["rfc-v9", "linux", "v9-as-posted", "v9-naive-unwind", "reviewer-reorder"]
 
 
-def explore(client: Client, args: argparse.Namespace, out: Output) -> None:
+VIOLATED = 4
+"""explore's exit status when a schedule broke an invariant (so CI can gate on it)."""
+
+
+def explore(client: Client, args: argparse.Namespace, out: Output) -> int:
+    """Run the explorer; 0, or ``VIOLATED`` when a schedule broke an invariant."""
     from app.timeline import REVIEW_SCENARIO, show_run, summary
 
     if args.all:
@@ -24,7 +29,7 @@ def explore(client: Client, args: argparse.Namespace, out: Output) -> None:
             print(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
         elif not out.quiet:
             out.console.print(summary(runs))
-        return
+        return VIOLATED if any(r.violations for r in runs) else 0
     scenario: dict[str, Any] = {
         "start_gfn": args.start_gfn,
         "npages": args.npages,
@@ -63,6 +68,7 @@ def explore(client: Client, args: argparse.Namespace, out: Output) -> None:
             if v != defaults[k]
         )
         show_run(out.console, run, replay)
+    return VIOLATED if run.violations else 0
 
 
 def export_vm(client: Client, args: argparse.Namespace) -> Any:

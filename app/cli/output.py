@@ -134,6 +134,9 @@ _COLUMNS["profiles"] = [
     ("max_gfn", lambda r: hex(r["max_gfn"])),
 ]
 
+_WHOLE = {"id", "type", "semantics"}
+"""Columns of ``vm list`` that never wrap (an id must stay copyable; sw_protected is one word)."""
+
 PRINTED = object()
 """A command that printed its own output (``vm export``)."""
 
@@ -197,7 +200,7 @@ class Output:
             spec = [(c, _field(c)) for c in columns]
         for name, _ in spec:
             # An id must stay copyable: it never wraps; other columns fold.
-            table.add_column(name, overflow="fold", no_wrap=name == "id" and title == "vms")
+            table.add_column(name, overflow="fold", no_wrap=title == "vms" and name in _WHOLE)
         for r in rows:
             table.add_row(*(get(r) for _, get in spec))
         return table

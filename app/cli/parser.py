@@ -51,6 +51,9 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         known = set(re.findall(r"--[\w-]+", self.format_help()))
+        for option, value in zip(self.argv, self.argv[1:], strict=False):
+            if "expected one argument" in message and option in known and re.fullmatch(r"-[0-9].*", value):
+                super().error(f"{option} {value}: a negative number (addresses and sizes are unsigned)")
         for token in self.argv:
             option = token.split("=", 1)[0]
             if option.startswith("--") and option != "--" and option not in known:
@@ -93,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         g = sub.add_parser(name, help=help_, description=help_, parents=[common], formatter_class=HelpFormatter)
         return g.add_subparsers(dest="sub", required=True, metavar="ACTION")
 
-    s = cmd("serve", "run the HTTP service (one worker: state is in-process)", None)
+    # serve is the server, not a client of one: none of the client options (--url, --token, --json).
+    help_ = "run the HTTP service (one worker: state is in-process)"
+    s = sub.add_parser("serve", help=help_, description=help_, formatter_class=HelpFormatter)
     s.add_argument("--host", help="bind address (default 127.0.0.1, or KVM_MEMATTR_HOST)")
     s.add_argument("--port", type=int, help="port (default 8000, or KVM_MEMATTR_PORT)")
     s.add_argument(
@@ -101,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help="default: info, or KVM_MEMATTR_LOG_LEVEL",
     )
-    s.add_argument("--workers", type=int, default=1, help="must be 1")
+    s.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)  # refused unless 1: state is in-process
     s.set_defaults(serve=True)
 
     d = cmd("demo", "walk through the invalidation protocol step by step", None)

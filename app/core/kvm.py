@@ -273,5 +273,5 @@ def check_gpa_range(addr: int, size: int) -> tuple[int, int]:
     if addr + size > U64_MAX:
         raise EINVAL("address + size wraps past 2^64")
     if addr % PAGE_SIZE or size % PAGE_SIZE:
-        raise EINVAL("address and size must be 4 KiB aligned")
+        raise EINVAL(f"address and size must be 4 KiB aligned (address {addr:#x}, size {size:#x})")
     return addr >> PAGE_SHIFT, (addr + size) >> PAGE_SHIFT

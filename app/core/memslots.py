@@ -64,7 +64,10 @@ def plan_set_memory_region(
         raise EINVAL(f"flags {flags:#x} outside the allowed set {valid:#x}")
 
     if size % PAGE_SIZE or gpa % PAGE_SIZE or hva % PAGE_SIZE:
-        raise EINVAL("memory_size, guest_phys_addr and userspace_addr must be 4 KiB aligned")
+        raise EINVAL(
+            f"memory_size, guest_phys_addr and userspace_addr must be 4 KiB aligned "
+            f"(memory_size {size:#x}, guest_phys_addr {gpa:#x}, userspace_addr {hva:#x})"
+        )
     if hva + size > USER_HVA_LIMIT:
         raise EINVAL(f"userspace range ends above the user half ({USER_HVA_LIMIT:#x})")
     if flags & KVM_MEM_GUEST_MEMFD:

@@ -156,7 +156,7 @@ def test_cli_explore_timeline_and_replay(
 ) -> None:
     monkeypatch.setenv("COLUMNS", "80")
     code, out, _ = run(url, capsys, "explore", "--variant", "reviewer-reorder", "--fail-nth", "2")
-    assert code == 0
+    assert code == 4  # an invariant broke: a status CI can gate on
     assert "7 of 19 schedules violate an invariant" in out
     assert "stale_mapping: gfn 0x0 is mapped private but its attribute is shared" in out
     lines = out.splitlines()
@@ -169,12 +169,12 @@ def test_cli_explore_timeline_and_replay(
     code, out, _ = run(
         url, capsys, "explore", "--variant", "reviewer-reorder", "--fail-nth", "2", "--schedule", schedule
     )
-    assert code == 0 and "this schedule violates an invariant" in out
+    assert code == 4 and "this schedule violates an invariant" in out
 
 
 def test_cli_explore_all_and_json(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(url, capsys, "explore", "--all")
-    assert code == 0
+    assert code == 4  # three of the five variants break an invariant
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 4}
     assert "stale_mapping" in rows["reviewer-reorder"] and "no_termination" in rows["v9-naive-unwind"]
     assert "rollback_not_exact" in rows["v9-as-posted"]

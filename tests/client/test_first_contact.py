@@ -258,3 +258,32 @@ def test_one_default_semantics_on_every_surface(url: str, capsys: pytest.Capture
     first_example = next(iter(examples.values()))["value"]["semantics"]
     assert first_option is not None
     assert default == cli == first_option.group(1) == first_example == "rfc-v9"
+
+
+def test_more_cli_edges(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """serve's help is its own; explore runs without a server and says by its status what it found;
+    a negative size and an unaligned value are named; vm list keeps sw_protected whole at 80
+    columns; the demo leaves one VM, not one per run."""
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--port" in help_text and "--url" not in help_text and "--json" not in help_text
+    assert "--workers" not in help_text
+    monkeypatch.delenv("KVM_MEMATTR_URL", raising=False)
+    assert run(capsys, "explore", "--variant", "linux")[0] == 0  # no server: computed here
+    assert run(capsys, "explore", "--variant", "reviewer-reorder", "--fail-nth", "2")[0] == 4
+    vm = json.loads(run(capsys, "--json", "--url", url, "vm", "create", "--semantics", "linux")[1])["id"]
+    with pytest.raises(SystemExit):
+        main(["--url", url, "gmem", "create", vm, "--size", "-4M"])
+    assert "--size -4M: a negative number" in capsys.readouterr().err
+    code, _, err = run(capsys, "--url", url, "attrs", "set", vm, "1000", "4K", "--private")
+    assert code == 1 and "address 0x3e8" in " ".join(err.split())  # 1000 read as decimal, said in hex
+    code, out, _ = run(capsys, "--url", url, "vm", "list")
+    assert code == 0 and "sw_protected" in out and all(len(line) <= 80 for line in out.splitlines())
+    for _ in range(2):
+        assert run(capsys, "-q", "--url", url, "demo")[0] == 0
+    names = [v["name"] for v in json.loads(run(capsys, "--json", "--url", url, "vm", "list")[1])["vms"]]
+    assert names.count("kvm-memattr-demo") == 1
