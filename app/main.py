@@ -162,7 +162,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         import_room=lambda: engine.budget.limit - engine.budget.used,
     )
 
-    install_openapi(app)
+    install_openapi(app, token=settings.api_token is not None)
     return app
 
 

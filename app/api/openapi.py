@@ -12,26 +12,28 @@ from fastapi.openapi.utils import get_openapi
 from app.api import problems
 
 
-def install_openapi(app: FastAPI) -> None:
-    """Build the document once, on first use, with the changes below."""
+def install_openapi(app: FastAPI, token: bool) -> None:
+    """Build the document once, on first use, with the changes below. ``token``: whether the service
+    asks for one (else Swagger UI shows no padlocks and no "Authorize")."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             app.openapi_schema = _problem_openapi(
+                token,
                 get_openapi(
                     title=app.title,
                     version=app.version,
                     description=app.description,
                     routes=app.routes,
                     tags=app.openapi_tags,
-                )
+                ),
             )
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def _problem_openapi(schema: dict[str, Any]) -> dict[str, Any]:
+def _problem_openapi(token: bool, schema: dict[str, Any]) -> dict[str, Any]:
     """Error responses are problem+json; FastAPI's own 422 schema is replaced by Problem."""
     ref = {"$ref": "#/components/schemas/Problem"}
     for path, path_item in schema.get("paths", {}).items():
@@ -41,9 +43,16 @@ def _problem_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                 responses.setdefault("422", {"description": "EINVAL"})
             if path.startswith("/v1/"):
                 # Optional: a token is needed only when KVM_MEMATTR_API_TOKEN is set.
-                op["security"] = [{}, {"bearer": []}]
-                responses.setdefault("401", {"description": "EPERM: missing token (when one is configured)"})
-                responses.setdefault("403", {"description": "EPERM: wrong token"})
+                if token:  # KVM_MEMATTR_API_TOKEN is set: a bearer token is needed
+                    op["security"] = [{"bearer": []}]
+                    responses.setdefault("401", {"description": "EPERM: missing token"})
+                responses.setdefault(
+                    "403",
+                    {
+                        "description": "EPERM: wrong token, a Host the service does not answer to, or "
+                        "a state change sent by a page of another site"
+                    },
+                )
             if "{vm_id}" in path:
                 responses.setdefault("404", {"description": "ENOENT"})
             if "requestBody" in op:
@@ -62,9 +71,10 @@ def _problem_openapi(schema: dict[str, Any]) -> dict[str, Any]:
                         "instance": path,
                     }
                     response["content"] = {problems.PROBLEM_JSON: {"schema": ref, "example": example}}
-    schema.setdefault("components", {})["securitySchemes"] = {
-        "bearer": {"type": "http", "scheme": "bearer", "description": "only when KVM_MEMATTR_API_TOKEN is set"}
-    }
+    if token:
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "KVM_MEMATTR_API_TOKEN"}
+        }
     _add_links(schema)
     _exact_bounds(schema)
     components = schema["components"].setdefault("schemas", {})

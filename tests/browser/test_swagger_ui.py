@@ -70,6 +70,7 @@ def test_swagger_ui_creates_a_vm_and_converts_memory(page: tuple[Page, str, list
     pg.goto(f"{url}/docs")
     pg.wait_for_selector("#operations-vms-create_vm", timeout=20_000)
     assert "kvm-memattr" in pg.locator(".info .title").inner_text()
+    assert pg.get_by_role("button", name="Authorize").count() == 0  # no token configured: no padlocks
 
     status, text = try_it_out(
         pg, "vms-create_vm", {}, {"type": "sw_protected", "semantics": "linux", "name": "browser"}

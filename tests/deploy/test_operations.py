@@ -242,3 +242,14 @@ def test_the_access_log_escapes_control_characters(caplog: pytest.LogCaptureFixt
     lines = [r.getMessage() for r in caplog.records if r.name == "kvm_memattr.access"]
     assert lines and all("\n" not in line for line in lines)
     assert any("\\nGET /forged" in line for line in lines), lines
+
+
+def test_the_openapi_document_asks_for_a_token_only_when_one_is_set() -> None:
+    """Swagger UI shows padlocks and "Authorize" only where the service wants a token."""
+    for token, wanted in ((None, False), ("s3cret", True)):
+        with client_for(api_token=token) as c:
+            spec = c.get("/openapi.json").json()
+        ops = [op for path, item in spec["paths"].items() if path.startswith("/v1/") for op in item.values()]
+        assert all(("security" in op) == wanted for op in ops)
+        assert all(("401" in op["responses"]) == wanted for op in ops)
+        assert ("securitySchemes" in spec["components"]) == wanted
