@@ -6,6 +6,7 @@ prints after each step what changed: attributes, mappings, ``mmu_invalidate_*`` 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -13,6 +14,7 @@ import httpx
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from app.client import DEFAULT_URL, Client, KvmMemattrError
 from app.models.state import GfnRange, MemoryFaultExit, Mmu
@@ -48,14 +50,18 @@ class Story:
         self.kvm, self.console, self.step_no = client, console, 0
         self.vm = ""
         self.last: Mmu | None = None
+        self.steps: list[dict[str, Any]] = []  # what --json prints: each step, what it said, the MMU after it
 
     def step(self, title: str, why: str) -> None:
         self.step_no += 1
+        self.steps.append({"step": self.step_no, "title": title, "why": why, "said": [], "mmu": None})
         self.console.print()
         self.console.rule(f"[bold cyan]{self.step_no}. {title}", align="left")
         self.console.print(why, style="dim")
 
     def say(self, text: str) -> None:
+        if self.steps:
+            self.steps[-1]["said"].append(Text.from_markup(text).plain)
         self.console.print(text)
 
     def mmu(self) -> None:
@@ -87,6 +93,8 @@ class Story:
         )
         self.console.print(table)
         self.last = mmu
+        if self.steps:
+            self.steps[-1]["mmu"] = mmu.model_dump(mode="json")
 
     def attributes(self, npages: int = 16) -> None:
         runs = self.kvm.get_memory_attributes(self.vm, start_gfn=GFN, end_gfn=GFN + npages).runs
@@ -97,27 +105,33 @@ class Story:
             for g in range(r.start_gfn, r.end_gfn)
         }
         mapped = "".join("M" if GFN + i in maps else "." for i in range(npages))
-        self.console.print(f"  attributes gfn {GFN:#x}+: [magenta]{line}[/]  (P private, s shared)")
-        self.console.print(f"  mappings   gfn {GFN:#x}+: [green]{mapped}[/]  (M mapped)")
+        self.say(f"  attributes gfn {GFN:#x}+: [magenta]{line}[/]  (P private, s shared)")
+        self.say(f"  mappings   gfn {GFN:#x}+: [green]{mapped}[/]  (M mapped)")
 
 
 def _ranges(ranges: list[GfnRange]) -> str:
     return ", ".join(f"[{g.start_gfn:#x}, {g.end_gfn:#x})" for g in ranges)
 
 
-def run_demo(url: str | None, token: str | None, *, in_process: bool = False, quiet: bool = False) -> int:
-    console = Console(highlight=False, quiet=quiet)
+def run_demo(
+    url: str | None, token: str | None, *, in_process: bool = False, quiet: bool = False, as_json: bool = False
+) -> int:
+    """The story in a terminal; ``as_json``: the same steps as one JSON document on stdout."""
+    console = Console(highlight=False, quiet=quiet or as_json)
     try:
         client, where = _connect(url, token, in_process)
     except httpx.HTTPError as e:
         Console(stderr=True).print(f"kvm-memattr demo: cannot reach {url}: {e}", markup=False)
         return 3
     with client:
+        story = Story(client, console)
         try:
-            _tell(Story(client, console), where)
+            _tell(story, where)
         except KvmMemattrError as e:
             Console(stderr=True).print(f"kvm-memattr demo: unexpected {e.errno}: {e.detail}", markup=False)
             return 1
+    if as_json and not quiet:
+        print(json.dumps({"talking_to": where, "vm": story.vm, "steps": story.steps}, indent=2))
     return 0
 
 

@@ -53,7 +53,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if getattr(args, "demo", False):
         from app.demo import run_demo
 
-        return run_demo(args.url, args.token, in_process=args.in_process, quiet=args.quiet)
+        return run_demo(args.url, args.token, in_process=args.in_process, quiet=args.quiet, as_json=args.json)
     url = args.url or os.environ.get("KVM_MEMATTR_URL") or DEFAULT_URL
     url = url if "://" in url else f"http://{url}"
     exploring = getattr(args, "explore", False)

@@ -287,3 +287,13 @@ def test_more_cli_edges(
         assert run(capsys, "-q", "--url", url, "demo")[0] == 0
     names = [v["name"] for v in json.loads(run(capsys, "--json", "--url", url, "vm", "list")[1])["vms"]]
     assert names.count("kvm-memattr-demo") == 1
+
+
+def test_json_demo_is_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """--json demo prints the story as one JSON document (it printed panels)."""
+    code, out, _ = run(capsys, "--json", "demo", "--in-process")
+    assert code == 0
+    story = json.loads(out)
+    assert len(story["steps"]) >= 5 and story["vm"]
+    assert all(s["title"] and s["why"] for s in story["steps"])
+    assert any(s["mmu"] and s["mmu"]["mmu_invalidate_seq"] > 0 for s in story["steps"])
