@@ -129,7 +129,7 @@ class SqliteJournal:
                     raise self.error(f"the file has no {table} table: it is damaged, and starting would lose state")
         elif tables - {"journal"}:
             raise self.error("not a kvm-memattr journal")
-        with db:  # a v1 file (or a new one) becomes v2 in one transaction
+        with db:  # an older file (or a new one) becomes the current format in one transaction
             db.execute("BEGIN IMMEDIATE")  # fails now, not at the first call, on a read-only file
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?), ('version', ?)", (FORMAT, str(VERSION)))
