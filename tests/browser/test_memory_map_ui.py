@@ -7,8 +7,10 @@ README shows, docs/memory-map.png.
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -214,4 +216,27 @@ def test_the_map_opens_on_the_vms_memslots(chromium: PwBrowser) -> None:
         expect(page.locator("#error")).to_contain_text("EINVAL")
         expect(page.locator("#last-result")).to_have_text("")
         assert browser.errors == [e for e in browser.errors if e.startswith("Failed to load resource")]
+        page.close()
+
+
+def test_a_headless_screenshot_settles_and_the_trace_streams_once_touched(chromium: PwBrowser, tmp_path: Path) -> None:
+    """`chromium --headless --virtual-time-budget` never settled while the live stream was open; the
+    page now polls until a person touches it, then streams."""
+    with live_server() as (url, _):
+        vm = httpx.post(f"{url}/v1/vms", json={"semantics": "linux"}).json()["id"]
+        shot = tmp_path / "shot.png"
+        argv = [CHROMIUM, "--headless", *ARGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900"]
+        argv += ["--virtual-time-budget=3000", f"--screenshot={shot}", f"{url}/ui?vm={vm}"]
+        started = time.monotonic()
+        subprocess.run(argv, capture_output=True, timeout=60, check=False)
+        assert shot.stat().st_size > 10_000 and time.monotonic() - started < 30
+
+        page = chromium.new_page()
+        page.goto(f"{url}/ui?vm={vm}")
+        expect(page.locator("body")).to_have_attribute("data-ready", "1")
+        expect(page.locator("#trace-mode")).to_have_text("(polling)")
+        page.locator("#map").click()  # a person is here: stream
+        expect(page.locator("#trace-mode")).to_have_text("(live)")
+        httpx.post(f"{url}/v1/vms/{vm}/faults", json={"gpa": "0x0"})
+        expect(page.locator('#events li[data-type="fault"]')).to_have_count(1)
         page.close()

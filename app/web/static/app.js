@@ -414,12 +414,22 @@ async function startTrace() {
       page.events.forEach(onEvent);
     } catch (err) { /* polling resumes on the next tick */ }
   };
-  if (state.token || !window.EventSource) {  // EventSource cannot send a bearer token
-    $("#trace-mode").textContent = "(polling)";
-    state.poll = setInterval(poll, 500);
-    poll();
-    return;
-  }
+  // Poll until a person touches the page, then stream: a page nobody uses holds no connection open,
+  // so a headless screenshot (chromium --virtual-time-budget) settles.
+  $("#trace-mode").textContent = "(polling)";
+  state.poll = setInterval(poll, 500);
+  poll();
+  if (state.token || !window.EventSource) return;  // EventSource cannot send a bearer token
+  const upgrade = () => {
+    for (const kind of ["pointerdown", "keydown", "wheel"]) document.removeEventListener(kind, upgrade);
+    if (state.poll && state.vm && state.vm.id === id) streamTrace(id, onEvent, poll);
+  };
+  for (const kind of ["pointerdown", "keydown", "wheel"]) document.addEventListener(kind, upgrade, { passive: true });
+}
+
+function streamTrace(id, onEvent, poll) {
+  clearInterval(state.poll);
+  state.poll = null;
   $("#trace-mode").textContent = "(live)";
   const es = new EventSource(`/v1/vms/${id}/events/stream?after=${state.lastEvent}`);
   es.addEventListener("trace", (m) => onEvent(JSON.parse(m.data)));
@@ -584,6 +594,7 @@ async function boot() {
   } catch (err) {
     showError(err);
   }
+  document.body.dataset.ready = "1";  // the first view is drawn: what a screenshot can wait for
 }
 
 setupMap();
