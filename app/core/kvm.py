@@ -33,19 +33,9 @@ from app.models.kvm import (
     Semantics,
     VmType,
 )
+from app.models.state import MmuStats
 
 PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE
-
-
-@dataclass
-class Stats:
-    attribute_updates: int = 0
-    tlb_flushes: int = 0
-    pages_zapped: int = 0
-    faults: int = 0
-    fault_retries: int = 0
-    memory_fault_exits: int = 0
-    mmio_exits: int = 0
 
 
 @dataclass(eq=False)
@@ -162,7 +152,7 @@ class Kvm:
     spaces: list[AddressSpace] = field(init=False)
     mmu: Mmu = field(init=False)
     inval: MmuInvalidation = field(default_factory=MmuInvalidation)
-    stats: Stats = field(default_factory=Stats)
+    stats: MmuStats = field(default_factory=MmuStats)
     events: EventLog = field(init=False)
     gmem_files: dict[int, GuestMemfdFile] = field(default_factory=dict)
     next_fd: int = 3

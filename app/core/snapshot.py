@@ -17,7 +17,7 @@ from app.core import guest_memfd, sev
 from app.core.budget import UNBOUNDED, ServiceBudget
 from app.core.errors import EINVAL, ENOMEM, KvmError
 from app.core.gfn_range import hva_ranges
-from app.core.kvm import PRIVATE, GuestMemfdFile, Kvm, NotifierInvalidation, Stats
+from app.core.kvm import PRIVATE, GuestMemfdFile, Kvm, NotifierInvalidation
 from app.core.limits import EngineLimits
 from app.core.memslots import install, plan_set_memory_region
 from app.core.mmu import spte, spte_private, spte_writable
@@ -36,7 +36,6 @@ from app.models.snapshot import (
     SnapshotMapping,
     SnapshotMemslot,
     SnapshotNotifier,
-    SnapshotStats,
     VmSnapshot,
 )
 
@@ -98,7 +97,7 @@ def dump(kvm: Kvm) -> VmSnapshot:
         next_fd=kvm.next_fd,
         pinned_regions=list(kvm.pinned),
         fail_nth=kvm.fail_nth,
-        stats=SnapshotStats(**vars(kvm.stats)),
+        stats=kvm.stats.model_copy(),
         next_event_id=kvm.events.next_id,
     )
 
@@ -173,7 +172,7 @@ def _load_state(kvm: Kvm, doc: VmSnapshot) -> None:
     kvm.pinned = list(doc.pinned_regions)
     kvm.budget.add(len(kvm.pinned))  # each stored object counts as it appears: release() gives back what is there
     kvm.fail_nth = doc.fail_nth
-    kvm.stats = Stats(**doc.stats.model_dump())
+    kvm.stats = doc.stats.model_copy()
     kvm.events.next_id = doc.next_event_id
 
 

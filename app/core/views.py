@@ -38,7 +38,7 @@ def mmu(kvm: Kvm) -> state.Mmu:
         mmu_invalidate_range_end=inv.range_end,
         mapped_pages=kvm.mmu.mapped_pages,
         open_notifier_invalidations=len(kvm.notifiers),
-        stats=vars(kvm.stats),  # a dict validates in Rust, cheaper than building a model
+        stats=kvm.stats.model_copy(),  # a copy: the answer must not move with the live counters
     )
 
 
@@ -52,7 +52,7 @@ def usage(kvm: Kvm) -> dict[str, int]:
         "open_notifier_invalidations": len(kvm.notifiers),
         "mmu_invalidate_in_progress": kvm.inval.in_progress,
         "mmu_invalidate_seq": kvm.inval.seq,
-        **vars(kvm.stats),
+        **kvm.stats.model_dump(),
     }
 
 

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.models.host import HostProfile
 from app.models.kvm import U64_MAX, Semantics, VmType
+from app.models.state import MmuStats
 
 N = Annotated[int, Field(ge=0, le=U64_MAX)]
 """Every number of a snapshot is a kernel ``__u64`` (or narrower, which the loader checks)."""
@@ -68,16 +69,6 @@ class SnapshotInvalidation(_Doc):
     mmu_invalidate_range_end: N | None
 
 
-class SnapshotStats(_Doc):
-    attribute_updates: N
-    tlb_flushes: N
-    pages_zapped: N
-    faults: N
-    fault_retries: N
-    memory_fault_exits: N
-    mmio_exits: N
-
-
 class VmSnapshot(_Doc):
     """Everything observable about one VM except its event trace (the next event id is kept)."""
 
@@ -97,5 +88,5 @@ class VmSnapshot(_Doc):
     next_fd: N
     pinned_regions: list[tuple[N, N]] = Field(description="(addr, size) in registration order")
     fail_nth: int | None = Field(None, ge=1, le=U64_MAX)
-    stats: SnapshotStats
+    stats: MmuStats
     next_event_id: Annotated[int, Field(ge=1, le=U64_MAX)]

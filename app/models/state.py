@@ -7,17 +7,24 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.models.host import HostProfile
-from app.models.kvm import Semantics, VmType
+from app.models.kvm import U64_MAX, Semantics, VmType
 
 
 class MmuStats(BaseModel):
-    attribute_updates: int = Field(description="successful attribute updates (no-ops included)")
-    tlb_flushes: int = Field(description="kvm_flush_remote_tlbs() calls")
-    pages_zapped: int = Field(description="SPTEs zapped by conversions, notifiers and memslot delete/move")
-    faults: int = Field(description="vCPU page faults handled (prefault excluded)")
-    fault_retries: int = Field(description="faults that returned RET_PF_RETRY")
-    memory_fault_exits: int = Field(description="KVM_EXIT_MEMORY_FAULT exits")
-    mmio_exits: int = Field(description="KVM_EXIT_MMIO exits")
+    """The VM's statistics (``struct kvm_vm_stat``): one shape for the engine's counters, the API's
+    answers and a snapshot's copy. Each a ``__u64``."""
+
+    model_config = ConfigDict(extra="forbid")  # a snapshot's copy names no other counter
+
+    attribute_updates: int = Field(0, ge=0, le=U64_MAX, description="successful attribute updates (no-ops included)")
+    tlb_flushes: int = Field(0, ge=0, le=U64_MAX, description="kvm_flush_remote_tlbs() calls")
+    pages_zapped: int = Field(
+        0, ge=0, le=U64_MAX, description="SPTEs zapped by conversions, notifiers and memslot delete/move"
+    )
+    faults: int = Field(0, ge=0, le=U64_MAX, description="vCPU page faults handled (prefault excluded)")
+    fault_retries: int = Field(0, ge=0, le=U64_MAX, description="faults that returned RET_PF_RETRY")
+    memory_fault_exits: int = Field(0, ge=0, le=U64_MAX, description="KVM_EXIT_MEMORY_FAULT exits")
+    mmio_exits: int = Field(0, ge=0, le=U64_MAX, description="KVM_EXIT_MMIO exits")
 
 
 class Mmu(BaseModel):
