@@ -11,9 +11,7 @@ from app.cli.args import int_list
 from app.cli.output import PRINTED, Output
 from app.client import Client
 from app.client import operations as ops
-
-VARIANT_NAMES = ["rfc-v9", "linux", "v9-as-posted", "v9-naive-unwind", "reviewer-reorder"]
-
+from app.models.names import VARIANT_NAMES
 
 VIOLATED = 4
 """explore's exit status when a schedule broke an invariant (so CI can gate on it)."""

@@ -9,6 +9,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from app.models.names import KVM_CAP_VM_TYPES_MASK, VmType
+
 if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
@@ -116,12 +118,12 @@ _COLUMNS: dict[str, list[_Column]] = {
     ],
 }
 
-_VM_TYPE_NAMES = ["default", "sw_protected", "sev", "sev_es", "snp", "tdx"]
-
 
 def _vm_types(mask: int) -> str:
     """The types beside ``default`` (every host has that one)."""
-    return "all" if mask == 0x3F else ",".join(n for i, n in enumerate(_VM_TYPE_NAMES) if i and mask >> i & 1) or "-"
+    if mask == KVM_CAP_VM_TYPES_MASK:
+        return "all"
+    return ",".join(t.value for t in VmType if t.value_code and mask >> t.value_code & 1) or "-"
 
 
 _COLUMNS["profiles"] = [

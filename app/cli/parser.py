@@ -9,9 +9,10 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from app.cli.args import attributes, integer, number, profile_arg, tristate
-from app.cli.commands import VARIANT_NAMES, delete_vm, export_vm, import_vm, inject
+from app.cli.commands import delete_vm, export_vm, import_vm, inject
 from app.client import DEFAULT_URL
 from app.client import operations as ops
+from app.models.names import DEFAULT_SEMANTICS, DEFAULT_VM_TYPE, VARIANT_NAMES, Semantics, VmType
 
 DESCRIPTION = """\
 A virtual KVM memory-attribute controller: serve the HTTP API, drive it from a
@@ -141,11 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument(
         "--type",
-        default="sw_protected",
-        choices=["default", "sw_protected", "sev", "sev_es", "snp", "tdx"],
+        default=DEFAULT_VM_TYPE.value,
+        choices=[t.value for t in VmType],
         help="KVM_X86_*_VM type",
     )
-    x.add_argument("--semantics", default="rfc-v9", choices=["rfc-v9", "linux"], help="which kernel design")
+    x.add_argument(
+        "--semantics", default=DEFAULT_SEMANTICS.value, choices=[s.value for s in Semantics], help="which kernel design"
+    )
     x.add_argument("--name", help="a name to show with the id")
     x.add_argument(
         "--profile", help="host to behave as: a name (kvm-memattr profiles) or a file from host-profile --json"

@@ -7,9 +7,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.models.kvm import Struct
+from app.models.names import VariantName as VariantName
 from app.models.types import U64
 
-VariantName = Literal["rfc-v9", "linux", "v9-as-posted", "v9-naive-unwind", "reviewer-reorder"]
 Invariant = Literal["stale_mapping", "rollback_not_exact", "no_termination"]
 FaultAccess = Literal["private", "shared", "attribute"]
 

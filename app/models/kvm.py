@@ -6,11 +6,12 @@ Values are those of ``include/uapi/linux/kvm.h`` and
 
 from __future__ import annotations
 
-from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.models.names import Semantics as Semantics
+from app.models.names import VmType as VmType
 from app.models.types import U32, U64
 
 PAGE_SHIFT = 12
@@ -43,44 +44,6 @@ GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
 
 DEFAULT_MAX_GFN = (1 << 40) - 1
 """``kvm_mmu_max_gfn()`` for a 52-bit host physical address width."""
-
-
-class VmType(StrEnum):
-    """``KVM_X86_*_VM``: the ``type`` argument of ``KVM_CREATE_VM``."""
-
-    default = "default"
-    sw_protected = "sw_protected"
-    sev = "sev"
-    sev_es = "sev_es"
-    snp = "snp"
-    tdx = "tdx"
-
-    @property
-    def value_code(self) -> int:
-        return _VM_TYPE_VALUES[self]
-
-    @property
-    def has_private_mem(self) -> bool:
-        """``kvm_arch_has_private_mem()``."""
-        return self in (VmType.sw_protected, VmType.snp, VmType.tdx)
-
-
-_VM_TYPE_VALUES = {
-    VmType.default: 0,
-    VmType.sw_protected: 1,
-    VmType.sev: 2,
-    VmType.sev_es: 3,
-    VmType.snp: 4,
-    VmType.tdx: 5,
-}
-KVM_CAP_VM_TYPES_MASK = sum(1 << v for v in _VM_TYPE_VALUES.values())
-
-
-class Semantics(StrEnum):
-    """Which kernel design a VM follows."""
-
-    rfc_v9 = "rfc-v9"
-    linux = "linux"
 
 
 class Struct(BaseModel):

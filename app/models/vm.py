@@ -5,15 +5,16 @@ from __future__ import annotations
 from pydantic import ConfigDict, Field
 
 from app.models.host import HostProfile
-from app.models.kvm import Semantics, Struct, VmType
+from app.models.kvm import Struct
+from app.models.names import DEFAULT_SEMANTICS, DEFAULT_VM_TYPE, Semantics, VmType
 
 
 class VmCreate(Struct):
     """Arguments of ``KVM_CREATE_VM``, plus the semantics to follow and the host to behave as."""
 
     # Enum values arrive as JSON strings; strict mode would want enum instances.
-    type: VmType = Field(VmType.sw_protected, strict=False)
-    semantics: Semantics = Field(Semantics.rfc_v9, strict=False)
+    type: VmType = Field(DEFAULT_VM_TYPE, strict=False)
+    semantics: Semantics = Field(DEFAULT_SEMANTICS, strict=False)
     name: str | None = Field(default=None, max_length=200)
     profile: str | HostProfile | None = Field(
         default=None,
