@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -88,7 +89,9 @@ class Settings(BaseSettings, EngineLimits):
             names = frozenset(n.strip().lower() for n in self.allowed_hosts.split(",") if n.strip())
             return None if "*" in names else names
         if self.host in LOOPBACK_NAMES or self.host.startswith("127."):
-            return LOOPBACK_NAMES | {self.host}
+            # This machine's own names too: a rebinding page cannot make a browser send them.
+            # (0.0.0.0 as a Host reaches loopback on Linux.)
+            return LOOPBACK_NAMES | {self.host, "0.0.0.0", socket.gethostname().lower()}
         return None
 
     def host_profile(self) -> HostProfile:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -222,6 +223,7 @@ def test_dns_rebinding_and_cross_site_state_changes_are_refused() -> None:
     with client_for() as c:  # bound to 127.0.0.1: loopback names only
         assert c.get("/healthz", headers={"host": "127.0.0.1:8000"}).status_code == 200
         assert c.get("/healthz", headers={"host": "[::1]:8000"}).status_code == 200
+        assert c.get("/healthz", headers={"host": f"{socket.gethostname()}:8000"}).status_code == 200
         assert_problem(c.get("/v1/vms", headers={"host": "evil.example:8000"}), 403, "EPERM")
         before = c.get("/v1/vms").json()
         # What a form on another site sends: no preflight, a body-less POST would create a VM.
