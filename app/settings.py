@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from app.core.limits import EngineLimits
 from app.models.host import DEFAULT_PROFILE, PROFILES, HostProfile
 from app.models.kvm import GFN_LIMIT
+from app.models.validation import one_line
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -107,11 +108,7 @@ class Settings(BaseSettings, EngineLimits):
                     f"KVM_MEMATTR_PROFILE={self.profile}: not a profile ({known}) nor a file: {e.strerror}"
                 ) from None
             except ValidationError as e:
-                first = e.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                raise ProfileError(
-                    f"KVM_MEMATTR_PROFILE={self.profile}: not a host profile: {where}: {first['msg']}"
-                ) from None
+                raise ProfileError(f"KVM_MEMATTR_PROFILE={self.profile}: not a host profile: {one_line(e)}") from None
         if self.max_gfn is None and self.address_spaces is None:
             return host
         caps = host.caps

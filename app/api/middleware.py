@@ -117,7 +117,8 @@ class ServiceMiddleware:
         array or object (a run, a slot, a mapping...), so counting brackets, at memory speed, bounds
         the items from above. Parsing one costs about a hundred times its size: refused here, an
         oversized import costs what reading it cost, and stalls no other request."""
-        items = sum(p.get("body", b"").count(b"[") + p.get("body", b"").count(b"{") for p in parts)
+        bodies = [p.get("body", b"") for p in parts]
+        items = sum(b.count(b"[") + b.count(b"{") for b in bodies)
         if items > room + _IMPORT_SLACK:
             raise _Refused(
                 507, "ENOMEM", f"snapshot: about {items} items do not fit the service-wide budget ({room} left)"

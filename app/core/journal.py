@@ -28,6 +28,7 @@ from app.core.errors import ENOSPC
 from app.models import kvm as kvm_models
 from app.models import snapshot as snapshot_models
 from app.models import vm as vm_models
+from app.models.validation import one_line
 
 FORMAT = "kvm-memattr-journal"
 VERSION = 3
@@ -44,14 +45,6 @@ _MODELS: dict[str, type[BaseModel]] = {
 
 class StateFileError(Exception):
     """The state file cannot be used; the message is the one line to print."""
-
-
-def one_line(e: ValidationError) -> str:
-    """A pydantic error as one line: how many problems, and the first with its place."""
-    first = e.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "the document"
-    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-    return f"{where}: {first['msg']}{more}"
 
 
 class Journal(Protocol):
