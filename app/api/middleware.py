@@ -1,8 +1,7 @@
 """One pure-ASGI middleware: request id, Host and cross-site checks, bearer token, body limit,
 security headers, access log and HTTP metrics.
 
-Pure ASGI (not BaseHTTPMiddleware) because it sits on every request. It hands the routes that
-app/api/fastpath.py compiled to it, and everything else (or what it gives back) to FastAPI.
+Pure ASGI (not BaseHTTPMiddleware) because it sits on every request.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from collections.abc import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.auth import check_bearer
-from app.api.fastpath import Fallback, FastPath
 from app.api.metrics import Metrics
 from app.api.problems import problem_document
 from app.logs import request_id_var
@@ -82,14 +80,12 @@ class ServiceMiddleware:
         max_body_bytes: int,
         max_import_bytes: int,
         api_token: str | None,
-        fast_path: FastPath | None,
         allowed_hosts: frozenset[str] | None = None,
         import_room: Callable[[], int] | None = None,
     ) -> None:
         self.app, self.metrics, self.max_body, self.token = app, metrics, max_body_bytes, api_token
         self.allowed_hosts = allowed_hosts  # None: any Host
         self.import_room = import_room  # items the service budget still holds
-        self.fast_path = fast_path
         self.max_import = max_import_bytes  # a snapshot holds every run of a VM
         # Unique per process and cheap: a random prefix and a counter (uuid4 costs a syscall).
         self._ids = (f"{self._prefix}{n:08x}" for n in itertools.count(1))
@@ -188,16 +184,6 @@ class ServiceMiddleware:
             body_parts = await self._read_limited(receive, limit)
             if scope["path"] == self.IMPORT_PATH and self.import_room is not None:
                 self._check_import_size(body_parts, self.import_room())
-            # Under a root_path the router matches a shorter path: leave those requests to it.
-            fast_path = None if scope.get("root_path") else self.fast_path
-            target = fast_path.match(scope["method"], scope["path"]) if fast_path is not None else None
-            if fast_path is not None and target is not None and body_parts[-1]["type"] == "http.request":
-                try:
-                    body = b"".join(part["body"] for part in body_parts if part.get("body"))
-                    await fast_path(*target, scope, body, send_with_id)
-                    return
-                except Fallback:
-                    pass
             await self.app(scope, replay_receive, send_with_id)
         except _Refused as refused:
             if response_started:
