@@ -76,8 +76,8 @@ class _Input:
 
 @dataclass(frozen=True)
 class _Step:
-    """One call, a dependency or last the endpoint: each keyword with where its value is in the
-    request's values (its inputs, then the results of the steps before), -1 for the request."""
+    """One call, a dependency or last the endpoint: each keyword with the index of its value in
+    a request's values: the request, its inputs, then the results of the steps before."""
 
     func: Callable[..., Any]
     args: tuple[tuple[str, int], ...]
@@ -124,12 +124,8 @@ class _Planner:
         self.calls: list[tuple[Callable[..., Any], list[_Source]]] = []
 
     def steps(self) -> tuple[_Step, ...]:
-        offset = {"request": -1, "input": 0, "call": len(self.inputs)}
-
-        def at(kind: str, i: int) -> int:
-            return -1 if kind == "request" else offset[kind] + i
-
-        return tuple(_Step(func, tuple((k, at(kind, i)) for k, kind, i in args)) for func, args in self.calls)
+        at = {"request": 0, "input": 1, "call": 1 + len(self.inputs)}
+        return tuple(_Step(func, tuple((k, at[kind] + i) for k, kind, i in args)) for func, args in self.calls)
 
     def add(self, func: Callable[..., Any]) -> int | None:
         """The call of ``func`` (a dependency is called once per request, as FastAPI caches it),
@@ -246,18 +242,19 @@ class FastRoute(Route):
             scope[_DECLINED] = True
             await scope["app"].router(scope, _replay(messages, receive), send)
             return
-        # The inputs, then each step's result: what a later step's keywords take, by index.
-        request = Request(scope, _replay(messages, receive))
+        # The request, the inputs, then each step's result: what a step's keywords take, by index.
+        values[0] = Request(scope, _replay(messages, receive))
         for step in self.steps:
-            values.append(await step.func(**{k: request if i < 0 else values[i] for k, i in step.args}))
+            values.append(await step.func(**{k: values[i] for k, i in step.args}))
         response: Response = values[-1]
         await response(scope, receive, send)
 
     def _validate(self, scope: Scope, body: bytes) -> list[Any]:
-        """Every input as FastAPI passes it, or ``Fallback`` where FastAPI would answer otherwise."""
+        """Every input as FastAPI passes it, after a place for the request; or ``Fallback`` where
+        FastAPI would answer otherwise."""
         path = scope["path_params"]
         query = QueryParams(scope["query_string"]) if self.reads_query else None
-        values: list[Any] = []
+        values: list[Any] = [None]
         try:
             for i in self.inputs:
                 if i.where == "body":
