@@ -1,28 +1,29 @@
 """The request hot path: a plain Starlette route in front of each simple FastAPI route.
 
 Measured through ASGI, FastAPI spends most of a small request outside the endpoint: a walk of
-the router tree (with included routers, every router before the chosen one and the chosen route
+the router tree (with included routers, every router before the chosen one, and the chosen route
 twice), a recursive dependency solve and a JSON parse followed by a separate validation pass.
 For a route whose inputs are only dependencies, the request, plain path and query parameters and
 one JSON body model, all of that is known at start-up.
 
-The design, and why: ``FastPath.include_router`` includes a router as FastAPI documents it, then
-puts a ``FastRoute`` (a Starlette ``Route``: same path, methods, endpoint and name) for each
-such route of it at the front of the app's routes. Routing stays Starlette's, so the app's
-middlewares, exception handlers, ``root_path`` and include prefixes apply to these routes as to
-any other; per request a ``FastRoute`` validates each parameter and the body (once, from its
-bytes, in pydantic-core) by the parameter's own annotation, calls the same dependency functions
-and endpoint in FastAPI's order, and sends the endpoint's ``Response``. What they raise goes
-through the app's exception handlers. The front, not just before the router's own entry,
-because FastAPI's walk past the included routers before it costs a conversion about a fifth of
-its time (bench/http.py); so a ``FastRoute`` goes after every route already in the app that
-could take one of its requests, which ``FastPath`` can tell for the routers it included and
-the plain routes and mounts; any other entry is passed as if it could. Two other designs were
-measured and dropped: the previous one, a second router inside ``ServiceMiddleware``, needed
-FastAPI's private ``ModelField`` and ``Dependant`` and one release's router tree, and sent errors
-past the app's handlers and inner middlewares; a custom ``APIRoute`` class (``route_class``, the
-documented hook) keeps FastAPI's router walk, which is most of the cost, and cannot see an
-``include_router(dependencies=...)`` of FastAPI 0.16x.
+The design: ``FastPath.include_router`` includes a router as FastAPI documents it, then puts a
+``FastRoute`` (a Starlette ``Route`` with the same path, methods, endpoint and name) for each
+such route of it at the front of the app's routes. Per request a ``FastRoute`` validates each
+parameter and the body (once, from its bytes, in pydantic-core) by the parameter's own
+annotation, calls the same dependency functions and the endpoint in FastAPI's order, and sends
+the endpoint's ``Response``. Why: it is routed like any route, so the app's middlewares, its
+exception handlers (what the endpoint raises becomes problem+json with the request id),
+``root_path`` and include prefixes all apply, and it needs only public interfaces of FastAPI,
+Starlette and pydantic. At the front because FastAPI's walk past the included routers before a
+route is the costliest part left: ``FastRoute``s just before their router cost a conversion about
+a sixth more; ``FastPath`` puts each after every route already in the app that could take one of
+its requests, which it can tell for the routers it included, plain routes and mounts (any other
+entry is taken to be such a route). Measured and dropped: the previous design, a second router
+inside ``ServiceMiddleware``, about 0.1 of the minimal POST faster in bench/http.py through ASGI,
+but built on FastAPI's private ``ModelField``, ``Dependant`` and one release's router tree, and it
+sent errors past the app's handlers and inner middlewares; a custom ``APIRoute`` class
+(``route_class``, FastAPI's documented hook), as slow as no fast path (it keeps FastAPI's router
+walk), and blind to an ``include_router(dependencies=...)`` of FastAPI 0.16x.
 
 Whatever a ``FastRoute`` is unsure of goes to FastAPI, *before* anything is called: a parameter
 or body that is missing or does not validate, a body that is not ``application/json``, an app
@@ -30,8 +31,9 @@ with ``dependency_overrides``, a method other than the route's (``HEAD``: Starle
 ``GET`` route, FastAPI does not). It marks the scope and hands the request, its body replayed,
 to the app's router again, which then passes every ``FastRoute`` by: so every error document is
 FastAPI's own, and what the fast path answers is what FastAPI would have answered
-(tests/api/test_fastpath.py checks both on generated requests). The routes, their OpenAPI
-document and their validation rules are untouched.
+(tests/api/test_fastpath.py checks both on generated requests, on the oldest FastAPI the project
+allows and the newest). The routes, their OpenAPI document and their validation rules are
+untouched.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ _REQUIRED: Any = inspect.Parameter.empty
 _JSON = b"application/json"
 
 
-class Fallback(Exception):
+class _Fallback(Exception):
     """This request is FastAPI's to answer (it names the error)."""
 
 
@@ -225,20 +227,20 @@ class FastRoute(Route):
         messages: list[Message] = []
         try:
             if scope["app"].dependency_overrides:  # a test swapped a dependency: only FastAPI knows it
-                raise Fallback
+                raise _Fallback
             body = b""
             if self.reads_body:
                 while not messages or messages[-1].get("more_body", False):
                     messages.append(await receive())
                     if messages[-1]["type"] != "http.request":  # the client left: FastAPI's to say so
-                        raise Fallback
+                        raise _Fallback
                 body = (
                     messages[0].get("body", b"")
                     if len(messages) == 1
                     else b"".join(m.get("body", b"") for m in messages)
                 )
             values = self._validate(scope, body)
-        except Fallback:
+        except _Fallback:
             scope[_DECLINED] = True
             await scope["app"].router(scope, _replay(messages, receive), send)
             return
@@ -250,7 +252,7 @@ class FastRoute(Route):
         await response(scope, receive, send)
 
     def _validate(self, scope: Scope, body: bytes) -> list[Any]:
-        """Every input as FastAPI passes it, after a place for the request; or ``Fallback`` where
+        """Every input as FastAPI passes it, after a place for the request; or ``_Fallback`` where
         FastAPI would answer otherwise."""
         path = scope["path_params"]
         query = QueryParams(scope["query_string"]) if self.reads_query else None
@@ -260,18 +262,18 @@ class FastRoute(Route):
                 if i.where == "body":
                     # FastAPI parses other JSON types too, and names the error of a bad one.
                     if not body or _content_type(scope) != _JSON:
-                        raise Fallback
+                        raise _Fallback
                     values.append(i.adapter.validator.validate_json(body))
                     continue
                 raw = path.get(i.name) if i.where == "path" else query.get(i.name)  # type: ignore[union-attr]
                 if raw is None:
                     if i.default is _REQUIRED:
-                        raise Fallback
+                        raise _Fallback
                     values.append(copy.deepcopy(i.default))  # as FastAPI does: unvalidated
                 else:
                     values.append(i.adapter.validator.validate_python(raw))
         except ValidationError:
-            raise Fallback from None
+            raise _Fallback from None
         return values
 
 
@@ -298,7 +300,7 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
 # ---------------------------------------------------------------- installing
 
 
-def fast_routes(router: APIRouter, prefix: str = "") -> list[FastRoute]:
+def _fast_routes(router: APIRouter, prefix: str = "") -> list[FastRoute]:
     """A ``FastRoute`` for each route of ``router`` that can have one, in the router's order.
 
     None for a route that a route before it in the router, without one, might take requests of:
@@ -366,7 +368,7 @@ class FastPath:
             self._included.update((id(entry), inner) for entry in routes[start:])
         if not self.enabled:
             return
-        fast = fast_routes(router, prefix)
+        fast = _fast_routes(router, prefix)
         # After the FastRoutes so far and after whatever could take one of these requests first.
         at = 0
         for i, entry in enumerate(routes[:start]):
