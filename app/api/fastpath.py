@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import operator
 import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -78,11 +79,20 @@ class _Input:
 
 @dataclass(frozen=True)
 class _Step:
-    """One call, a dependency or last the endpoint: each keyword with the index of its value in
-    a request's values: the request, its inputs, then the results of the steps before."""
+    """One call, a dependency or last the endpoint, with its arguments (in its signature's order)
+    picked from a request's values: the request, its inputs, then the results of the steps before."""
 
     func: Callable[..., Any]
-    args: tuple[tuple[str, int], ...]
+    pick: Callable[[list[Any]], tuple[Any, ...]]
+
+
+def _picker(indices: Sequence[int]) -> Callable[[list[Any]], tuple[Any, ...]]:
+    # An itemgetter is the cheapest pick there is (a dict of keywords costs a few microseconds a
+    # request); given one index it returns the value itself, not a 1-tuple.
+    if len(indices) == 1:
+        (index,) = indices
+        return lambda values: (values[index],)
+    return operator.itemgetter(*indices) if indices else lambda values: ()
 
 
 # ---------------------------------------------------------------- planning, once per route
@@ -114,7 +124,7 @@ def _plain_depends(depends: params.Depends) -> bool:
         return False
 
 
-_Source = tuple[str, Literal["request", "input", "call"], int]
+_Source = tuple[Literal["request", "input", "call"], int]  # what an argument is, and which
 
 
 class _Planner:
@@ -127,7 +137,7 @@ class _Planner:
 
     def steps(self) -> tuple[_Step, ...]:
         at = {"request": 0, "input": 1, "call": 1 + len(self.inputs)}
-        return tuple(_Step(func, tuple((k, at[kind] + i) for k, kind, i in args)) for func, args in self.calls)
+        return tuple(_Step(func, _picker([at[kind] + i for kind, i in args])) for func, args in self.calls)
 
     def add(self, func: Callable[..., Any]) -> int | None:
         """The call of ``func`` (a dependency is called once per request, as FastAPI caches it),
@@ -153,7 +163,7 @@ class _Planner:
         return len(self.calls) - 1
 
     def _source(self, name: str, param: inspect.Parameter, hint: Any) -> _Source | None:
-        if hint is _REQUIRED or param.kind not in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY):
+        if hint is _REQUIRED or param.kind is not param.POSITIONAL_OR_KEYWORD:  # passed by position
             return None
         if isinstance(param.default, (FieldInfo, params.Depends)):  # the pre-Annotated style
             return None
@@ -164,9 +174,9 @@ class _Planner:
             if info.dependency is None or not _plain_depends(info):
                 return None
             call = self.add(info.dependency)
-            return None if call is None else (name, "call", call)
+            return None if call is None else ("call", call)
         if base is Request and info is None:
-            return (name, "request", 0)
+            return ("request", 0)
         if info is not None and (info.alias or info.validation_alias or info.validate_default):
             return None  # read under another name, or a default FastAPI validates
         if any(type(m) is Json for m in metadata):
@@ -186,7 +196,7 @@ class _Planner:
         else:
             return None
         self.inputs.append(_Input(name, TypeAdapter(hint), where, param.default))
-        return (name, "input", len(self.inputs) - 1)
+        return ("input", len(self.inputs) - 1)
 
 
 def _returns_response(endpoint: Callable[..., Any]) -> bool:
@@ -244,10 +254,10 @@ class FastRoute(Route):
             scope[_DECLINED] = True
             await scope["app"].router(scope, _replay(messages, receive), send)
             return
-        # The request, the inputs, then each step's result: what a step's keywords take, by index.
+        # The request, the inputs, then each step's result: what the later steps take.
         values[0] = Request(scope, _replay(messages, receive))
         for step in self.steps:
-            values.append(await step.func(**{k: values[i] for k, i in step.args}))
+            values.append(await step.func(*step.pick(values)))
         response: Response = values[-1]
         await response(scope, receive, send)
 
