@@ -159,7 +159,7 @@ def install(kvm: Kvm, plan: MemslotPlan) -> None:
     if old is not None:
         kvm.spaces[old.as_id].remove(old)
         if plan.change == "delete":
-            guest_memfd.unbind(old)
+            guest_memfd.unbind(kvm, old)
             kvm.budget.add(-1)
     if new is not None:
         kvm.spaces[new.as_id].add(new)
