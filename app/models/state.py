@@ -301,6 +301,15 @@ class GuestMemfdList(BaseModel):
     guest_memfds: list[GuestMemfd]
 
 
+class FileRuns(BaseModel):
+    runs: list[FileRun]
+    next_offset: int | None = Field(description="where the next page starts when more remain, else null")
+
+
+class HostMappingList(BaseModel):
+    mappings: list[HostMapping]
+
+
 class EncRegionList(BaseModel):
     regions: list[EncRegion]
 
