@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx
 from playwright.sync_api import sync_playwright
 
-from tests.browser.test_swagger_ui import ARGS, CHROMIUM
-from tests.live import live_server
+from harness.chromium import launch
+from harness.live import live_server
 
 TARGET_MS = 1000.0
 
@@ -75,7 +75,7 @@ def main() -> None:
             r = httpx.post(f"{url}/v1/vms/import", json=snapshot(runs), timeout=120)
             r.raise_for_status()
             ids[runs] = r.json()["id"]
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         best: dict[int, float] = {}
         for runs, vm in ids.items():
