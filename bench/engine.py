@@ -22,7 +22,7 @@ from app.core import Engine
 from app.core.vm import VirtualMachine
 from app.models.kvm import KvmMemoryAttributes, KvmUserspaceMemoryRegion2, Semantics, VmType
 from app.models.vm import VmCreate
-from tests.core.reference import RefVM
+from harness.reference import RefVM
 
 PAGE = 4096
 GIB = 1 << 30

@@ -27,8 +27,8 @@ from app.core import Engine
 from app.main import create_app
 from app.models.vm import VmCreate
 from app.settings import Settings
+from harness.live import ROOT
 from tests.inprocess import TestClient
-from tests.live import ROOT
 
 HOT = {
     ("GET", "/healthz"),

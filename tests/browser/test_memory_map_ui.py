@@ -20,8 +20,8 @@ pytest.importorskip("playwright", reason="the browser tests need the dev extra (
 from playwright.sync_api import Browser as PwBrowser
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests.browser.test_swagger_ui import ARGS, CHROMIUM
-from tests.live import ROOT, live_server
+from harness.chromium import ARGS, CHROMIUM, launch
+from harness.live import ROOT, live_server
 
 pytestmark = pytest.mark.browser
 
@@ -60,7 +60,7 @@ class Browser:
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[PwBrowser]:
     with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        launched = launch(p)
         yield launched
         launched.close()
 

@@ -12,7 +12,7 @@ import pytest
 
 from app.cli import main
 from app.cli.args import number
-from tests.live import ROOT, live_server
+from harness.live import ROOT, live_server
 
 
 @pytest.fixture(scope="module")

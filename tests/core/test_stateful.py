@@ -29,7 +29,7 @@ from app.models.kvm import (
     VmType,
 )
 from app.models.vm import VmCreate
-from tests.core.reference import PAGE, RefVM
+from harness.reference import PAGE, RefVM
 
 WINDOW = 16  # gfns the rules touch: small, so slots, conversions and faults collide
 MAX_GFN = 13  # so some slots cross kvm_mmu_max_gfn()
