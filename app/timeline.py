@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
 from app.models.explorer import ExplorerRun, ExplorerTraceEntry
 
-REVIEW_SCENARIO = {"npages": 2, "start_gfn": 0, "to": "private", "fail_nth": 2}
+REVIEW_SCENARIO: dict[str, Any] = {"npages": 2, "start_gfn": 0, "to": "private", "fail_nth": 2}
 """The review's case: two gfns from gfn 0 made private, the second store fails."""
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx
 from playwright.sync_api import Page, sync_playwright
 
+from app.models.state import MmuStats
 from harness.chromium import launch
 from harness.live import live_server
 
@@ -49,18 +50,7 @@ def snapshot(runs: int) -> dict[str, object]:
         "next_notifier_id": 1,
         "next_fd": 3,
         "pinned_regions": [],
-        "stats": dict.fromkeys(
-            [
-                "attribute_updates",
-                "tlb_flushes",
-                "pages_zapped",
-                "faults",
-                "fault_retries",
-                "memory_fault_exits",
-                "mmio_exits",
-            ],
-            0,
-        ),
+        "stats": MmuStats().model_dump(),
         "next_event_id": 1,
     }
 

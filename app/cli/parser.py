@@ -6,13 +6,15 @@ import argparse
 import difflib
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from typing import Any, NoReturn
 
 from app.cli.args import attributes, integer, number, profile_arg, tristate
-from app.cli.commands import delete_vm, export_vm, import_vm, inject
+from app.cli.commands import SCENARIO_OPTIONS, delete_vm, export_vm, import_vm, inject
 from app.client import DEFAULT_URL
 from app.client import operations as ops
 from app.models.names import DEFAULT_SEMANTICS, DEFAULT_VM_TYPE, VARIANT_NAMES, Semantics, VmType
+from app.models.scenario import Scenario
 
 DESCRIPTION = """\
 A virtual KVM memory-attribute controller: serve the HTTP API, drive it from a
@@ -292,15 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     which = x.add_mutually_exclusive_group(required=True)
     which.add_argument("--variant", choices=VARIANT_NAMES, help="the conversion to race")
     which.add_argument("--all", action="store_true", help="every variant on the review's scenario, one table")
-    x.add_argument("--start-gfn", type=number, default=0, help="first gfn of the range (default 0)")
-    x.add_argument("--npages", type=int, default=2, help="gfns in the range, 1..8 (default 2)")
-    x.add_argument("--to", choices=["private", "shared"], default="private", help="default: private")
-    x.add_argument("--fail-nth", type=int, help="the nth per-gfn store (linux: reservation) fails")
-    x.add_argument("--initial-private", help="comma-separated offsets private before (default: opposite of --to)")
-    x.add_argument("--fault-offset", type=int, default=0, help="which gfn of the range the vCPU faults on")
-    x.add_argument(
-        "--access", choices=["attribute", "private", "shared"], default="attribute", help="the vCPU's access"
-    )
+    for field in fields(Scenario)[1:]:  # the variant is --variant, above
+        o = SCENARIO_OPTIONS[field.name]
+        x.add_argument(
+            o.flag,
+            dest=field.name,
+            type=o.type,
+            choices=o.choices,
+            default=field.default,
+            metavar=o.metavar,
+            help=o.help,
+        )
     x.add_argument("--schedule", help="comma-separated step labels: replay exactly this interleaving")
     return p
 

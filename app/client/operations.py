@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from app.models.names import VariantName
+from app.models.scenario import Scenario
 
 if TYPE_CHECKING:  # the models (and pydantic) load on the first answer parsed: see _model
     from app.models import explorer, state
@@ -270,29 +273,12 @@ def list_explorer_variants() -> Op[explorer.ExplorerVariants]:
 
 
 def run_explorer(
-    variant: str,
-    *,
-    start_gfn: Int = 0,
-    npages: int = 2,
-    to: str = "private",
-    fail_nth: int | None = None,
-    initial_private: list[int] | None = None,
-    fault_gfn_offset: int = 0,
-    fault_access: str = "attribute",
-    schedule: list[str] | None = None,
+    variant: VariantName, *, schedule: list[str] | None = None, **scenario: Any
 ) -> Op[explorer.ExplorerRun]:
-    """Race a vCPU fault against a conversion: every schedule, or exactly ``schedule``."""
-    body = _body(
-        variant=variant,
-        start_gfn=start_gfn,
-        npages=npages,
-        to=to,
-        fail_nth=fail_nth,
-        initial_private=initial_private,
-        fault_gfn_offset=fault_gfn_offset,
-        fault_access=fault_access,
-        schedule=schedule,
-    )
+    """Race a vCPU fault against a conversion: every schedule, or exactly ``schedule``. ``scenario``:
+    the other fields of ``app.models.scenario.Scenario`` (start_gfn, npages, to, ...), each its
+    default where not given."""
+    body = _body(**asdict(Scenario(variant, **scenario)), schedule=schedule)
     return Op("POST", "/v1/explorer/runs", _model("explorer", "ExplorerRun"), json=body)
 
 

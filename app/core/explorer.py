@@ -22,7 +22,7 @@ from app.core.limits import EngineLimits
 from app.core.memslots import set_memory_region
 from app.core.mmu import UNMAPPED, spte_private
 from app.core.steps import Step, Steps
-from app.core.variants import VARIANTS, Scenario
+from app.core.variants import VARIANTS, check
 from app.models import explorer as model
 from app.models.explorer import Invariant
 from app.models.host import DEFAULT_PROFILE, PROFILES
@@ -33,6 +33,7 @@ from app.models.kvm import (
     KvmUserspaceMemoryRegion2,
     VmType,
 )
+from app.models.scenario import Scenario
 
 MAX_SCHEDULES = 100_000
 _HVA = 0x7F00_0000_0000
@@ -180,7 +181,7 @@ def _kind(private: bool) -> str:
 def explore(sc: Scenario, schedule: list[str] | None = None) -> model.ExplorerRun:
     """Run every schedule of ``sc`` (or exactly ``schedule``), checking the invariants after each;
     the answer carries the shortest violating schedule, replayed with its trace."""
-    sc.validate()
+    check(sc)
     runs = [_replay(sc, schedule)] if schedule is not None else _enumerate(sc)
     outcomes = dict.fromkeys(("mapped", "retry", "memory_fault_exit"), 0)
     schedules, violations, shortest = 0, 0, None
@@ -259,4 +260,4 @@ def variants() -> model.ExplorerVariants:
     )
 
 
-__all__ = ["MAX_SCHEDULES", "VARIANTS", "Scenario", "explore", "variants"]
+__all__ = ["MAX_SCHEDULES", "VARIANTS", "explore", "variants"]

@@ -52,4 +52,4 @@ DEFAULT_SEMANTICS = Semantics.rfc_v9
 """What ``KVM_CREATE_VM`` makes when nothing is said (contract v2), on every surface."""
 
 VariantName = Literal["rfc-v9", "linux", "v9-as-posted", "v9-naive-unwind", "reviewer-reorder"]
-VARIANT_NAMES: tuple[str, ...] = get_args(VariantName)
+VARIANT_NAMES: tuple[VariantName, ...] = get_args(VariantName)
