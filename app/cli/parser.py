@@ -200,6 +200,45 @@ def build_parser() -> argparse.ArgumentParser:
     x = cmd("close", "close a guest_memfd", lambda c, a: ops.close_guest_memfd(a.vm, a.fd), parent=gm)
     x.add_argument("vm")
     x.add_argument("fd", type=int)
+    x = cmd(
+        "fallocate",
+        "allocate pages, or (--punch-hole) free them and invalidate every binding",
+        lambda c, a: ops.fallocate_guest_memfd(a.vm, a.fd, a.offset, a.len, mode=3 if a.punch_hole else 1),
+        parent=gm,
+    )
+    x.add_argument("vm")
+    x.add_argument("fd", type=int)
+    x.add_argument("offset", type=number, help="bytes")
+    x.add_argument("len", type=number, help="bytes")
+    x.add_argument("--punch-hole", action="store_true", help="FALLOC_FL_PUNCH_HOLE (with KEEP_SIZE)")
+    x = cmd("pages", "allocated pages of a guest_memfd", lambda c, a: ops.get_guest_memfd_pages(a.vm, a.fd), parent=gm)
+    x.add_argument("vm")
+    x.add_argument("fd", type=int)
+    x = cmd(
+        "mmap",
+        "map a guest_memfd into the host process (needs GUEST_MEMFD_FLAG_MMAP)",
+        lambda c, a: ops.mmap_guest_memfd(a.vm, a.fd, a.length, offset=a.offset, shared=not a.private),
+        parent=gm,
+    )
+    x.add_argument("vm")
+    x.add_argument("fd", type=int)
+    x.add_argument("length", type=number, help="bytes")
+    x.add_argument("--offset", type=number, default=0, help="bytes into the file")
+    x.add_argument("--private", action="store_true", help="MAP_PRIVATE (guest_memfd refuses it: EINVAL)")
+    x = cmd(
+        "touch",
+        "host read/write through a mapping (SIGBUS without INIT_SHARED or past the file)",
+        lambda c, a: ops.touch_host_mapping(a.vm, a.mapping, offset=a.offset, size=a.size, write=a.write),
+        parent=gm,
+    )
+    x.add_argument("vm")
+    x.add_argument("mapping", type=int, help="id that mmap returned")
+    x.add_argument("--offset", type=number, default=0, help="bytes into the mapping")
+    x.add_argument("--size", type=number, default=4096, help="bytes")
+    x.add_argument("--write", action="store_true")
+    x = cmd("munmap", "unmap a host mapping", lambda c, a: ops.munmap_host_mapping(a.vm, a.mapping), parent=gm)
+    x.add_argument("vm")
+    x.add_argument("mapping", type=int)
 
     for name, call, what in (
         ("reg-region", "reg_region", "private / pin"),

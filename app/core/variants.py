@@ -17,15 +17,28 @@ MAX_NPAGES = 8
 
 
 @dataclass(frozen=True)
+class PunchDelta:
+    """How a wrong order departs from the engine's ``kvm_gmem_punch_hole()``."""
+
+    free_first: bool = False
+    """Free the pages (truncate), then invalidate: mappings point at freed pages in between."""
+    seq_bump: bool = True
+    """False: invalidate end drops in_progress without bumping mmu_invalidate_seq."""
+
+
+@dataclass(frozen=True)
 class Variant:
     name: VariantName
     description: str
     semantics: Semantics
     delta: V9Delta | None = None
+    punch: PunchDelta | None = None
+    """Not None: the other actor is a punch-hole of the range's file, not a conversion."""
 
     @property
     def historical(self) -> bool:
-        return self.delta is not None
+        """Not one of the engine's own sequences (a reviewed variant or a wrong order)."""
+        return self.delta is not None or self.punch not in (None, PunchDelta())
 
 
 VARIANTS = {
@@ -62,6 +75,28 @@ VARIANTS = {
             "(exactly), so no seq bump tells a racing fault that it read a value that was undone.",
             Semantics.rfc_v9,
             V9Delta(stores_first=True),
+        ),
+        Variant(
+            "punch-hole",
+            "The engine's own kvm_gmem_punch_hole() on the range's file (mmap-able, so the slot is gmem-only and "
+            "every fault takes its page from it): invalidate begin over every binding (unmap), free the pages, "
+            "invalidate end (seq bump). The scenario's to and fail_nth do not apply.",
+            Semantics.linux,
+            punch=PunchDelta(),
+        ),
+        Variant(
+            "punch-hole-free-first",
+            "A wrong order: free the pages first, then invalidate. The guest's mappings point at freed pages until "
+            "the unmap, and a fault that resolved its page before the free maps it.",
+            Semantics.linux,
+            punch=PunchDelta(free_first=True),
+        ),
+        Variant(
+            "punch-hole-no-seq-bump",
+            "A wrong order: invalidate end drops mmu_invalidate_in_progress without bumping mmu_invalidate_seq, so a "
+            "fault that resolved its page before the hole installs it after the hole is done.",
+            Semantics.linux,
+            punch=PunchDelta(seq_bump=False),
         ),
     )
 }

@@ -12,7 +12,7 @@ from app.models.scenario import FaultAccess as FaultAccess
 from app.models.scenario import Scenario
 from app.models.types import U64
 
-Invariant = Literal["stale_mapping", "rollback_not_exact", "no_termination"]
+Invariant = Literal["stale_mapping", "rollback_not_exact", "no_termination", "freed_page_mapped"]
 
 
 class ExplorerRunRequest(Struct, Scenario):
@@ -64,11 +64,14 @@ class ExplorerTraceEntry(BaseModel):
     """The state right after one step."""
 
     step: str
-    actor: Literal["vcpu", "conversion"]
+    actor: Literal["vcpu", "conversion", "punch_hole"]
     seq: int = Field(description="mmu_invalidate_seq")
     in_progress: int = Field(description="mmu_invalidate_in_progress")
     attributes: list[bool] = Field(description="private, per gfn of the range")
     mapping: SpteView | None = Field(description="the fault gfn's SPTE, null when not present")
+    allocated: list[bool] | None = Field(
+        None, description="punch-hole variants: whether each page of the range's file has a folio"
+    )
 
 
 class Counterexample(BaseModel):

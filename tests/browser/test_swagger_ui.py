@@ -21,6 +21,7 @@ from harness.live import live_server
 
 pytestmark = pytest.mark.browser
 
+
 @pytest.fixture(scope="module")
 def page() -> Iterator[tuple[Page, str, list[str]]]:
     with live_server() as (url, _), sync_playwright() as p:
