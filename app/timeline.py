@@ -50,7 +50,12 @@ def timeline(trace: list[ExplorerTraceEntry], title: str) -> Table:
     return table
 
 
-_LEGEND = "attrs and spte: P private, s shared, - not mapped; file: A allocated, . freed"
+_LEGEND = "attrs and spte: P private, s shared, - not mapped"
+_FILE_LEGEND = "; file: A allocated, . freed"
+
+
+def _legend(trace: list[ExplorerTraceEntry]) -> str:
+    return _LEGEND + (_FILE_LEGEND if any(e.allocated is not None for e in trace) else "")
 
 
 def show_run(console: Console, run: ExplorerRun, replay_args: str) -> None:
@@ -58,7 +63,7 @@ def show_run(console: Console, run: ExplorerRun, replay_args: str) -> None:
     if run.trace is not None:  # one schedule replayed
         verdict = "violates an invariant" if run.violations else "keeps every invariant"
         console.print(f"[bold]{run.variant}[/]: this schedule {verdict}")
-        console.print(_LEGEND, style="dim")
+        console.print(_legend(run.trace), style="dim")
         console.print(timeline(run.trace, ""))
     elif run.violations:
         console.print(f"[bold]{run.variant}[/]: {run.violations} of {run.schedules} schedules violate an invariant")
@@ -70,7 +75,12 @@ def show_run(console: Console, run: ExplorerRun, replay_args: str) -> None:
         return
     console.print(f"[bold red]{ce.violated}[/]: {ce.detail}", highlight=False)
     if run.trace is None:
-        console.print(f"shortest counterexample; {_LEGEND}", style="dim")
+        legend = _legend(ce.trace)
+        if legend == _LEGEND:
+            console.print(f"shortest counterexample; {legend}", style="dim")
+        else:  # too long for one 80-column line
+            console.print("shortest counterexample", style="dim")
+            console.print(legend, style="dim")
         console.print(timeline(ce.trace, ""))
     console.print("replay it:", style="dim")
     console.print(

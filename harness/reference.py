@@ -67,6 +67,7 @@ class RefVM:
     hugepages: tuple[int, ...] = (512, 262144)
     # The host's KVM_CHECK_EXTENSION answers: raw data, every rule that reads them is below.
     caps: HostCaps = PROFILES["linux-6.18"].caps
+    kernel: str = "6.18"
     attrs: dict[int, int] = field(default_factory=dict)
     slots: dict[tuple[int, int], RefSlot] = field(default_factory=dict)
     maps: dict[tuple[int, int], tuple[bool, bool]] = field(default_factory=dict)
@@ -221,9 +222,10 @@ class RefVM:
         if all(self.attr(g) == attributes for g in gfns):
             self.stats["attribute_updates"] += 1
             return {"noop": True, "invalidated": False, "pages_zapped": 0}
-        nth, self.fail_nth = self.fail_nth, None
-        if nth is not None and nth <= len(gfns):
-            raise ENOMEM("reserve")
+        if attributes or self.kernel < "7.3":  # 7.3: storing empty attributes reserves nothing
+            nth, self.fail_nth = self.fail_nth, None
+            if nth is not None and nth <= len(gfns):
+                raise ENOMEM("reserve")
         hit = [(a, g) for a in range(self.nr_as) for g in gfns if self.slot_at(a, g)]
         zapped = 0
         if hit:
@@ -310,7 +312,7 @@ class RefVM:
                     raise EINVAL("gmem size")
                 for o, s in binds.values():
                     if off < o + s and o < off + size:
-                        raise EINVAL("bound")
+                        raise (EEXIST if self.linux and self.kernel >= "7.3" else EINVAL)("bound")
             if base + npages - 1 > self.max_gfn:
                 raise EINVAL("max_gfn")
         if change == "none":

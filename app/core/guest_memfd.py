@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from app.core.errors import EBADF, EFAULT, EFBIG, EINVAL, ENODEV, ENOENT, ENOMEM, ENOTTY, EOPNOTSUPP, EOVERFLOW
+from app.core.errors import EBADF, EEXIST, EFAULT, EFBIG, EINVAL, ENODEV, ENOENT, ENOMEM, ENOTTY, EOPNOTSUPP, EOVERFLOW
 from app.core.gfn_range import (
     GfnRange,
     gmem_ranges,
@@ -72,7 +72,7 @@ def create(kvm: Kvm, size: int, flags: int) -> GuestMemfdFile:
     return gmem
 
 
-def check_bind(fds: Mapping[int, GuestMemfdFile], fd: int | None, offset: int, size: int) -> GuestMemfdFile:
+def check_bind(kvm: Kvm, fds: Mapping[int, GuestMemfdFile], fd: int | None, offset: int, size: int) -> GuestMemfdFile:
     """``kvm_gmem_bind()``'s checks: the file ``fd`` names in ``fds``, and a range of it that is
     inside the file and bound to no other slot. Changes nothing."""
     if fd is None:
@@ -88,7 +88,9 @@ def check_bind(fds: Mapping[int, GuestMemfdFile], fd: int | None, offset: int, s
     if _loff(offset) < 0 or _loff(offset + size) > gmem.size:
         raise EINVAL(f"guest_memfd_offset + memory_size beyond the file ({gmem.size:#x} bytes)")
     if gmem.bind_conflict(offset, size):
-        raise EINVAL("range of the guest_memfd already bound to another slot")
+        # 7.2's "KVM: guest_memfd: Return -EEXIST for overlapping bindings" (7ea987a90585).
+        errno = EEXIST if kvm.linux and kvm.host.at_least("7.3") else EINVAL
+        raise errno("range of the guest_memfd already bound to another slot")
     return gmem
 
 

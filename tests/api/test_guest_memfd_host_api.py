@@ -250,3 +250,39 @@ def test_imports_refuse_a_host_side_no_call_could_make(client: TestClient, make_
     refused(lambda d: d["files"][0].update(flags=INIT_SHARED), "ENODEV")
     refused(lambda d: d["memslots"][0].update(gmem_only=False), "gmem_only")
     refused(lambda d: d.update(version=2), "version 3")
+
+
+def _vm_on(client: TestClient, profile: str) -> str:
+    r = client.post("/v1/vms", json={"type": "sw_protected", "semantics": "linux", "profile": profile})
+    assert r.status_code == 201, r.text
+    vm: str = r.json()["id"]
+    return vm
+
+
+def test_an_overlapping_binding_is_eexist_from_7_2_and_einval_before(client: TestClient) -> None:
+    # The file ranges overlap, the guest addresses do not (kvm_gmem_bind()'s own check).
+    for profile, status, errno in (("linux-6.18", 422, "EINVAL"), ("linux-7.3", 409, "EEXIST")):
+        vm = _vm_on(client, profile)
+        fd = _file(client, vm)
+        _bind(client, vm, fd, slot=0, gpa=GIB4, size=MIB2 // 2)
+        body = {"flags": 4, "guest_phys_addr": 2 * GIB4, "memory_size": MIB2 // 2, "userspace_addr": HVA}
+        r = client.put(f"/v1/vms/{vm}/memslots/1", json={**body, "guest_memfd": fd, "guest_memfd_offset": 4096})
+        assert_problem(r, status, errno)
+
+
+def test_from_7_3_a_to_shared_conversion_reserves_nothing_to_fail(client: TestClient) -> None:
+    attrs = "/v1/vms/{}/memory-attributes"
+    for profile, fails in (("linux-6.18", True), ("linux-7.3", False)):
+        vm = _vm_on(client, profile)
+        client.put(attrs.format(vm), json={"address": 0, "size": 8192, "attributes": 8})
+        client.put(f"/v1/vms/{vm}/fault-injection", json={"fail_nth": 1})
+        r = client.put(attrs.format(vm), json={"address": 0, "size": 8192, "attributes": 0})
+        armed = client.get(f"/v1/vms/{vm}/fault-injection").json()["fail_nth"]
+        if fails:
+            assert_problem(r, 507, "ENOMEM")
+            assert armed is None
+        else:
+            assert r.status_code == 200 and armed == 1  # nothing allocated, so the injection waits
+            # ... for the next call that reserves: a to-private one.
+            r = client.put(attrs.format(vm), json={"address": 0, "size": 8192, "attributes": 8})
+            assert_problem(r, 507, "ENOMEM")

@@ -76,10 +76,12 @@ class EngineVsReference(RuleBasedStateMachine):
         attributes.HUGEPAGE_LEVELS = dict(zip(self._levels, HUGEPAGES, strict=True))
         self.host = PROFILES[profile].model_copy(update={"max_gfn": MAX_GFN})
         engine = Engine(host=self.host)
-        self.ref = RefVM(vm_type, semantics, MAX_GFN, hugepages=HUGEPAGES, caps=self.host.caps)
+        self.ref = RefVM(vm_type, semantics, MAX_GFN, hugepages=HUGEPAGES, caps=self.host.caps, kernel=self.host.kernel)
         vm, _ = same(lambda: engine.create_vm(VmCreate(type=vm_type, semantics=semantics)), self.ref.created)
         if vm is None:  # a type this host does not have: carry on with a default VM
-            self.ref = RefVM(VmType.default, semantics, MAX_GFN, hugepages=HUGEPAGES, caps=self.host.caps)
+            self.ref = RefVM(
+                VmType.default, semantics, MAX_GFN, hugepages=HUGEPAGES, caps=self.host.caps, kernel=self.host.kernel
+            )
             vm = engine.create_vm(VmCreate(type=VmType.default, semantics=semantics))
         self.vm = vm
 
