@@ -349,7 +349,7 @@ class PunchHole:
     def __init__(self, kvm: Kvm, gmem: GuestMemfdFile, offset: int, length: int) -> None:
         self.kvm, self.gmem = kvm, gmem
         self.start = offset >> PAGE_SHIFT
-        self.end = min((offset + length) >> PAGE_SHIFT, gmem.npages)
+        self.end = (offset + length) >> PAGE_SHIFT  # not clipped at i_size: pages past it go too
         self.freed = 0
         self.zapped = 0
         self.invalidated = False

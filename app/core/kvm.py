@@ -38,6 +38,8 @@ from app.models.kvm import (
 from app.models.state import MmuStats
 
 PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE
+PGOFF_LIMIT = 1 << (64 - PAGE_SHIFT)
+"""Page indexes of a file: what a u64 byte offset can name."""
 
 
 @dataclass(eq=False)
@@ -60,7 +62,9 @@ class GuestMemfdFile:
     """Ids of the host mappings of this file (``Kvm.host_mappings``)."""
 
     def __post_init__(self) -> None:
-        self.allocated = RunMap(self.npages, 0, self.budget)
+        # Every page index a u64 offset reaches, not only those below i_size: a binding that
+        # passes 2^63 (kvm_gmem_bind()'s loff_t overflow) faults in pages past the end.
+        self.allocated = RunMap(PGOFF_LIMIT, 0, self.budget)
 
     @property
     def npages(self) -> int:
@@ -83,7 +87,7 @@ class GuestMemfdFile:
             self.allocated.assign(start, end, 1)
 
     def allocated_pages(self) -> int:
-        return sum(e - s for s, e, v in self.allocated.runs(0, self.npages) if v)
+        return sum(e - s for s, e, v in self.allocated.runs(0, PGOFF_LIMIT) if v)
 
 
 @dataclass(frozen=True)

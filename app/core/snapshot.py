@@ -17,7 +17,7 @@ from app.core import guest_memfd, sev
 from app.core.budget import UNBOUNDED, ServiceBudget
 from app.core.errors import EINVAL, ENOMEM, KvmError
 from app.core.gfn_range import hva_ranges
-from app.core.kvm import PRIVATE, GuestMemfdFile, HostMapping, Kvm, NotifierInvalidation
+from app.core.kvm import PGOFF_LIMIT, PRIVATE, GuestMemfdFile, HostMapping, Kvm, NotifierInvalidation
 from app.core.limits import EngineLimits
 from app.core.memslots import install, plan_set_memory_region
 from app.core.mmu import spte, spte_private, spte_writable
@@ -78,7 +78,7 @@ def dump(kvm: Kvm) -> VmSnapshot:
                 fd=open_fds.get(key),
                 size=f.size,
                 flags=f.flags,
-                allocated=[(s, e) for s, e, v in f.allocated.runs(0, f.npages) if v],
+                allocated=[(s, e) for s, e, v in f.allocated.runs(0, PGOFF_LIMIT) if v],
             )
             for key, f in files.items()
         ],
@@ -216,11 +216,11 @@ def _load_files(kvm: Kvm, files: list[SnapshotFile], next_fd: int) -> dict[int, 
         prev = -1  # ranges in order, each non-empty and apart from the one before (maximal)
         for s, e in f.allocated:
             _check(
-                prev < s < e <= gmem.npages,
-                f"file {f.id}: allocated pages [{s:#x}, {e:#x}) not maximal runs in order inside i_size",
+                prev < s < e <= PGOFF_LIMIT,
+                f"file {f.id}: allocated pages [{s:#x}, {e:#x}) not maximal runs in order",
             )
             prev = e
-        gmem.allocated.load(_runs(f.allocated, gmem.npages))
+        gmem.allocated.load(_runs(f.allocated, PGOFF_LIMIT))
         if f.fd is not None:
             _check(f.fd not in kvm.gmem_files, f"fd {f.fd} is open twice")
             _check(
