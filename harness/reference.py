@@ -27,7 +27,7 @@ from app.core.errors import (
     EOVERFLOW,
     KvmError,
 )
-from app.models.host import PROFILES, HostCaps
+from app.models.host import KERNELS, PROFILES, HostCaps, Kernel
 from app.models.kvm import Semantics, VmType
 
 PAGE = 4096
@@ -67,7 +67,7 @@ class RefVM:
     hugepages: tuple[int, ...] = (512, 262144)
     # The host's KVM_CHECK_EXTENSION answers: raw data, every rule that reads them is below.
     caps: HostCaps = PROFILES["linux-6.18"].caps
-    kernel: str = "6.18"
+    kernel: Kernel = "6.18"
     attrs: dict[int, int] = field(default_factory=dict)
     slots: dict[tuple[int, int], RefSlot] = field(default_factory=dict)
     maps: dict[tuple[int, int], tuple[bool, bool]] = field(default_factory=dict)
@@ -100,6 +100,10 @@ class RefVM:
     notifiers: dict[int, bool] = field(default_factory=dict)
     next_nid: int = 1
     pinned: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def since_7_3(self) -> bool:
+        return KERNELS.index(self.kernel) >= KERNELS.index("7.3")
 
     @property
     def linux(self) -> bool:
@@ -222,7 +226,7 @@ class RefVM:
         if all(self.attr(g) == attributes for g in gfns):
             self.stats["attribute_updates"] += 1
             return {"noop": True, "invalidated": False, "pages_zapped": 0}
-        if attributes or self.kernel < "7.3":  # 7.3: storing empty attributes reserves nothing
+        if attributes or not self.since_7_3:  # 7.3: storing empty attributes reserves nothing
             nth, self.fail_nth = self.fail_nth, None
             if nth is not None and nth <= len(gfns):
                 raise ENOMEM("reserve")
@@ -312,7 +316,7 @@ class RefVM:
                     raise EINVAL("gmem size")
                 for o, s in binds.values():
                     if off < o + s and o < off + size:
-                        raise (EEXIST if self.linux and self.kernel >= "7.3" else EINVAL)("bound")
+                        raise (EEXIST if self.linux and self.since_7_3 else EINVAL)("bound")
             if base + npages - 1 > self.max_gfn:
                 raise EINVAL("max_gfn")
         if change == "none":

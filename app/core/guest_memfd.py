@@ -121,7 +121,7 @@ def unbind(kvm: Kvm, slot: Memslot) -> None:
 
 def _referenced(kvm: Kvm, gmem: GuestMemfdFile) -> bool:
     """Whether an fd or a host mapping still holds the file (a reference ``fput()`` would drop)."""
-    return kvm.gmem_files.get(gmem.fd) is gmem or bool(gmem.mmaps)
+    return kvm.is_open(gmem) or bool(gmem.mmaps)
 
 
 def invalidate_filter(gmem: GuestMemfdFile) -> ZapFilter:
@@ -146,28 +146,31 @@ def close(kvm: Kvm, fd: int) -> Release:
     if gmem is None:
         raise ENOENT(f"no open guest_memfd {fd}")
     kvm.budget.add(-1)
-    out = _release(kvm, gmem) if not gmem.mmaps else Release(False, 0, False)
+    out = _put(kvm, gmem)
     kvm.events.emit(
         "guest_memfd_close", fd=fd, released=out.released, pages_zapped=out.pages_zapped, invalidated=out.invalidated
     )
     return out
 
 
+def _put(kvm: Kvm, gmem: GuestMemfdFile) -> Release:
+    """``fput()`` of a dropped reference (an fd or a mapping): ``kvm_gmem_release()`` once none is left."""
+    return Release(False, 0, False) if _referenced(kvm, gmem) else _release(kvm, gmem)
+
+
 def _release(kvm: Kvm, gmem: GuestMemfdFile) -> Release:
     """``kvm_gmem_release()``. linux: the slots hold no reference, so every bound slot loses its
     file (it keeps KVM_MEM_GUEST_MEMFD and, if gmem-only, KVM_MEMSLOT_GMEM_ONLY) and its mappings
     are invalidated with the file's filter. rfc-v9 (restrictedmem): the slots keep the file."""
+    if not gmem.bindings:  # nothing holds it any more (else unbind() frees it with its last binding)
+        gmem.allocated.release()
     if not kvm.linux:
-        if not gmem.bindings:
-            gmem.allocated.release()
         return Release(True, 0, False)
     ranges = gmem_ranges(kvm, gmem)
     for r in ranges:
         assert r.slot is not None
         unbind(kvm, r.slot)  # __kvm_gmem_release() clears each slot's file
         r.slot.gmem_fd = None
-    if not ranges:
-        gmem.allocated.release()
     walk = handle_gfn_range(
         kvm,
         ranges,
@@ -183,21 +186,11 @@ def _release(kvm: Kvm, gmem: GuestMemfdFile) -> Release:
 
 
 def mmap(kvm: Kvm, fd: int, offset: int, length: int, shared: bool) -> HostMapping:
-    """``mmap()`` of the file by the host process: ``do_mmap()``'s checks, then ``kvm_gmem_mmap()``."""
+    """``mmap()`` of the file by the host process."""
     gmem = kvm.gmem_files.get(fd)
     if gmem is None:
         raise EBADF(f"fd {fd} is not an open guest_memfd of this VM")
-    if length == 0:
-        raise EINVAL("mmap length must not be 0")
-    if offset % PAGE_SIZE:
-        raise EINVAL(f"mmap offset {offset:#x} is not page aligned")
-    npages = -(-length // PAGE_SIZE)  # PAGE_ALIGN(len)
-    if (offset >> PAGE_SHIFT) + npages > U64_MAX >> PAGE_SHIFT:
-        raise EOVERFLOW("mmap page offset + length wraps")
-    if not gmem.mmap_able:
-        raise ENODEV(f"guest_memfd {fd} was created without GUEST_MEMFD_FLAG_MMAP")
-    if not shared:
-        raise EINVAL("guest_memfd can only be mapped MAP_SHARED")
+    npages = check_mmap(gmem, offset, length, shared)
     kvm.take("a host mapping")
     m = HostMapping(kvm.next_mapping_id, gmem, offset >> PAGE_SHIFT, npages)
     kvm.next_mapping_id += 1
@@ -207,6 +200,23 @@ def mmap(kvm: Kvm, fd: int, offset: int, length: int, shared: bool) -> HostMappi
     return m
 
 
+def check_mmap(gmem: GuestMemfdFile, offset: int, length: int, shared: bool) -> int:
+    """``do_mmap()``'s checks, then ``kvm_gmem_mmap()``'s (the snapshot loader's too): the
+    mapping's pages. Changes nothing."""
+    if length == 0:
+        raise EINVAL("mmap length must not be 0")
+    if offset % PAGE_SIZE:
+        raise EINVAL(f"mmap offset {offset:#x} is not page aligned")
+    npages = -(-length // PAGE_SIZE)  # PAGE_ALIGN(len)
+    if (offset >> PAGE_SHIFT) + npages > U64_MAX >> PAGE_SHIFT:
+        raise EOVERFLOW("mmap page offset + length wraps")
+    if not gmem.mmap_able:
+        raise ENODEV("the guest_memfd was created without GUEST_MEMFD_FLAG_MMAP")
+    if not shared:
+        raise EINVAL("guest_memfd can only be mapped MAP_SHARED")
+    return npages
+
+
 def munmap(kvm: Kvm, mapping_id: int) -> Release:
     """``munmap()`` of a whole mapping; the last reference to a closed file releases it."""
     m = kvm.host_mappings.pop(mapping_id, None)
@@ -214,7 +224,7 @@ def munmap(kvm: Kvm, mapping_id: int) -> Release:
         raise ENOENT(f"no host mapping {mapping_id}")
     kvm.budget.add(-1)
     m.file.mmaps.discard(m.id)
-    out = Release(False, 0, False) if _referenced(kvm, m.file) else _release(kvm, m.file)
+    out = _put(kvm, m.file)
     kvm.events.emit("munmap", mapping=m.id, released=out.released, pages_zapped=out.pages_zapped)
     return out
 
@@ -247,7 +257,7 @@ def touch(kvm: Kvm, mapping_id: int, offset: int, size: int, write: bool) -> Tou
     if last >= m.npages:
         raise _signal("SIGSEGV", max(first, m.npages), "past the end of the mapping")
     start, end = pg + first, pg + last + 1
-    before = _allocated(gmem, start, end)
+    before = gmem.allocated_pages(start, end)
     if before < end - start and not kvm.budget.room(2):
         raise ENOMEM(f"the service-wide budget ({kvm.budget.limit} items) is used up")
     gmem.allocate(start, end)
@@ -263,10 +273,6 @@ def _signal(signal: str, page: int, reason: str) -> EFAULT:
         signal=signal,
         fault_offset=page << PAGE_SHIFT,
     )
-
-
-def _allocated(gmem: GuestMemfdFile, start: int, end: int) -> int:
-    return sum(e - s for s, e, v in gmem.allocated.runs(start, end) if v)
 
 
 # ---------------------------------------------------------------- fallocate
@@ -321,22 +327,17 @@ def allocate(kvm: Kvm, gmem: GuestMemfdFile, offset: int, length: int) -> int:
         raise ENOMEM(f"the service-wide budget ({kvm.budget.limit} items) is used up")
     stop = end
     if nth is not None and nth <= missing:
-        for s, e in holes:  # the gfn of the nth missing page
+        for s, e in holes:  # the page of the nth missing one
             if nth <= e - s:
                 stop = s + nth - 1
                 break
             nth -= e - s
-    done = _fill(gmem, start, stop)
+    done = sum(min(e, stop) - s for s, e in holes if s < stop)
+    gmem.allocate(start, stop)
     kvm.events.emit("fallocate", start_pgoff=start, end_pgoff=end, allocated=done, punch_hole=False)
     if stop < end:
         raise ENOMEM(f"folio allocation for page {stop:#x} failed; {done} pages before it stay allocated")
     return done
-
-
-def _fill(gmem: GuestMemfdFile, start: int, end: int) -> int:
-    missing = end - start - _allocated(gmem, start, end)
-    gmem.allocate(start, end)
-    return missing
 
 
 class PunchHole:
@@ -396,6 +397,6 @@ class PunchHole:
     def _truncate(self) -> None:
         gmem = self.gmem
         if self.start < self.end:
-            self.freed = _allocated(gmem, self.start, self.end)
+            self.freed = gmem.allocated_pages(self.start, self.end)
             if self.freed:
                 gmem.allocated.assign(self.start, self.end, 0)

@@ -86,8 +86,9 @@ class GuestMemfdFile:
         if start < end and not self.allocated.is_uniform(start, end, 1):
             self.allocated.assign(start, end, 1)
 
-    def allocated_pages(self) -> int:
-        return sum(e - s for s, e, v in self.allocated.runs(0, PGOFF_LIMIT) if v)
+    def allocated_pages(self, start: int = 0, end: int = PGOFF_LIMIT) -> int:
+        """Pages of ``[start, end)`` that have a folio: O(runs in the range)."""
+        return sum(e - s for s, e, v in self.allocated.runs(start, end) if v)
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,10 @@ class Kvm:
         mappings: one item each."""
         slots = sum(len(space) for space in self.spaces)
         return slots + len(self.gmem_files) + len(self.notifiers) + len(self.pinned) + len(self.host_mappings)
+
+    def is_open(self, gmem: GuestMemfdFile) -> bool:
+        """Whether the file's fd is still open (a closed file may live on in mappings or slots)."""
+        return self.gmem_files.get(gmem.fd) is gmem
 
     def files(self) -> list[GuestMemfdFile]:
         """Every live guest_memfd file, once: open ones by fd, then those only host mappings or

@@ -28,7 +28,6 @@ from app.models.kvm import (
     KVM_MEM_GUEST_MEMFD,
     PAGE_SHIFT,
     PAGE_SIZE,
-    U64_MAX,
     KvmUserspaceMemoryRegion2,
 )
 from app.models.snapshot import (
@@ -254,8 +253,7 @@ def _load_host_mappings(kvm: Kvm, doc: VmSnapshot, files: dict[int, GuestMemfdFi
         _check(m.id not in kvm.host_mappings and m.id < doc.next_mapping_id, f"{name}: id repeated or not below next")
         _check(m.file in files, f"{name}: unknown file {m.file}")
         gmem = files[m.file]
-        _check(gmem.mmap_able, f"{name}: the file is not GUEST_MEMFD_FLAG_MMAP (mmap would be ENODEV)")
-        _check(m.pgoff + m.npages <= U64_MAX >> PAGE_SHIFT, f"{name}: page offset + length wraps (EOVERFLOW)")
+        _as_ioctl(name, guest_memfd.check_mmap, gmem, m.pgoff << PAGE_SHIFT, m.npages << PAGE_SHIFT, True)
         kvm.host_mappings[m.id] = HostMapping(m.id, gmem, m.pgoff, m.npages)
         gmem.mmaps.add(m.id)
         kvm.budget.add(1)
@@ -276,7 +274,6 @@ def _load_memslot(kvm: Kvm, s: SnapshotMemslot, files: dict[int, GuestMemfdFile]
         _check(s.file in files, f"{name}: unknown file {s.file}")
         _check(is_gmem, f"{name}: a file bound to a slot without KVM_MEM_GUEST_MEMFD")
         gmem = files[s.file]
-        _check(version < 3 or s.gmem_only == gmem.mmap_able, f"{name}: gmem_only is not whether its file is mmap-able")
         fd = s.guest_memfd
         if gmem.fd >= 0:
             _check(fd == gmem.fd, f"{name}: guest_memfd {fd} is not its file's fd {gmem.fd}")
@@ -312,6 +309,8 @@ def _load_memslot(kvm: Kvm, s: SnapshotMemslot, files: dict[int, GuestMemfdFile]
     install(kvm, plan)
     kvm.budget.add(1)
     assert plan.new is not None
+    # kvm_gmem_bind() decided gmem-only (a closed file's stand-in carries the document's word).
+    _check(version < 3 or plan.new.gmem_only == s.gmem_only, f"{name}: gmem_only is not what binding its file makes it")
     if s.file is None and is_gmem:
         guest_memfd.unbind(kvm, plan.new)
     plan.new.gmem_fd = s.guest_memfd

@@ -135,7 +135,7 @@ def file_runs(gmem: GuestMemfdFile, start: int, end: int, limit: int) -> tuple[l
 
 
 def host_mapping(kvm: Kvm, m: HostMapping) -> state.HostMapping:
-    open_fd = m.file.fd if kvm.gmem_files.get(m.file.fd) is m.file else None
+    open_fd = m.file.fd if kvm.is_open(m.file) else None
     return state.HostMapping(id=m.id, fd=open_fd, offset=m.pgoff << PAGE_SHIFT, length=m.npages << PAGE_SHIFT)
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Body, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 
-from app.api.deps import LimitQuery, VmDep
+from app.api import examples
+from app.api.deps import FdPath, LimitQuery, VmDep
 from app.api.problems import error_responses
 from app.api.responses import model_response
 from app.models.kvm import FallocateRequest, MmapRequest, TouchRequest
@@ -23,7 +24,6 @@ from app.models.types import U64
 
 router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["guest-memfds"])
 
-FdPath = Annotated[int, Path(ge=0, le=2**31 - 1, description="guest_memfd fd")]
 MappingPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="host mapping id (what mmap returned)")]
 
 
@@ -46,21 +46,7 @@ MappingPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="host mapping 
 async def fallocate(
     vm: VmDep,
     fd: FdPath,
-    req: Annotated[
-        FallocateRequest,
-        Body(
-            openapi_examples={
-                "punch": {
-                    "summary": "punch a 2 MiB hole (mode 3)",
-                    "value": {"mode": 3, "offset": 0, "len": "0x200000"},
-                },
-                "allocate": {
-                    "summary": "allocate 2 MiB (mode 1)",
-                    "value": {"mode": 1, "offset": 0, "len": "0x200000"},
-                },
-            }
-        ),
-    ],
+    req: Annotated[FallocateRequest, examples.FALLOCATE],
 ) -> Response:
     return model_response(vm.fallocate(fd, req))
 
@@ -101,12 +87,7 @@ async def file_pages(
 async def mmap(
     vm: VmDep,
     fd: FdPath,
-    req: Annotated[
-        MmapRequest,
-        Body(
-            openapi_examples={"shared": {"summary": "map 2 MiB shared", "value": {"offset": 0, "length": "0x200000"}}}
-        ),
-    ],
+    req: Annotated[MmapRequest, examples.MMAP],
 ) -> Response:
     return model_response(vm.mmap(fd, req), 201)
 
@@ -151,14 +132,7 @@ async def get_host_mapping(vm: VmDep, mapping: MappingPath) -> Response:
 async def touch(
     vm: VmDep,
     mapping: MappingPath,
-    req: Annotated[
-        TouchRequest,
-        Body(
-            openapi_examples={
-                "write": {"summary": "write two pages", "value": {"offset": 0, "size": "0x2000", "write": True}}
-            }
-        ),
-    ],
+    req: Annotated[TouchRequest, examples.TOUCH],
 ) -> Response:
     return model_response(vm.touch(mapping, req))
 
