@@ -240,7 +240,7 @@ def _tell(s: Story, where: str) -> None:
         "The interleaving explorer races a vCPU fault against the conversion, one kernel step at a time, over every "
         "schedule. The review's ordering (stores first; on failure only an unwind) against the engine's rfc-v9.",
     )
-    bad = kvm.run_explorer("reviewer-reorder", **REVIEW_SCENARIO)  # type: ignore[arg-type]
+    bad = kvm.run_explorer("reviewer-reorder", **REVIEW_SCENARIO)
     if bad.counterexample is not None:
         s.say(
             f"  reviewer-reorder: {bad.violations} of {bad.schedules} schedules end with {bad.counterexample.violated}"
@@ -250,7 +250,7 @@ def _tell(s: Story, where: str) -> None:
             "  The vCPU read the store that the unwind then undid; nothing bumped mmu_invalidate_seq, so"
             " install_spte saw no reason to retry and mapped the page private."
         )
-    good = kvm.run_explorer("rfc-v9", **REVIEW_SCENARIO)  # type: ignore[arg-type]
+    good = kvm.run_explorer("rfc-v9", **REVIEW_SCENARIO)
     s.say(
         f"  rfc-v9 (begin before the stores, end on the error path too): {good.violations} of {good.schedules}"
         f" schedules violate anything; fault outcomes: {good.outcomes.retry} retries, {good.outcomes.mapped} mapped."

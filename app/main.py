@@ -19,7 +19,7 @@ from app.api.fastpath import FastPath
 from app.api.metrics import Metrics
 from app.api.middleware import ServiceMiddleware
 from app.api.openapi import install_openapi
-from app.api.routes import activity, attributes, explorer, inspect, memslots, system, testing, vms
+from app.api.routes import activity, attributes, explorer, host, inspect, memslots, system, testing, vms
 from app.core import Engine
 from app.core.journal import SqliteJournal
 from app.logs import configure
@@ -133,6 +133,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         activity.router,
         memslots.router,
         memslots.gmem_router,
+        host.router,
         inspect.router,
         vms.router,
         testing.router,

@@ -1,14 +1,17 @@
 """Terminal views of explorer runs: a verdict, the counterexample as a two-lane timeline
-(vCPU | conversion) with the state after each step, and the one-table summary of ``--all``."""
+(vCPU | conversion or punch-hole) with the state after each step, and the one-table summary of
+``--all``."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from app.models.explorer import ExplorerRun, ExplorerTraceEntry
 
-REVIEW_SCENARIO = {"npages": 2, "start_gfn": 0, "to": "private", "fail_nth": 2}
+REVIEW_SCENARIO: dict[str, Any] = {"npages": 2, "start_gfn": 0, "to": "private", "fail_nth": 2}
 """The review's case: two gfns from gfn 0 made private, the second store fails."""
 
 
@@ -20,23 +23,39 @@ def _spte(entry: ExplorerTraceEntry) -> str:
     return "-" if entry.mapping is None else ("P" if entry.mapping.private else "s")
 
 
+def _file(allocated: list[bool] | None) -> str:
+    return "".join("A" if a else "." for a in allocated or ())
+
+
 def timeline(trace: list[ExplorerTraceEntry], title: str) -> Table:
-    """One row per step, the acting lane filled in; attributes P = private, s = shared."""
+    """One row per step, the acting lane filled in; attributes P = private, s = shared; for a
+    punch-hole, the file's pages A = allocated, . = freed."""
+    punch = any(e.allocated is not None for e in trace)
     table = Table(title=title or None, title_justify="left", box=None, pad_edge=False, header_style="bold")
-    for col, justify in (
+    columns = [
         ("#", "right"),
         ("vCPU", "left"),
-        ("conversion", "left"),
+        ("punch-hole" if punch else "conversion", "left"),
         ("seq", "right"),
         ("in_prog", "right"),
         ("attrs", "left"),
         ("spte", "left"),
-    ):
+    ]
+    for col, justify in columns + ([("file", "left")] if punch else []):
         table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for n, e in enumerate(trace, 1):
         vcpu, conv = (e.step, "") if e.actor == "vcpu" else ("", e.step)
-        table.add_row(str(n), vcpu, conv, str(e.seq), str(e.in_progress), _attrs(e.attributes), _spte(e))
+        row = [str(n), vcpu, conv, str(e.seq), str(e.in_progress), _attrs(e.attributes), _spte(e)]
+        table.add_row(*row, *([_file(e.allocated)] if punch else []))
     return table
+
+
+_LEGEND = "attrs and spte: P private, s shared, - not mapped"
+_FILE_LEGEND = "; file: A allocated, . freed"
+
+
+def _legend(trace: list[ExplorerTraceEntry]) -> str:
+    return _LEGEND + (_FILE_LEGEND if any(e.allocated is not None for e in trace) else "")
 
 
 def show_run(console: Console, run: ExplorerRun, replay_args: str) -> None:
@@ -44,7 +63,7 @@ def show_run(console: Console, run: ExplorerRun, replay_args: str) -> None:
     if run.trace is not None:  # one schedule replayed
         verdict = "violates an invariant" if run.violations else "keeps every invariant"
         console.print(f"[bold]{run.variant}[/]: this schedule {verdict}")
-        console.print("attrs and spte: P private, s shared, - not mapped", style="dim")
+        console.print(_legend(run.trace), style="dim")
         console.print(timeline(run.trace, ""))
     elif run.violations:
         console.print(f"[bold]{run.variant}[/]: {run.violations} of {run.schedules} schedules violate an invariant")
@@ -56,7 +75,12 @@ def show_run(console: Console, run: ExplorerRun, replay_args: str) -> None:
         return
     console.print(f"[bold red]{ce.violated}[/]: {ce.detail}", highlight=False)
     if run.trace is None:
-        console.print("shortest counterexample; attrs and spte: P private, s shared, - not mapped", style="dim")
+        legend = _legend(ce.trace)
+        if legend == _LEGEND:
+            console.print(f"shortest counterexample; {legend}", style="dim")
+        else:  # too long for one 80-column line
+            console.print("shortest counterexample", style="dim")
+            console.print(legend, style="dim")
         console.print(timeline(ce.trace, ""))
     console.print("replay it:", style="dim")
     console.print(

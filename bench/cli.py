@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.pop(0)  # not bench/: its http.py would shadow the standard library's http
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.live import ROOT, live_server
+from harness.live import ROOT, live_server
 
 
 def wall(cmd: list[str]) -> float:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.core.explorer import VARIANTS, Scenario, explore
+from app.core.explorer import VARIANTS, explore
+from app.models.scenario import Scenario
 
 TARGET = 2_000
 

@@ -40,7 +40,7 @@ sys.path[0] = str(ROOT)
 
 Request = tuple[str, str, bytes | None]  # method, path, JSON body
 
-from tests.live import free_port, start_server  # noqa: E402
+from harness.live import free_port, start_server  # noqa: E402
 
 SLOT = {"guest_phys_addr": "0x100000000", "memory_size": "0x40000000", "userspace_addr": "0x7f0000000000"}
 

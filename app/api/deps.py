@@ -49,6 +49,7 @@ EndGfnValue = Annotated[U64, AfterValidator(_end_gfn_limit), uint_json_schema(1,
 
 StartGfnQuery = Annotated[GfnValue | None, Query(description="first gfn (default 0)")]
 EndGfnQuery = Annotated[EndGfnValue | None, Query(description="end gfn, exclusive (default max_gfn + 1; up to 2^52)")]
+FdPath = Annotated[int, Path(ge=0, le=2**31 - 1, description="guest_memfd fd")]
 LimitQuery = Annotated[int, Query(ge=1, le=10_000, description="most items to return")]
 
 

@@ -80,3 +80,9 @@ EXPLORER = _ex(
     v9=("the engine's rfc-v9, same scenario: no violation", {"variant": "rfc-v9", "npages": 2, "fail_nth": 2}),
     naive=("the naive unwind at gfn 0: never ends", {"variant": "v9-naive-unwind", "start_gfn": 0, "fail_nth": 2}),
 )
+FALLOCATE = _ex(
+    punch=("punch a 2 MiB hole (mode 3)", {"mode": 3, "offset": 0, "len": "0x200000"}),
+    allocate=("allocate 2 MiB (mode 1)", {"mode": 1, "offset": 0, "len": "0x200000"}),
+)
+MMAP = _ex(shared=("map 2 MiB shared", {"offset": 0, "length": "0x200000"}))
+TOUCH = _ex(write=("write two pages", {"offset": 0, "size": "0x2000", "write": True}))

@@ -32,6 +32,9 @@ ERRNO_STATUS = {
     "EOPNOTSUPP": 400,
     "EAGAIN": 409,
     "EFAULT": 422,
+    "ENODEV": 400,
+    "EFBIG": 422,
+    "EOVERFLOW": 422,
     "EPERM": 403,
     "E2BIG": 413,
 }
@@ -54,6 +57,10 @@ class Problem(BaseModel):
     errno: str = Field(examples=["EINVAL"])
     instance: str = Field(examples=["/v1/vms/1f0c.../memory-attributes"])
     errors: list[ValidationIssue] | None = None
+    signal: str | None = Field(None, examples=["SIGBUS"], description="a host access: the signal it takes")
+    fault_offset: int | None = Field(
+        None, description="a host access: the offset in the mapping of the first page that takes the signal"
+    )
 
 
 def errno_title(errno: str) -> str:
@@ -89,7 +96,9 @@ def problem(
 def kvm_problem(request: Request, exc: KvmError) -> JSONResponse:
     """An engine error (errno-typed) as problem+json."""
     log.info("%s %s -> %s: %s", request.method, request.url.path, exc.errno, exc.detail)
-    return problem(request, ERRNO_STATUS.get(exc.errno, 422), exc.errno, exc.detail)
+    status = ERRNO_STATUS.get(exc.errno, 422)
+    body = {**problem_document(status, exc.errno, exc.detail, request.url.path), **exc.members}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
 def _issues(exc: RequestValidationError) -> list[dict[str, Any]]:

@@ -5,16 +5,52 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, get_args
 
-from app.cli.args import int_list
+from app.cli.args import int_list, number
 from app.cli.output import PRINTED, Output
 from app.client import Client
 from app.client import operations as ops
 from app.models.names import VARIANT_NAMES
+from app.models.scenario import FaultAccess, Scenario, Target
 
 VIOLATED = 4
 """explore's exit status when a schedule broke an invariant (so CI can gate on it)."""
+
+
+@dataclass(frozen=True)
+class ScenarioOption:
+    """How ``explore`` takes a field of the scenario: ``flag VALUE`` read by ``type``, and how a
+    replay line writes the value back."""
+
+    flag: str
+    help: str
+    type: Callable[[str], Any] = str
+    choices: list[str] | None = None
+    show: Callable[[Any], str] = str
+
+    @property
+    def metavar(self) -> str | None:
+        return None if self.choices else self.flag.removeprefix("--").upper().replace("-", "_")
+
+
+SCENARIO_OPTIONS = {
+    "start_gfn": ScenarioOption("--start-gfn", "first gfn of the range (default 0)", number, show=hex),
+    "npages": ScenarioOption("--npages", "gfns in the range, 1..8 (default 2)", int),
+    "to": ScenarioOption("--to", "default: private", choices=sorted(get_args(Target))),
+    "fail_nth": ScenarioOption("--fail-nth", "the nth per-gfn store (linux: reservation) fails", int),
+    "initial_private": ScenarioOption(  # read by explore (int_list), not argparse: --all ignores it, as the others
+        "--initial-private",
+        "comma-separated offsets private before (default: opposite of --to)",
+        show=lambda offsets: ",".join(map(str, offsets)),
+    ),
+    "fault_gfn_offset": ScenarioOption("--fault-offset", "which gfn of the range the vCPU faults on", int),
+    "fault_access": ScenarioOption("--access", "the vCPU's access", choices=sorted(get_args(FaultAccess))),
+}
+"""explore's option for each field of the Scenario but its variant (--variant), in its order;
+the parser adds them with the field's name as ``dest`` and its default."""
 
 
 def explore(client: Client, args: argparse.Namespace, out: Output) -> int:
@@ -22,48 +58,25 @@ def explore(client: Client, args: argparse.Namespace, out: Output) -> int:
     from app.timeline import REVIEW_SCENARIO, show_run, summary
 
     if args.all:
-        runs = [client.run_explorer(v, **REVIEW_SCENARIO) for v in VARIANT_NAMES]  # type: ignore[arg-type]
+        runs = [client.run_explorer(v, **REVIEW_SCENARIO) for v in VARIANT_NAMES]
         if out.as_json:
             print(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
         elif not out.quiet:
             out.console.print(summary(runs))
         return VIOLATED if any(r.violations for r in runs) else 0
-    scenario: dict[str, Any] = {
-        "start_gfn": args.start_gfn,
-        "npages": args.npages,
-        "to": args.to,
-        "fail_nth": args.fail_nth,
-        "initial_private": None if args.initial_private is None else int_list(args.initial_private),
-        "fault_gfn_offset": args.fault_offset,
-        "fault_access": args.access,
-    }
+    scenario = {name: getattr(args, name) for name in SCENARIO_OPTIONS}
+    if args.initial_private is not None:
+        scenario["initial_private"] = int_list(args.initial_private)
     schedule = None if args.schedule is None else [s.strip() for s in args.schedule.split(",") if s.strip()]
     run = client.run_explorer(args.variant, schedule=schedule, **scenario)
     if out.as_json:
         print(json.dumps(run.model_dump(mode="json"), indent=2))
     elif not out.quiet:
-        defaults = {
-            "start_gfn": 0,
-            "npages": 2,
-            "to": "private",
-            "fail_nth": None,
-            "initial_private": None,
-            "fault_gfn_offset": 0,
-            "fault_access": "attribute",
-        }
-        flags = {
-            "start_gfn": "--start-gfn",
-            "npages": "--npages",
-            "to": "--to",
-            "fail_nth": "--fail-nth",
-            "initial_private": "--initial-private",
-            "fault_gfn_offset": "--fault-offset",
-            "fault_access": "--access",
-        }
+        defaults = {f.name: f.default for f in fields(Scenario)}
         replay = "".join(
-            f" {flags[k]} {','.join(map(str, v)) if isinstance(v, list) else hex(v) if k == 'start_gfn' else v}"
-            for k, v in scenario.items()
-            if v != defaults[k]
+            f" {SCENARIO_OPTIONS[name].flag} {SCENARIO_OPTIONS[name].show(value)}"
+            for name, value in scenario.items()
+            if value != defaults[name]
         )
         show_run(out.console, run, replay)
     return VIOLATED if run.violations else 0

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 # One base per meaning, on every surface: addresses, gfns, sizes, offsets and slot ids in hex;
 # counts, ids, fds and counters in decimal (the value's size decides nothing).
-_HEX = re.compile(r"(^|_)(gfn|gpa|hva|addr|address|size|offset|slot|start|end)$|^(userspace_addr|max_gfn)$")
+_HEX = re.compile(r"(^|_)(gfn|gpa|hva|addr|address|size|offset|slot|start|end|length)$|^(userspace_addr|max_gfn)$")
 
 
 def _fmt(value: Any, key: str = "") -> str:

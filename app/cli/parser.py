@@ -6,13 +6,15 @@ import argparse
 import difflib
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from typing import Any, NoReturn
 
 from app.cli.args import attributes, integer, number, profile_arg, tristate
-from app.cli.commands import delete_vm, export_vm, import_vm, inject
+from app.cli.commands import SCENARIO_OPTIONS, delete_vm, export_vm, import_vm, inject
 from app.client import DEFAULT_URL
 from app.client import operations as ops
 from app.models.names import DEFAULT_SEMANTICS, DEFAULT_VM_TYPE, VARIANT_NAMES, Semantics, VmType
+from app.models.scenario import Scenario
 
 DESCRIPTION = """\
 A virtual KVM memory-attribute controller: serve the HTTP API, drive it from a
@@ -198,6 +200,45 @@ def build_parser() -> argparse.ArgumentParser:
     x = cmd("close", "close a guest_memfd", lambda c, a: ops.close_guest_memfd(a.vm, a.fd), parent=gm)
     x.add_argument("vm")
     x.add_argument("fd", type=int)
+    x = cmd(
+        "fallocate",
+        "allocate pages, or (--punch-hole) free them and invalidate every binding",
+        lambda c, a: ops.fallocate_guest_memfd(a.vm, a.fd, a.offset, a.len, mode=3 if a.punch_hole else 1),
+        parent=gm,
+    )
+    x.add_argument("vm")
+    x.add_argument("fd", type=int)
+    x.add_argument("offset", type=number, help="bytes")
+    x.add_argument("len", type=number, help="bytes")
+    x.add_argument("--punch-hole", action="store_true", help="FALLOC_FL_PUNCH_HOLE (with KEEP_SIZE)")
+    x = cmd("pages", "allocated pages of a guest_memfd", lambda c, a: ops.get_guest_memfd_pages(a.vm, a.fd), parent=gm)
+    x.add_argument("vm")
+    x.add_argument("fd", type=int)
+    x = cmd(
+        "mmap",
+        "map a guest_memfd into the host process (needs GUEST_MEMFD_FLAG_MMAP)",
+        lambda c, a: ops.mmap_guest_memfd(a.vm, a.fd, a.length, offset=a.offset, shared=not a.private),
+        parent=gm,
+    )
+    x.add_argument("vm")
+    x.add_argument("fd", type=int)
+    x.add_argument("length", type=number, help="bytes")
+    x.add_argument("--offset", type=number, default=0, help="bytes into the file")
+    x.add_argument("--private", action="store_true", help="MAP_PRIVATE (guest_memfd refuses it: EINVAL)")
+    x = cmd(
+        "touch",
+        "host read/write through a mapping (SIGBUS without INIT_SHARED or past the file)",
+        lambda c, a: ops.touch_host_mapping(a.vm, a.mapping, offset=a.offset, size=a.size, write=a.write),
+        parent=gm,
+    )
+    x.add_argument("vm")
+    x.add_argument("mapping", type=int, help="id that mmap returned")
+    x.add_argument("--offset", type=number, default=0, help="bytes into the mapping")
+    x.add_argument("--size", type=number, default=4096, help="bytes")
+    x.add_argument("--write", action="store_true")
+    x = cmd("munmap", "unmap a host mapping", lambda c, a: ops.munmap_host_mapping(a.vm, a.mapping), parent=gm)
+    x.add_argument("vm")
+    x.add_argument("mapping", type=int)
 
     for name, call, what in (
         ("reg-region", "reg_region", "private / pin"),
@@ -292,15 +333,17 @@ def build_parser() -> argparse.ArgumentParser:
     which = x.add_mutually_exclusive_group(required=True)
     which.add_argument("--variant", choices=VARIANT_NAMES, help="the conversion to race")
     which.add_argument("--all", action="store_true", help="every variant on the review's scenario, one table")
-    x.add_argument("--start-gfn", type=number, default=0, help="first gfn of the range (default 0)")
-    x.add_argument("--npages", type=int, default=2, help="gfns in the range, 1..8 (default 2)")
-    x.add_argument("--to", choices=["private", "shared"], default="private", help="default: private")
-    x.add_argument("--fail-nth", type=int, help="the nth per-gfn store (linux: reservation) fails")
-    x.add_argument("--initial-private", help="comma-separated offsets private before (default: opposite of --to)")
-    x.add_argument("--fault-offset", type=int, default=0, help="which gfn of the range the vCPU faults on")
-    x.add_argument(
-        "--access", choices=["attribute", "private", "shared"], default="attribute", help="the vCPU's access"
-    )
+    for field in fields(Scenario)[1:]:  # the variant is --variant, above
+        o = SCENARIO_OPTIONS[field.name]
+        x.add_argument(
+            o.flag,
+            dest=field.name,
+            type=o.type,
+            choices=o.choices,
+            default=field.default,
+            metavar=o.metavar,
+            help=o.help,
+        )
     x.add_argument("--schedule", help="comma-separated step labels: replay exactly this interleaving")
     return p
 

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from app.models.names import VariantName
+from app.models.scenario import Scenario
 
 if TYPE_CHECKING:  # the models (and pydantic) load on the first answer parsed: see _model
     from app.models import explorer, state
@@ -170,6 +173,47 @@ def close_guest_memfd(vm_id: str, fd: int) -> Op[state.GuestMemfdClose]:
     return Op("DELETE", _vm(vm_id, f"/guest-memfds/{fd}"), _model("state", "GuestMemfdClose"))
 
 
+def fallocate_guest_memfd(vm_id: str, fd: int, offset: Int, len: Int, mode: Int = 1) -> Op[state.FallocateResult]:
+    """fallocate() on a guest_memfd: mode 1 (KEEP_SIZE) allocates, 3 (KEEP_SIZE | PUNCH_HOLE) punches a hole."""
+    body = {"mode": mode, "offset": offset, "len": len}
+    return Op("POST", _vm(vm_id, f"/guest-memfds/{fd}/fallocate"), _model("state", "FallocateResult"), json=body)
+
+
+def get_guest_memfd_pages(
+    vm_id: str, fd: int, start: Int = 0, end: Int | None = None, limit: int = 1000
+) -> Op[state.FileRuns]:
+    """Allocated and unallocated runs of a guest_memfd's pages (byte offsets)."""
+    params = _body(start=start, end=end, limit=limit)
+    return Op("GET", _vm(vm_id, f"/guest-memfds/{fd}/pages"), _model("state", "FileRuns"), params=params)
+
+
+def mmap_guest_memfd(vm_id: str, fd: int, length: Int, offset: Int = 0, shared: bool = True) -> Op[state.HostMapping]:
+    """mmap() of a guest_memfd by the host process (kvm_gmem_mmap())."""
+    body = {"offset": offset, "length": length, "shared": shared}
+    return Op("POST", _vm(vm_id, f"/guest-memfds/{fd}/mmap"), _model("state", "HostMapping"), json=body)
+
+
+def list_host_mappings(vm_id: str) -> Op[state.HostMappingList]:
+    return Op("GET", _vm(vm_id, "/host-mappings"), _model("state", "HostMappingList"))
+
+
+def get_host_mapping(vm_id: str, mapping: int) -> Op[state.HostMapping]:
+    return Op("GET", _vm(vm_id, f"/host-mappings/{mapping}"), _model("state", "HostMapping"))
+
+
+def touch_host_mapping(
+    vm_id: str, mapping: int, offset: Int = 0, size: Int = 4096, write: bool = False
+) -> Op[state.HostTouch]:
+    """A host read or write through a mapping (kvm_gmem_fault_user_mapping(): SIGBUS is EFAULT)."""
+    body = {"offset": offset, "size": size, "write": write}
+    return Op("POST", _vm(vm_id, f"/host-mappings/{mapping}/touch"), _model("state", "HostTouch"), json=body)
+
+
+def munmap_host_mapping(vm_id: str, mapping: int) -> Op[state.GuestMemfdClose]:
+    """munmap(): the last reference to a closed guest_memfd releases it."""
+    return Op("DELETE", _vm(vm_id, f"/host-mappings/{mapping}"), _model("state", "GuestMemfdClose"))
+
+
 # -- memory attributes
 def reg_region(vm_id: str, addr: Int, size: Int) -> Op[state.AttributeUpdate | state.SevRegionUpdate]:
     """KVM_MEMORY_ENCRYPT_REG_REGION (rfc-v9 GPA: make private; SEV: pin an HVA range)."""
@@ -270,29 +314,12 @@ def list_explorer_variants() -> Op[explorer.ExplorerVariants]:
 
 
 def run_explorer(
-    variant: str,
-    *,
-    start_gfn: Int = 0,
-    npages: int = 2,
-    to: str = "private",
-    fail_nth: int | None = None,
-    initial_private: list[int] | None = None,
-    fault_gfn_offset: int = 0,
-    fault_access: str = "attribute",
-    schedule: list[str] | None = None,
+    variant: VariantName, *, schedule: list[str] | None = None, **scenario: Any
 ) -> Op[explorer.ExplorerRun]:
-    """Race a vCPU fault against a conversion: every schedule, or exactly ``schedule``."""
-    body = _body(
-        variant=variant,
-        start_gfn=start_gfn,
-        npages=npages,
-        to=to,
-        fail_nth=fail_nth,
-        initial_private=initial_private,
-        fault_gfn_offset=fault_gfn_offset,
-        fault_access=fault_access,
-        schedule=schedule,
-    )
+    """Race a vCPU fault against a conversion: every schedule, or exactly ``schedule``. ``scenario``:
+    the other fields of ``app.models.scenario.Scenario`` (start_gfn, npages, to, ...), each its
+    default where not given."""
+    body = _body(**asdict(Scenario(variant, **scenario)), schedule=schedule)
     return Op("POST", "/v1/explorer/runs", _model("explorer", "ExplorerRun"), json=body)
 
 

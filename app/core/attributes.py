@@ -112,7 +112,10 @@ class Conversion:
             kvm.stats.attribute_updates += 1
             kvm.events.emit("attributes_noop", start_gfn=start, end_gfn=end, attributes=value)
             return
-        failed = take_allocation_failure(kvm, start, end, value)
+        # Since 7.3 (119e9db233ad) storing empty attributes reserves no xarray entries: a
+        # to-shared conversion has no allocation to fail, and an armed fail-nth stays armed.
+        reserves = bool(value) or not kvm.host.at_least("7.3")
+        failed = take_allocation_failure(kvm, start, end, value, injectable=reserves)
         if failed is not None:
             kvm.events.emit("attributes_reserve_failed", start_gfn=start, end_gfn=end, failed_gfn=start + failed - 1)
             raise ENOMEM(f"xa_reserve {failed} of {end - start} failed; nothing changed")
@@ -199,12 +202,14 @@ class Conversion:
             gfn -= 1
 
 
-def take_allocation_failure(kvm: Kvm, start: int, end: int, value: int) -> int | None:
-    """Consume an armed fail-nth and apply the run budgets: the failing allocation's number, or None."""
+def take_allocation_failure(kvm: Kvm, start: int, end: int, value: int, *, injectable: bool = True) -> int | None:
+    """Consume an armed fail-nth (if this call allocates: ``injectable``) and apply the run
+    budgets: the failing allocation's number, or None."""
     npages = end - start
-    nth, kvm.fail_nth = kvm.fail_nth, None
-    if nth is not None and nth <= npages:
-        return nth
+    if injectable:
+        nth, kvm.fail_nth = kvm.fail_nth, None
+        if nth is not None and nth <= npages:
+            return nth
     # A budget runs out part way; which entry fails does not change the outcome. One assign
     # adds at most two runs, so the service-wide check needs no exact count.
     if kvm.attributes.exceeds_after_assign(start, end, value, kvm.limits.max_attribute_runs):

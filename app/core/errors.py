@@ -16,7 +16,13 @@ maps ``KvmError.errno`` to a status code in one place::
      ├── EAGAIN              prefault's first page is inside an open invalidation
      ├── EFAULT              prefault's first page would be a memory-fault exit
      ├── ENOSPC              the state file could not record a call (disk full)
+     ├── ENODEV              mmap of a guest_memfd created without GUEST_MEMFD_FLAG_MMAP
+     ├── EFBIG               fallocate past the largest file offset
+     ├── EOVERFLOW           mmap whose page offset + length wraps
      └── EPERM               access denied (HTTP authentication)
+
+A ``KvmError`` may carry ``members``: more facts for the problem document (the signal a host
+access takes, the offset it takes it at).
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ class KvmError(Exception):
 
     errno: ClassVar[str] = "EINVAL"
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, **members: int | str) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.members = members
 
     @property
     def errno_value(self) -> int:
@@ -86,3 +93,15 @@ class EFAULT(KvmError):
 
 class ENOSPC(KvmError):
     errno = "ENOSPC"
+
+
+class ENODEV(KvmError):
+    errno = "ENODEV"
+
+
+class EFBIG(KvmError):
+    errno = "EFBIG"
+
+
+class EOVERFLOW(KvmError):
+    errno = "EOVERFLOW"

@@ -20,19 +20,21 @@ from app.core.faults import Fault
 from app.core.kvm import PRIVATE, Kvm
 from app.core.limits import EngineLimits
 from app.core.memslots import set_memory_region
-from app.core.mmu import UNMAPPED, spte_private
+from app.core.mmu import UNMAPPED, spte, spte_private
 from app.core.steps import Step, Steps
-from app.core.variants import VARIANTS, Scenario
+from app.core.variants import VARIANTS, check
 from app.models import explorer as model
 from app.models.explorer import Invariant
 from app.models.host import DEFAULT_PROFILE, PROFILES
 from app.models.kvm import (
     GFN_LIMIT,
+    GUEST_MEMFD_FLAG_MMAP,
     KVM_MEM_GUEST_MEMFD,
     PAGE_SHIFT,
     KvmUserspaceMemoryRegion2,
     VmType,
 )
+from app.models.scenario import Scenario
 
 MAX_SCHEDULES = 100_000
 _HVA = 0x7F00_0000_0000
@@ -42,7 +44,7 @@ _HOST = PROFILES[DEFAULT_PROFILE].model_copy(update={"max_gfn": GFN_LIMIT - 1})
 
 @dataclass
 class _Actor:
-    name: Literal["vcpu", "conversion"]
+    name: Literal["vcpu", "conversion", "punch_hole"]
     steps: Steps
     next: Step | None = None
     holds_mmu_lock: bool = False
@@ -78,7 +80,10 @@ class _Run:
         self.tracing = tracing
         self.sc, self.start, self.end = sc, sc.start_gfn, sc.start_gfn + sc.npages
         kvm = self.kvm = Kvm("explorer", None, VmType.sw_protected, variant.semantics, _LIMITS, _HOST)
-        gmem = guest_memfd.create(kvm, sc.npages << PAGE_SHIFT, 0)
+        # A punch-hole never fails, so fail_nth does not apply to it. Its file is mmap-able, so its slot is gmem-only: every fault, shared or
+        # private, takes its page from the file the hole is punched in.
+        flags = GUEST_MEMFD_FLAG_MMAP if variant.punch is not None else 0
+        gmem = self.gmem = guest_memfd.create(kvm, sc.npages << PAGE_SHIFT, flags)
         region = KvmUserspaceMemoryRegion2(
             flags=KVM_MEM_GUEST_MEMFD,
             guest_phys_addr=self.start << PAGE_SHIFT,
@@ -90,15 +95,28 @@ class _Run:
         self.before = sc.initial()
         for offset, private in enumerate(self.before):
             kvm.attributes.assign(self.start + offset, self.start + offset + 1, PRIVATE if private else 0)
-        kvm.fail_nth = sc.fail_nth
-        conv = Conversion(kvm, self.start, self.end, PRIVATE if sc.to_private else 0, fine=True)
-        steps = conv.linux() if variant.delta is None and kvm.linux else conv.rfc_v9(variant.delta or V9Delta())
+        self.early: tuple[Invariant, str] | None = None  # a violation seen between steps
+        steps: Steps
+        if variant.punch is not None:
+            # A bound, mapped range: each page allocated and mapped as its attribute says.
+            gmem.allocate(0, sc.npages)
+            for offset, private in enumerate(self.before):
+                kvm.mmu.set(0, self.start + offset, self.start + offset + 1, spte(private, True))
+            punch = guest_memfd.PunchHole(kvm, gmem, 0, sc.npages << PAGE_SHIFT)
+            steps = punch.steps(free_first=variant.punch.free_first, seq_bump=variant.punch.seq_bump)
+            other: Literal["conversion", "punch_hole"] = "punch_hole"
+        else:
+            kvm.fail_nth = sc.fail_nth
+            conv = Conversion(kvm, self.start, self.end, PRIVATE if sc.to_private else 0, fine=True)
+            steps = conv.linux() if variant.delta is None and kvm.linux else conv.rfc_v9(variant.delta or V9Delta())
+            other = "conversion"
+        self.punching = variant.punch is not None
         access = {"private": True, "shared": False, "attribute": None}[sc.fault_access]
         self.fault = Fault(
             kvm, 0, (self.start + sc.fault_gfn_offset) << PAGE_SHIFT, write=False, private=access, mmu_seq=None
         )
         self.vcpu = _Actor("vcpu", self.fault.steps())
-        self.conv = _Actor("conversion", steps)
+        self.conv = _Actor(other, steps)
         self.actors = (self.vcpu, self.conv)
         self.choices: list[int] = []
         self.labels: list[str] = []
@@ -119,10 +137,12 @@ class _Run:
         step = actor.perform()
         self.choices.append(i)
         self.labels.append(step.label)
+        if self.punching and self.early is None:
+            self.early = self._freed_mapped()
         if not self.tracing:
             return
         kvm = self.kvm
-        spte = kvm.mmu.lookup(0, self.fault.gfn)
+        present = kvm.mmu.lookup(0, self.fault.gfn)
         self.trace.append(
             model.ExplorerTraceEntry(
                 step=step.label,
@@ -130,17 +150,31 @@ class _Run:
                 seq=kvm.inval.seq,
                 in_progress=kvm.inval.in_progress,
                 attributes=self.attributes(),
-                mapping=None if spte == UNMAPPED else model.SpteView(private=spte_private(spte)),
+                mapping=None if present == UNMAPPED else model.SpteView(private=spte_private(present)),
+                allocated=self.allocated() if self.punching else None,
             )
         )
 
     def attributes(self) -> list[bool]:
         return [bool(v & PRIVATE) for s, e, v in self.kvm.attributes.runs(self.start, self.end) for _ in range(s, e)]
 
+    def allocated(self) -> list[bool]:
+        return [bool(v) for s, e, v in self.gmem.allocated.runs(0, self.sc.npages) for _ in range(s, e)]
+
+    def _freed_mapped(self) -> tuple[Invariant, str] | None:
+        """After any step: no mapping may point at a page the file no longer has (the guest
+        would reach freed memory)."""
+        for s, e, _ in self.kvm.mmu.mapped_runs(0, self.start, self.end):
+            for gfn in range(s, e):
+                if not self.gmem.allocated.value_at(gfn - self.start):
+                    return "freed_page_mapped", f"gfn {gfn:#x} is mapped but its page of the file was freed"
+        return None
+
     def violation(self) -> tuple[Invariant, str] | None:
-        """The first invariant this finished schedule breaks (termination, rollback, stale
-        mapping), its detail naming any other it breaks too."""
-        found = [v for v in (self._termination(), self._rollback(), self._stale()) if v is not None]
+        """The first invariant this finished schedule breaks (a freed page mapped at any step,
+        termination, rollback, stale mapping), its detail naming any other it breaks too."""
+        checks = (self.early, self._termination(), self._rollback(), self._stale())
+        found = [v for v in checks if v is not None]
         if not found:
             return None
         detail = found[0][1] + "".join(f"; also {name}: {d}" for name, d in found[1:])
@@ -180,7 +214,7 @@ def _kind(private: bool) -> str:
 def explore(sc: Scenario, schedule: list[str] | None = None) -> model.ExplorerRun:
     """Run every schedule of ``sc`` (or exactly ``schedule``), checking the invariants after each;
     the answer carries the shortest violating schedule, replayed with its trace."""
-    sc.validate()
+    check(sc)
     runs = [_replay(sc, schedule)] if schedule is not None else _enumerate(sc)
     outcomes = dict.fromkeys(("mapped", "retry", "memory_fault_exit"), 0)
     schedules, violations, shortest = 0, 0, None
@@ -259,4 +293,4 @@ def variants() -> model.ExplorerVariants:
     )
 
 
-__all__ = ["MAX_SCHEDULES", "VARIANTS", "Scenario", "explore", "variants"]
+__all__ = ["MAX_SCHEDULES", "VARIANTS", "explore", "variants"]

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from app.core.errors import EAGAIN, EFAULT, ENOENT, ENOMEM, ENOTTY, EOPNOTSUPP, KvmError
-from app.core.kvm import PRIVATE, Kvm, Memslot, check_gpa_range
+from app.core.kvm import PRIVATE, GuestMemfdFile, Kvm, Memslot, check_gpa_range
 from app.core.mmu import UNMAPPED, spte, spte_private, spte_writable
 from app.core.steps import Step, Steps
 from app.models import state
@@ -68,10 +68,19 @@ class Fault:
             return self._memory_fault_exit() if self.private else self._mmio_exit()
         if self._stale():  # mmu_invalidate_retry_gfn_unsafe(): before the pfn is resolved
             return False
-        if self.private and slot.gmem is None:  # not a guest_memfd slot, or its file was closed
-            return self._memory_fault_exit()
+        if slot.faults_from_gmem(self.private):  # kvm_mmu_faultin_pfn_gmem()
+            return self._gmem_pfn(slot)
         if self.write and slot.flags & KVM_MEM_READONLY:  # KVM_PFN_ERR_RO_FAULT -> emulate
             return self._mmio_exit()
+        return True
+
+    def _gmem_pfn(self, slot: Memslot) -> bool:
+        """``kvm_gmem_get_pfn()``: no file (not a guest_memfd slot, or its file was released) is a
+        memory-fault exit; else the page comes from the file, allocated if it has none yet."""
+        if slot.gmem is None:
+            return self._memory_fault_exit()
+        pgoff = slot.gmem_pgoff(self.gfn)
+        slot.gmem.allocate(pgoff, pgoff + 1)
         return True
 
     def _v9_faultin(self, slot: Memslot | None, attr_private: bool) -> bool:
@@ -82,6 +91,8 @@ class Fault:
             return self._memory_fault_exit()
         if slot is None or (self.write and slot.flags & KVM_MEM_READONLY):
             return self._mmio_exit()
+        if self.private:  # restrictedmem_get_page(): the file outlives its fd here
+            return self._gmem_pfn(slot)
         return True
 
     def _stale(self) -> bool:
@@ -170,6 +181,8 @@ def map_pages(kvm: Kvm, as_id: int, start: int, end: int, value: int) -> None:
 class _Walk:
     plan: list[tuple[int, int, int]]
     already: int
+    folios: list[tuple[GuestMemfdFile, int, int]] = field(default_factory=list)
+    """File pages the faults take from guest_memfd (``kvm_gmem_get_pfn()`` allocates them)."""
     stop_gfn: int | None = None
     stop: type[KvmError] | None = None
 
@@ -194,6 +207,8 @@ def prefault(kvm: Kvm, gpa: int, size: int, as_id: int) -> state.PrefaultResult:
         for s, e, v in before:  # through Mmu.set, so mapped_pages is restored too
             kvm.mmu.set(as_id, s, e, v)
         raise ENOMEM(f"mapping runs would exceed the per-VM or the service-wide budget ({kvm.limits.max_mapping_runs})")
+    for gmem, s, e in walk.folios:
+        gmem.allocate(s, e)
     newly = sum(e - s for s, e, _ in walk.plan)
     stop_gfn = end if walk.stop_gfn is None else walk.stop_gfn
     stopped = None if walk.stop is None else walk.stop.errno
@@ -230,7 +245,7 @@ def _prefault_walk(kvm: Kvm, as_id: int, start: int, end: int) -> _Walk:
             stop = EFAULT if private else ENOENT
         elif inv.retry_reason(gfn, inv.seq) is not None:
             stop = EAGAIN
-        elif private and slot.gmem is None:
+        elif slot.faults_from_gmem(private) and slot.gmem is None:
             stop = EFAULT
         if stop is not None:
             walk.stop_gfn, walk.stop = gfn, stop
@@ -239,6 +254,8 @@ def _prefault_walk(kvm: Kvm, as_id: int, start: int, end: int) -> _Walk:
         seg_end = min(end, slot.end_gfn, run_end)
         if inv.in_progress and inv.range_start is not None and gfn < inv.range_start:
             seg_end = min(seg_end, inv.range_start)
+        if slot.faults_from_gmem(private) and slot.gmem is not None:
+            walk.folios.append((slot.gmem, slot.gmem_pgoff(gfn), slot.gmem_pgoff(seg_end)))
         for s, e, v in mappings.runs(gfn, seg_end):
             if v == UNMAPPED:
                 walk.plan.append((s, e, spte(private, slot.writable(False))))

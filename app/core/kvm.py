@@ -23,6 +23,8 @@ from app.core.runs import RunMap
 from app.models.host import PROFILES, HostProfile
 from app.models.kvm import (
     GFN_LIMIT,
+    GUEST_MEMFD_FLAG_INIT_SHARED,
+    GUEST_MEMFD_FLAG_MMAP,
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
@@ -36,20 +38,68 @@ from app.models.kvm import (
 from app.models.state import MmuStats
 
 PRIVATE = KVM_MEMORY_ATTRIBUTE_PRIVATE
+PGOFF_LIMIT = 1 << (64 - PAGE_SHIFT)
+"""Page indexes of a file: what a u64 byte offset can name."""
 
 
 @dataclass(eq=False)
 class GuestMemfdFile:
-    """A ``[kvm-gmem]`` file; bindings keep it alive after its fd is closed."""
+    """A ``[kvm-gmem]`` file: its size and flags, the slots bound to it, which of its pages are
+    allocated (``filemap`` folios, one run per range) and the host mappings holding it open.
+
+    The file lives while its fd is open or a host mapping holds it (the VMA's reference: only
+    the last ``fput()`` runs ``kvm_gmem_release()``); under rfc-v9 its bindings hold it too."""
 
     fd: int
     size: int
     flags: int
+    budget: ServiceBudget = UNBOUNDED
     # raw slot -> (offset, size)
     bindings: dict[int, tuple[int, int]] = field(default_factory=dict)
+    allocated: RunMap = field(init=False)
+    """Page index -> 1 where a folio is in the page cache (``kvm_gmem_get_folio()`` made it)."""
+    mmaps: set[int] = field(default_factory=set)
+    """Ids of the host mappings of this file (``Kvm.host_mappings``)."""
+
+    def __post_init__(self) -> None:
+        # Every page index a u64 offset reaches, not only those below i_size: a binding that
+        # passes 2^63 (kvm_gmem_bind()'s loff_t overflow) faults in pages past the end.
+        self.allocated = RunMap(PGOFF_LIMIT, 0, self.budget)
+
+    @property
+    def npages(self) -> int:
+        return self.size >> PAGE_SHIFT
+
+    @property
+    def mmap_able(self) -> bool:
+        return bool(self.flags & GUEST_MEMFD_FLAG_MMAP)
+
+    @property
+    def init_shared(self) -> bool:
+        return bool(self.flags & GUEST_MEMFD_FLAG_INIT_SHARED)
 
     def bind_conflict(self, offset: int, size: int) -> bool:
         return any(offset < o + s and o < offset + size for o, s in self.bindings.values())
+
+    def allocate(self, start: int, end: int) -> None:
+        """``kvm_gmem_get_folio()`` for every page of ``[start, end)`` (already there: kept)."""
+        if start < end and not self.allocated.is_uniform(start, end, 1):
+            self.allocated.assign(start, end, 1)
+
+    def allocated_pages(self, start: int = 0, end: int = PGOFF_LIMIT) -> int:
+        """Pages of ``[start, end)`` that have a folio: O(runs in the range)."""
+        return sum(e - s for s, e, v in self.allocated.runs(start, end) if v)
+
+
+@dataclass(frozen=True)
+class HostMapping:
+    """One ``mmap(MAP_SHARED)`` of a guest_memfd by the host process: ``npages`` pages of the file
+    from page ``pgoff``. It holds a reference to the file, as a VMA does."""
+
+    id: int
+    file: GuestMemfdFile
+    pgoff: int
+    npages: int
 
 
 @dataclass(eq=False)
@@ -65,6 +115,9 @@ class Memslot:
     gmem: GuestMemfdFile | None = None
     gmem_fd: int | None = None
     gmem_offset: int = 0
+    gmem_only: bool = False
+    """``KVM_MEMSLOT_GMEM_ONLY``: bound to an mmap-able file, so shared faults come from it too
+    (``kvm_memslot_is_gmem_only()``); kept after the file is released, as ``slot->flags`` is."""
 
     @property
     def slot(self) -> int:
@@ -81,6 +134,15 @@ class Memslot:
     @property
     def is_gmem(self) -> bool:
         return bool(self.flags & KVM_MEM_GUEST_MEMFD)
+
+    def gmem_pgoff(self, gfn: int) -> int:
+        """``kvm_gmem_get_index()``: the file page behind ``gfn``."""
+        return (self.gmem_offset >> PAGE_SHIFT) + gfn - self.base_gfn
+
+    def faults_from_gmem(self, private: bool) -> bool:
+        """Whether a fault takes its page from guest_memfd (``kvm_mmu_faultin_pfn_gmem()``): every
+        private one (failing without a file) and, on a gmem-only slot, every shared one too."""
+        return private or self.gmem_only
 
     def writable(self, write: bool) -> bool:
         """Writable SPTE unless READONLY, or dirty logging and a read fault."""
@@ -159,6 +221,8 @@ class Kvm:
     pinned: list[tuple[int, int]] = field(default_factory=list)
     notifiers: dict[int, NotifierInvalidation] = field(default_factory=dict)
     next_notifier_id: int = 1
+    host_mappings: dict[int, HostMapping] = field(default_factory=dict)
+    next_mapping_id: int = 1
     fail_nth: int | None = None
 
     def __post_init__(self) -> None:
@@ -171,12 +235,30 @@ class Kvm:
 
     def items(self) -> int:
         """What this VM holds against the service budget: runs, events, and every stored object."""
-        return len(self.attributes) + self.mmu.runs() + len(self.events) + self.objects()
+        file_runs = sum(len(f.allocated) for f in self.files())
+        return len(self.attributes) + self.mmu.runs() + len(self.events) + file_runs + self.objects()
 
     def objects(self) -> int:
-        """Memslots, open guest_memfds, open notifier invalidations, pinned regions: one item each."""
+        """Memslots, open guest_memfds, open notifier invalidations, pinned regions, host
+        mappings: one item each."""
         slots = sum(len(space) for space in self.spaces)
-        return slots + len(self.gmem_files) + len(self.notifiers) + len(self.pinned)
+        return slots + len(self.gmem_files) + len(self.notifiers) + len(self.pinned) + len(self.host_mappings)
+
+    def is_open(self, gmem: GuestMemfdFile) -> bool:
+        """Whether the file's fd is still open (a closed file may live on in mappings or slots)."""
+        return self.gmem_files.get(gmem.fd) is gmem
+
+    def files(self) -> list[GuestMemfdFile]:
+        """Every live guest_memfd file, once: open ones by fd, then those only host mappings or
+        (rfc-v9) slots still hold, in the order they are listed."""
+        found = {id(f): f for f in self.gmem_files.values()}
+        for m in self.host_mappings.values():
+            found.setdefault(id(m.file), m.file)
+        for space in self.spaces:
+            for slot in space.by_gfn.values():
+                if slot.gmem is not None:
+                    found.setdefault(id(slot.gmem), slot.gmem)
+        return list(found.values())
 
     def take(self, what: str) -> None:
         """One more stored object, or ENOMEM when the service is full (nothing changed yet)."""
@@ -190,6 +272,8 @@ class Kvm:
         for space in self.mmu.spaces:
             space.release()
         self.events.release()
+        for f in self.files():
+            f.allocated.release()
         self.budget.add(-self.objects())
 
     @property

@@ -113,7 +113,7 @@ def plan_set_memory_region(
     gmem: GuestMemfdFile | None = None
     if flags & KVM_MEM_GUEST_MEMFD:
         fd, off = req.guest_memfd, req.guest_memfd_offset
-        gmem = guest_memfd.check_bind(kvm.gmem_files if fds is None else fds, fd, off, size)
+        gmem = guest_memfd.check_bind(kvm, kvm.gmem_files if fds is None else fds, fd, off, size)
         new.gmem_fd, new.gmem_offset = fd, off
 
     # kvm_arch_prepare_memory_region()
@@ -159,7 +159,7 @@ def install(kvm: Kvm, plan: MemslotPlan) -> None:
     if old is not None:
         kvm.spaces[old.as_id].remove(old)
         if plan.change == "delete":
-            guest_memfd.unbind(old)
+            guest_memfd.unbind(kvm, old)
             kvm.budget.add(-1)
     if new is not None:
         kvm.spaces[new.as_id].add(new)

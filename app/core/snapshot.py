@@ -17,13 +17,14 @@ from app.core import guest_memfd, sev
 from app.core.budget import UNBOUNDED, ServiceBudget
 from app.core.errors import EINVAL, ENOMEM, KvmError
 from app.core.gfn_range import hva_ranges
-from app.core.kvm import PRIVATE, GuestMemfdFile, Kvm, NotifierInvalidation
+from app.core.kvm import PGOFF_LIMIT, PRIVATE, GuestMemfdFile, HostMapping, Kvm, NotifierInvalidation
 from app.core.limits import EngineLimits
 from app.core.memslots import install, plan_set_memory_region
 from app.core.mmu import spte, spte_private, spte_writable
 from app.models.host import HostProfile
 from app.models.kvm import (
     GFN_LIMIT,
+    GUEST_MEMFD_FLAG_MMAP,
     KVM_MEM_GUEST_MEMFD,
     PAGE_SHIFT,
     PAGE_SIZE,
@@ -32,6 +33,7 @@ from app.models.kvm import (
 from app.models.snapshot import (
     SNAPSHOT_VERSION,
     SnapshotFile,
+    SnapshotHostMapping,
     SnapshotInvalidation,
     SnapshotMapping,
     SnapshotMemslot,
@@ -42,13 +44,8 @@ from app.models.snapshot import (
 
 def dump(kvm: Kvm) -> VmSnapshot:
     """The whole state of ``kvm``."""
-    # Open files by fd, then files only slots still hold, in the order the slots are listed, so
-    # that dumping a loaded copy gives the same document (found by the stateful test).
-    files = {id(f): f for f in kvm.gmem_files.values()}
-    for space in kvm.spaces:
-        for slot in space.by_gfn.values():
-            if slot.gmem is not None:
-                files.setdefault(id(slot.gmem), slot.gmem)
+    # Kvm.files() lists them in an order a loaded copy reproduces (found by the stateful test).
+    files = {id(f): f for f in kvm.files()}
     file_ids = {key: n for n, key in enumerate(files)}
     open_fds = {id(f): fd for fd, f in kvm.gmem_files.items()}
     return VmSnapshot(
@@ -69,12 +66,20 @@ def dump(kvm: Kvm) -> VmSnapshot:
                 file=None if slot.gmem is None else file_ids[id(slot.gmem)],
                 guest_memfd=slot.gmem_fd,
                 guest_memfd_offset=slot.gmem_offset,
+                gmem_only=slot.gmem_only,
             )
             for space in kvm.spaces
             for slot in space.by_gfn.values()
         ],
         files=[
-            SnapshotFile(id=file_ids[key], fd=open_fds.get(key), size=f.size, flags=f.flags) for key, f in files.items()
+            SnapshotFile(
+                id=file_ids[key],
+                fd=open_fds.get(key),
+                size=f.size,
+                flags=f.flags,
+                allocated=[(s, e) for s, e, v in f.allocated.runs(0, PGOFF_LIMIT) if v],
+            )
+            for key, f in files.items()
         ],
         mappings=[
             [
@@ -96,6 +101,11 @@ def dump(kvm: Kvm) -> VmSnapshot:
         next_notifier_id=kvm.next_notifier_id,
         next_fd=kvm.next_fd,
         pinned_regions=list(kvm.pinned),
+        host_mappings=[
+            SnapshotHostMapping(id=m.id, file=file_ids[id(m.file)], pgoff=m.pgoff, npages=m.npages)
+            for m in kvm.host_mappings.values()
+        ],
+        next_mapping_id=kvm.next_mapping_id,
         fail_nth=kvm.fail_nth,
         stats=kvm.stats.model_copy(),
         next_event_id=kvm.events.next_id,
@@ -124,7 +134,11 @@ def load(
 ) -> Kvm:
     """A new ``Kvm`` with exactly the state of ``doc``; EINVAL, creating nothing, if it is not one.
     ``host`` is the document's profile, or for a version-1 document (which has none) the default."""
-    _check(doc.version in (1, SNAPSHOT_VERSION), f"version {doc.version} is not {SNAPSHOT_VERSION} (or 1)")
+    _check(1 <= doc.version <= SNAPSHOT_VERSION, f"version {doc.version} is not {SNAPSHOT_VERSION} (or 1 or 2)")
+    _check(
+        doc.version >= 3 or not (doc.host_mappings or any(f.allocated for f in doc.files)),
+        f"a version-{doc.version} document has no host side of guest_memfd (version 3 added it)",
+    )
     _check(doc.version > 1 or doc.profile is None, "a version-1 document has no profile")
     _check(doc.version == 1 or doc.profile is not None, f"a version-{doc.version} document needs its profile")
     kvm = Kvm(vm_id, doc.name, doc.type, doc.semantics, limits, host, budget)
@@ -139,15 +153,19 @@ def load(
 def _load_state(kvm: Kvm, doc: VmSnapshot) -> None:
     # Refuse a document the service cannot hold before building any of it.
     items = len(doc.attributes) + sum(map(len, doc.mappings)) + len(doc.memslots) + len(doc.files)
-    items += len(doc.notifiers) + len(doc.pinned_regions)
+    items += len(doc.notifiers) + len(doc.pinned_regions) + len(doc.host_mappings)
+    items += sum(2 * len(f.allocated) + 1 for f in doc.files)
     if not kvm.budget.room(items):
         raise ENOMEM(f"snapshot: {items} items do not fit the service-wide budget ({kvm.budget.limit} items)")
     _load_attributes(kvm, doc.attributes)
     files = _load_files(kvm, doc.files, doc.next_fd)
+    _load_host_mappings(kvm, doc, files)
     for s in doc.memslots:
-        _load_memslot(kvm, s, files)
+        _load_memslot(kvm, s, files, doc.version)
     for n, f in files.items():
-        _check(f.fd >= 0 or bool(f.bindings), f"file {n} is neither open nor held by a slot")
+        _check(
+            f.fd >= 0 or bool(f.bindings) or bool(f.mmaps), f"file {n} is neither open nor held by a slot or a mapping"
+        )
     for as_id, runs in enumerate(doc.mappings):
         _check(as_id < kvm.nr_as, f"mappings for address space {as_id}, the VM has {kvm.nr_as}")
         _load_mappings(kvm, as_id, runs)
@@ -193,25 +211,60 @@ def _load_files(kvm: Kvm, files: list[SnapshotFile], next_fd: int) -> dict[int, 
     for f in files:
         _check(f.id not in out, f"file id {f.id} appears twice")
         _as_ioctl(f"file {f.id}", guest_memfd.check_create, kvm, f.size, f.flags)
-        gmem = out[f.id] = GuestMemfdFile(f.fd if f.fd is not None else -1, f.size, f.flags)
+        gmem = out[f.id] = GuestMemfdFile(f.fd if f.fd is not None else -1, f.size, f.flags, kvm.budget)
+        prev = -1  # ranges in order, each non-empty and apart from the one before (maximal)
+        for s, e in f.allocated:
+            _check(
+                prev < s < e <= PGOFF_LIMIT,
+                f"file {f.id}: allocated pages [{s:#x}, {e:#x}) not maximal runs in order",
+            )
+            prev = e
+        gmem.allocated.load(_runs(f.allocated, PGOFF_LIMIT))
         if f.fd is not None:
             _check(f.fd not in kvm.gmem_files, f"fd {f.fd} is open twice")
-            _check(FIRST_FD <= f.fd < next_fd, f"fd {f.fd} is not in [{FIRST_FD}, next_fd {next_fd})")
+            _check(
+                guest_memfd.FIRST_FD <= f.fd < next_fd,
+                f"fd {f.fd} is not in [{guest_memfd.FIRST_FD}, next_fd {next_fd})",
+            )
             kvm.gmem_files[f.fd] = gmem
             kvm.budget.add(1)
-    _check(next_fd >= FIRST_FD, f"next_fd {next_fd} < {FIRST_FD}")
+    _check(next_fd >= guest_memfd.FIRST_FD, f"next_fd {next_fd} < {guest_memfd.FIRST_FD}")
     kvm.next_fd = next_fd
     return out
 
 
-FIRST_FD = 3
-"""The first fd a VM hands out (0 to 2 are stdio)."""
+def _runs(ranges: list[tuple[int, int]], limit: int) -> list[tuple[int, int, int]]:
+    """Allocated ranges (in order, not touching) as the maximal runs of ``[0, limit)``."""
+    out, at = [], 0
+    for s, e in ranges:
+        if s > at:
+            out.append((at, s, 0))
+        out.append((s, e, 1))
+        at = e
+    if at < limit:
+        out.append((at, limit, 0))
+    return out
+
+
+def _load_host_mappings(kvm: Kvm, doc: VmSnapshot, files: dict[int, GuestMemfdFile]) -> None:
+    """Each mapping as ``mmap()`` made it: of an mmap-able file (``kvm_gmem_mmap()``), MAP_SHARED."""
+    for m in doc.host_mappings:
+        name = f"host mapping {m.id}"
+        _check(m.id not in kvm.host_mappings and m.id < doc.next_mapping_id, f"{name}: id repeated or not below next")
+        _check(m.file in files, f"{name}: unknown file {m.file}")
+        gmem = files[m.file]
+        _as_ioctl(name, guest_memfd.check_mmap, gmem, m.pgoff << PAGE_SHIFT, m.npages << PAGE_SHIFT, True)
+        kvm.host_mappings[m.id] = HostMapping(m.id, gmem, m.pgoff, m.npages)
+        gmem.mmaps.add(m.id)
+        kvm.budget.add(1)
+    kvm.next_mapping_id = doc.next_mapping_id
+
 
 LARGEST_FILE = (1 << 63) - PAGE_SIZE
 """The largest guest_memfd ``kvm_gmem_create()`` allows."""
 
 
-def _load_memslot(kvm: Kvm, s: SnapshotMemslot, files: dict[int, GuestMemfdFile]) -> None:
+def _load_memslot(kvm: Kvm, s: SnapshotMemslot, files: dict[int, GuestMemfdFile], version: int) -> None:
     """The slot as ``KVM_SET_USER_MEMORY_REGION2`` created it: the ioctl's plan, then its commit."""
     name = f"memslot (as_id {s.as_id}, id {s.id})"
     is_gmem = bool(s.flags & KVM_MEM_GUEST_MEMFD)
@@ -225,16 +278,23 @@ def _load_memslot(kvm: Kvm, s: SnapshotMemslot, files: dict[int, GuestMemfdFile]
         if gmem.fd >= 0:
             _check(fd == gmem.fd, f"{name}: guest_memfd {fd} is not its file's fd {gmem.fd}")
         else:  # rfc-v9 (restrictedmem): the fd the slot was created with, closed since
-            _check(not kvm.linux, f"{name}: on a linux VM closing a file unbinds it (kvm_gmem_release())")
-            _check(fd is not None and FIRST_FD <= fd < kvm.next_fd and fd not in kvm.gmem_files, f"{name}: fd {fd}")
+            _check(
+                not kvm.linux or bool(gmem.mmaps),
+                f"{name}: on a linux VM releasing a file unbinds it (kvm_gmem_release())",
+            )
+            _check(
+                fd is not None and guest_memfd.FIRST_FD <= fd < kvm.next_fd and fd not in kvm.gmem_files,
+                f"{name}: fd {fd}",
+            )
     elif is_gmem:
         # linux: the file was closed since (kvm_gmem_release() cleared the binding). It was bound
         # then, so the binding must fit some file: check it against the largest one there can be.
         _check(kvm.linux, f"{name}: an rfc-v9 guest_memfd slot always holds its file")
         _check(s.guest_memfd is None, f"{name}: a slot whose file was closed has no fd")
-        gmem = GuestMemfdFile(-1, LARGEST_FILE, 0)
+        gmem = GuestMemfdFile(-1, LARGEST_FILE, GUEST_MEMFD_FLAG_MMAP if s.gmem_only else 0)
     else:
         _check(s.guest_memfd is None and s.guest_memfd_offset == 0, f"{name}: guest_memfd fields without the flag")
+        _check(not s.gmem_only, f"{name}: gmem_only without KVM_MEM_GUEST_MEMFD")
     req = KvmUserspaceMemoryRegion2.model_construct(
         flags=s.flags,
         guest_phys_addr=s.base_gfn << PAGE_SHIFT,
@@ -249,8 +309,10 @@ def _load_memslot(kvm: Kvm, s: SnapshotMemslot, files: dict[int, GuestMemfdFile]
     install(kvm, plan)
     kvm.budget.add(1)
     assert plan.new is not None
+    # kvm_gmem_bind() decided gmem-only (a closed file's stand-in carries the document's word).
+    _check(version < 3 or plan.new.gmem_only == s.gmem_only, f"{name}: gmem_only is not what binding its file makes it")
     if s.file is None and is_gmem:
-        guest_memfd.unbind(plan.new)
+        guest_memfd.unbind(kvm, plan.new)
     plan.new.gmem_fd = s.guest_memfd
 
 
@@ -296,7 +358,14 @@ def _check_mappings(kvm: Kvm) -> None:
                 _check(not spte_writable(value) or slot.writable(True), f"{where}: writable in a read-only slot")
                 if kvm.linux or slot.is_gmem:
                     _check(kvm.attributes.is_uniform(a, b, PRIVATE if private else 0), f"{where}: {_privacy(private)}")
-                _check(not private or slot.gmem is not None, f"{where}: private without a guest_memfd file")
+                if slot.faults_from_gmem(private):
+                    kind = "private" if private else "gmem-only shared"
+                    _check(slot.gmem is not None, f"{where}: a {kind} mapping without a guest_memfd file")
+                    assert slot.gmem is not None
+                    pages = (slot.gmem_pgoff(a), slot.gmem_pgoff(b))
+                    _check(
+                        slot.gmem.allocated.is_uniform(*pages, 1), f"{where}: maps file pages that are not allocated"
+                    )
             _check(covered == end, f"{where}: gfn {covered:#x} is in no memslot")
 
 

@@ -1,5 +1,6 @@
-"""The explorer's conversion variants and scenarios: the engine's own rfc-v9 and linux
-conversions, and the v9 review's historical orderings as ``V9Delta``s of the rfc-v9 sequence."""
+"""The explorer's conversion variants: the engine's own rfc-v9 and linux conversions, and the v9
+review's historical orderings as ``V9Delta``s of the rfc-v9 sequence; and which scenarios
+(``app.models.scenario``) the engine can run."""
 
 from __future__ import annotations
 
@@ -8,10 +9,21 @@ from typing import get_args
 
 from app.core.attributes import V9Delta
 from app.core.errors import EINVAL
-from app.models.explorer import FaultAccess, VariantName
 from app.models.kvm import GFN_LIMIT, Semantics
+from app.models.names import VariantName
+from app.models.scenario import Scenario
 
 MAX_NPAGES = 8
+
+
+@dataclass(frozen=True)
+class PunchDelta:
+    """How a wrong order departs from the engine's ``kvm_gmem_punch_hole()``."""
+
+    free_first: bool = False
+    """Free the pages (truncate), then invalidate: mappings point at freed pages in between."""
+    seq_bump: bool = True
+    """False: invalidate end drops in_progress without bumping mmu_invalidate_seq."""
 
 
 @dataclass(frozen=True)
@@ -20,10 +32,13 @@ class Variant:
     description: str
     semantics: Semantics
     delta: V9Delta | None = None
+    punch: PunchDelta | None = None
+    """Not None: the other actor is a punch-hole of the range's file, not a conversion."""
 
     @property
     def historical(self) -> bool:
-        return self.delta is not None
+        """Not one of the engine's own sequences (a reviewed variant or a wrong order)."""
+        return self.delta is not None or self.punch not in (None, PunchDelta())
 
 
 VARIANTS = {
@@ -61,38 +76,45 @@ VARIANTS = {
             Semantics.rfc_v9,
             V9Delta(stores_first=True),
         ),
+        Variant(
+            "punch-hole",
+            "The engine's own kvm_gmem_punch_hole() on the range's file (mmap-able, so the slot is gmem-only and "
+            "every fault takes its page from it): invalidate begin over every binding (unmap), free the pages, "
+            "invalidate end (seq bump). The scenario's to and fail_nth do not apply.",
+            Semantics.linux,
+            punch=PunchDelta(),
+        ),
+        Variant(
+            "punch-hole-free-first",
+            "A wrong order: free the pages first, then invalidate. The guest's mappings point at freed pages until "
+            "the unmap, and a fault that resolved its page before the free maps it.",
+            Semantics.linux,
+            punch=PunchDelta(free_first=True),
+        ),
+        Variant(
+            "punch-hole-no-seq-bump",
+            "A wrong order: invalidate end drops mmu_invalidate_in_progress without bumping mmu_invalidate_seq, so a "
+            "fault that resolved its page before the hole installs it after the hole is done.",
+            Semantics.linux,
+            punch=PunchDelta(seq_bump=False),
+        ),
     )
 }
 assert tuple(VARIANTS) == get_args(VariantName)
 
 
-@dataclass(frozen=True)
-class Scenario:
-    variant: VariantName
-    start_gfn: int = 0
-    npages: int = 2
-    to_private: bool = True
-    fail_nth: int | None = None
-    initial_private: frozenset[int] | None = None  # offsets; None: the opposite of the target everywhere
-    fault_gfn_offset: int = 0
-    fault_access: FaultAccess = "attribute"
-
-    def validate(self) -> None:
-        if self.variant not in VARIANTS:
-            raise EINVAL(f"unknown variant {self.variant!r}; one of {', '.join(VARIANTS)}")
-        if not 1 <= self.npages <= MAX_NPAGES:
-            raise EINVAL(f"npages must be 1..{MAX_NPAGES}")
-        if self.start_gfn + self.npages >= GFN_LIMIT:
-            raise EINVAL(f"the range must end below gfn 2^52 - 1 (start_gfn {self.start_gfn:#x})")
-        if not 0 <= self.fault_gfn_offset < self.npages:
-            raise EINVAL(f"fault_gfn_offset {self.fault_gfn_offset} outside [0, {self.npages})")
-        bad = sorted(o for o in self.initial_private or () if not 0 <= o < self.npages)
-        if bad:
-            raise EINVAL(f"initial_private offsets {bad} outside [0, {self.npages})")
-        if self.fail_nth is not None and self.fail_nth < 1:
-            raise EINVAL("fail_nth must be >= 1")
-
-    def initial(self) -> list[bool]:
-        if self.initial_private is None:
-            return [not self.to_private] * self.npages
-        return [o in self.initial_private for o in range(self.npages)]
+def check(sc: Scenario) -> None:
+    """EINVAL unless the engine can run ``sc``."""
+    if sc.variant not in VARIANTS:
+        raise EINVAL(f"unknown variant {sc.variant!r}; one of {', '.join(VARIANTS)}")
+    if not 1 <= sc.npages <= MAX_NPAGES:
+        raise EINVAL(f"npages must be 1..{MAX_NPAGES}")
+    if sc.start_gfn + sc.npages >= GFN_LIMIT:
+        raise EINVAL(f"the range must end below gfn 2^52 - 1 (start_gfn {sc.start_gfn:#x})")
+    if not 0 <= sc.fault_gfn_offset < sc.npages:
+        raise EINVAL(f"fault_gfn_offset {sc.fault_gfn_offset} outside [0, {sc.npages})")
+    bad = sorted({o for o in sc.initial_private or () if not 0 <= o < sc.npages})
+    if bad:
+        raise EINVAL(f"initial_private offsets {bad} outside [0, {sc.npages})")
+    if sc.fail_nth is not None and sc.fail_nth < 1:
+        raise EINVAL("fail_nth must be >= 1")

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from itertools import accumulate, islice, pairwise
 from typing import Any
 
-from app.core.kvm import PRIVATE, GuestMemfdFile, Kvm, Memslot, NotifierInvalidation
+from app.core.kvm import PRIVATE, GuestMemfdFile, HostMapping, Kvm, Memslot, NotifierInvalidation
 from app.core.mmu import UNMAPPED, spte_private, spte_writable
 from app.models import state
 from app.models.kvm import PAGE_SHIFT
@@ -110,6 +110,7 @@ def memslot(slot: Memslot) -> state.Memslot:
         npages=slot.npages,
         guest_memfd=slot.gmem_fd if slot.is_gmem else None,
         guest_memfd_offset=slot.gmem_offset if slot.is_gmem else 0,
+        gmem_only=slot.gmem_only,
     )
 
 
@@ -119,7 +120,23 @@ def guest_memfd(gmem: GuestMemfdFile) -> state.GuestMemfd:
         size=gmem.size,
         flags=gmem.flags,
         bindings=[state.GmemBinding(slot=k, offset=o, size=s) for k, (o, s) in sorted(gmem.bindings.items())],
+        allocated_pages=gmem.allocated_pages(),
+        mappings=sorted(gmem.mmaps),
     )
+
+
+def file_runs(gmem: GuestMemfdFile, start: int, end: int, limit: int) -> tuple[list[state.FileRun], int | None]:
+    """Allocated and unallocated runs of a file's pages in ``[start, end)`` (byte offsets)."""
+    runs = (
+        state.FileRun(start=s << PAGE_SHIFT, end=e << PAGE_SHIFT, allocated=bool(v))
+        for s, e, v in gmem.allocated.runs(start >> PAGE_SHIFT, min(end >> PAGE_SHIFT, gmem.npages))
+    )
+    return page_of_runs(runs, limit, lambda r: r.end)
+
+
+def host_mapping(kvm: Kvm, m: HostMapping) -> state.HostMapping:
+    open_fd = m.file.fd if kvm.is_open(m.file) else None
+    return state.HostMapping(id=m.id, fd=open_fd, offset=m.pgoff << PAGE_SHIFT, length=m.npages << PAGE_SHIFT)
 
 
 def notifier(inv: NotifierInvalidation) -> state.NotifierInvalidation:

@@ -12,22 +12,27 @@ from app.core.attributes import Conversion
 from app.core.budget import ServiceBudget
 from app.core.errors import EINVAL, ENOENT, ENOTTY
 from app.core.faults import Fault, prefault
+from app.core.guest_memfd import Release
 from app.core.ioctl import locked, mutation
 from app.core.journal import Journal
-from app.core.kvm import PRIVATE, Kvm, Memslot, check_gpa_range
+from app.core.kvm import PRIVATE, GuestMemfdFile, Kvm, Memslot, check_gpa_range
 from app.core.limits import EngineLimits
 from app.core.memslots import set_memory_region
 from app.models import state
 from app.models.host import HostProfile
 from app.models.kvm import (
+    FALLOC_FL_PUNCH_HOLE,
+    FallocateRequest,
     FaultRequest,
     KvmCreateGuestMemfd,
     KvmEncRegion,
     KvmMemoryAttributes,
     KvmUserspaceMemoryRegion2,
+    MmapRequest,
     NotifierRequest,
     PrefaultRequest,
     Semantics,
+    TouchRequest,
     VmType,
 )
 from app.models.snapshot import VmSnapshot
@@ -141,10 +146,7 @@ class VirtualMachine:
 
     @locked
     def guest_memfd(self, fd: int) -> state.GuestMemfd:
-        gmem = self.kvm.gmem_files.get(fd)
-        if gmem is None:
-            raise ENOENT(f"no open guest_memfd {fd}")
-        return views.guest_memfd(gmem)
+        return views.guest_memfd(self._gmem(fd))
 
     @locked
     def guest_memfds(self) -> list[state.GuestMemfd]:
@@ -152,11 +154,80 @@ class VirtualMachine:
 
     @mutation
     def close_guest_memfd(self, fd: int) -> state.GuestMemfdClose:
-        """``close(fd)`` on a guest_memfd: ``kvm_gmem_release()``."""
-        closed = guest_memfd.close(self.kvm, fd)
+        """``close(fd)`` on a guest_memfd: ``kvm_gmem_release()`` unless host mappings hold it."""
+        return self._release(guest_memfd.close(self.kvm, fd))
+
+    def _release(self, out: Release) -> state.GuestMemfdClose:
         return state.GuestMemfdClose(
-            pages_zapped=closed.pages_zapped, invalidated=closed.invalidated, mmu=self.mmu_model()
+            released=out.released, pages_zapped=out.pages_zapped, invalidated=out.invalidated, mmu=self.mmu_model()
         )
+
+    @mutation
+    def fallocate(self, fd: int, req: FallocateRequest) -> state.FallocateResult:
+        """``fallocate()`` on a guest_memfd: ``kvm_gmem_allocate()`` or ``kvm_gmem_punch_hole()``."""
+        kvm = self.kvm
+        gmem = guest_memfd.check_fallocate(kvm, fd, req.mode, req.offset, req.len)
+        if not req.mode & FALLOC_FL_PUNCH_HOLE:
+            done = guest_memfd.allocate(kvm, gmem, req.offset, req.len)
+            return state.FallocateResult(
+                punch_hole=False,
+                pages_allocated=done,
+                pages_freed=0,
+                invalidated=False,
+                pages_zapped=0,
+                mmu=self.mmu_model(),
+            )
+        punch = guest_memfd.PunchHole(kvm, gmem, req.offset, req.len)
+        steps.run(punch.steps())
+        return state.FallocateResult(
+            punch_hole=True,
+            pages_allocated=0,
+            pages_freed=punch.freed,
+            invalidated=punch.invalidated,
+            pages_zapped=punch.zapped,
+            mmu=self.mmu_model(),
+        )
+
+    @locked
+    def file_runs(self, fd: int, start: int, end: int, limit: int) -> tuple[list[state.FileRun], int | None]:
+        """Which pages of a guest_memfd have a folio, as runs."""
+        return views.file_runs(self._gmem(fd), start, end, limit)
+
+    def _gmem(self, fd: int) -> GuestMemfdFile:
+        gmem = self.kvm.gmem_files.get(fd)
+        if gmem is None:
+            raise ENOENT(f"no open guest_memfd {fd}")
+        return gmem
+
+    # ------------------------------------------------------------ the host process
+
+    @mutation
+    def mmap(self, fd: int, req: MmapRequest) -> state.HostMapping:
+        """``mmap()`` of a guest_memfd by the host process (``kvm_gmem_mmap()``)."""
+        m = guest_memfd.mmap(self.kvm, fd, req.offset, req.length, req.shared)
+        return views.host_mapping(self.kvm, m)
+
+    @mutation
+    def munmap(self, mapping_id: int) -> state.GuestMemfdClose:
+        """``munmap()``: the last reference to a closed file releases it."""
+        return self._release(guest_memfd.munmap(self.kvm, mapping_id))
+
+    @mutation
+    def touch(self, mapping_id: int, req: TouchRequest) -> state.HostTouch:
+        """The host reads or writes through a mapping (``kvm_gmem_fault_user_mapping()``)."""
+        t = guest_memfd.touch(self.kvm, mapping_id, req.offset, req.size, req.write)
+        return state.HostTouch(pages=t.pages, allocated_pages=t.allocated)
+
+    @locked
+    def host_mappings(self) -> list[state.HostMapping]:
+        return [views.host_mapping(self.kvm, m) for m in self.kvm.host_mappings.values()]
+
+    @locked
+    def host_mapping(self, mapping_id: int) -> state.HostMapping:
+        m = self.kvm.host_mappings.get(mapping_id)
+        if m is None:
+            raise ENOENT(f"no host mapping {mapping_id}")
+        return views.host_mapping(self.kvm, m)
 
     # ------------------------------------------------------------- attributes
 
@@ -293,6 +364,10 @@ OPERATIONS: dict[str, Callable[..., object]] = {
     "delete_memslot": VirtualMachine.delete_memslot,
     "create_guest_memfd": VirtualMachine.create_guest_memfd,
     "close_guest_memfd": VirtualMachine.close_guest_memfd,
+    "fallocate": VirtualMachine.fallocate,
+    "mmap": VirtualMachine.mmap,
+    "munmap": VirtualMachine.munmap,
+    "touch": VirtualMachine.touch,
     "memory_encrypt_reg_region": VirtualMachine.memory_encrypt_reg_region,
     "memory_encrypt_unreg_region": VirtualMachine.memory_encrypt_unreg_region,
     "set_memory_attributes": VirtualMachine.set_memory_attributes,

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from app.hostkvm.ioctls import HostKvmError, Kvm
+from app.hostkvm.steps import as_json
 from app.hostkvm.verify import Report, cli_lines, coverage, read_profile, verify
 from app.models.host import HostProfile
 
@@ -82,7 +83,7 @@ def _document(report: Report) -> dict[str, object]:
         "not_checked": cannot,
         "divergences": [
             {
-                "steps": d.steps,
+                "steps": [as_json(s) for s in d.steps],
                 "results": [{"engine": mine, "host": theirs} for mine, theirs in d.results],
                 "cli": cli_lines(d),
             }
@@ -100,7 +101,9 @@ def _print(report: Report, console: Console) -> None:
         console.print(f"\n[bold red]divergence {n}[/] after {len(d.steps)} step(s):")
         for step, (mine, theirs) in zip(d.steps, d.results, strict=False):
             mark = "" if mine == theirs else "   <- differs"
-            console.print(f"  {json.dumps(step)}: engine {mine}, host {theirs}{mark}", markup=False, soft_wrap=True)
+            console.print(
+                f"  {json.dumps(as_json(step))}: engine {mine}, host {theirs}{mark}", markup=False, soft_wrap=True
+            )
         console.print("  as kvm-memattr commands against any server (host.json: kvm-memattr host-profile --json):")
         for line in cli_lines(d):
             console.print(f"    {line}", markup=False, soft_wrap=True)

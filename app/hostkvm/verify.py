@@ -15,14 +15,15 @@ from __future__ import annotations
 import os
 import random
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import assert_never
 
 from app.core import Engine
 from app.core.errors import KvmError
 from app.core.vm import VirtualMachine
 from app.hostkvm.ioctls import HostKvmError, Kvm, VmFd
+from app.hostkvm.steps import Binding, CloseGmem, CreateGmem, CreateVm, SetAttributes, SetMemslot, Step, VmOp
 from app.models.host import CAP_NUMBERS, KERNELS, HostCaps, HostProfile, Kernel
 from app.models.kvm import (
     GFN_LIMIT,
@@ -33,12 +34,6 @@ from app.models.kvm import (
     VmType,
 )
 from app.models.vm import VmCreate
-
-Step = dict[str, Any]
-"""``{"op": "set", "slot", "flags", "gpa", "size", "hva", "file", "offset"}``,
-``{"op": "gmem", "size", "flags"}``, ``{"op": "close", "file"}``,
-``{"op": "attrs", "address", "size", "attributes", "flags"}``, or (only alone, from
-``check_vm_types``) ``{"op": "vm", "type"}``."""
 
 NO_FD = 0xFFFF_FFFF
 PAGE = 4096
@@ -106,6 +101,12 @@ class _Pair:
     def file(self, index: int | None) -> _File | None:
         return self.files[index] if index is not None and index < len(self.files) else None
 
+    def created(self, index: int) -> _File:
+        """The file a close refers to: run_sequence skips a close of a file that is not there."""
+        f = self.file(index)
+        assert f is not None
+        return f
+
     def fds(self, index: int | None) -> tuple[int | None, int]:
         f = self.file(index)
         if f is None:
@@ -119,56 +120,56 @@ class _Pair:
         self.host_vm.close()
 
 
-def _engine(pair: _Pair, step: Step) -> tuple[str, int | None]:
+def _engine(pair: _Pair, step: VmOp) -> tuple[str, int | None]:
     vm = pair.engine_vm
     try:
-        if step["op"] == "set":
-            fd, _ = pair.fds(step.get("file"))
-            req = KvmUserspaceMemoryRegion2(
-                flags=step["flags"],
-                guest_phys_addr=step["gpa"],
-                memory_size=step["size"],
-                userspace_addr=step["hva"],
-                guest_memfd=fd,
-                guest_memfd_offset=step.get("offset", 0),
-            )
-            vm.set_user_memory_region(step["slot"], req)
-        elif step["op"] == "gmem":
-            return "ok", vm.create_guest_memfd(KvmCreateGuestMemfd(size=step["size"], flags=step["flags"])).fd
-        elif step["op"] == "attrs":
-            vm.set_memory_attributes(
-                KvmMemoryAttributes(
-                    address=step["address"], size=step["size"], attributes=step["attributes"], flags=step["flags"]
+        match step:
+            case SetMemslot():
+                fd, _ = pair.fds(step.file)
+                req = KvmUserspaceMemoryRegion2(
+                    flags=step.flags,
+                    guest_phys_addr=step.gpa,
+                    memory_size=step.size,
+                    userspace_addr=step.hva,
+                    guest_memfd=fd,
+                    guest_memfd_offset=step.offset,
                 )
-            )
-        else:
-            f = pair.file(step["file"])
-            assert f is not None
-            vm.close_guest_memfd(f.engine_fd)
+                vm.set_user_memory_region(step.slot, req)
+            case CreateGmem():
+                return "ok", vm.create_guest_memfd(KvmCreateGuestMemfd(size=step.size, flags=step.flags)).fd
+            case SetAttributes():
+                vm.set_memory_attributes(
+                    KvmMemoryAttributes(
+                        address=step.address, size=step.size, attributes=step.attributes, flags=step.flags
+                    )
+                )
+            case CloseGmem():
+                vm.close_guest_memfd(pair.created(step.file).engine_fd)
+            case _:
+                assert_never(step)
     except KvmError as e:
         return e.errno, None
     return "ok", None
 
 
-def _host(pair: _Pair, step: Step) -> tuple[str, int | None]:
+def _host(pair: _Pair, step: VmOp) -> tuple[str, int | None]:
     vm = pair.host_vm
     try:
-        if step["op"] == "set":
-            if SAFE_PAGES * PAGE < step["size"] < (1 << 31) * PAGE:
-                raise ValueError(f"refusing a {step['size']:#x}-byte slot: the host could accept it at great cost")
-            _, fd = pair.fds(step.get("file"))
-            vm.set_user_memory_region2(
-                step["slot"], step["flags"], step["gpa"], step["size"], step["hva"], fd, step.get("offset", 0)
-            )
-        elif step["op"] == "gmem":
-            return "ok", vm.create_guest_memfd(step["size"], step["flags"])
-        elif step["op"] == "attrs":
-            # On a default VM nothing is stored: attributes 0 are a no-op, anything else EINVAL.
-            vm.set_memory_attributes(step["address"], step["size"], step["attributes"], step["flags"])
-        else:
-            f = pair.file(step["file"])
-            assert f is not None
-            os.close(f.host_fd)
+        match step:
+            case SetMemslot():
+                if SAFE_PAGES * PAGE < step.size < (1 << 31) * PAGE:
+                    raise ValueError(f"refusing a {step.size:#x}-byte slot: the host could accept it at great cost")
+                _, fd = pair.fds(step.file)
+                vm.set_user_memory_region2(step.slot, step.flags, step.gpa, step.size, step.hva, fd, step.offset)
+            case CreateGmem():
+                return "ok", vm.create_guest_memfd(step.size, step.flags)
+            case SetAttributes():
+                # On a default VM nothing is stored: attributes 0 are a no-op, anything else EINVAL.
+                vm.set_memory_attributes(step.address, step.size, step.attributes, step.flags)
+            case CloseGmem():
+                os.close(pair.created(step.file).host_fd)
+            case _:
+                assert_never(step)
     except HostKvmError as e:
         return e.errno_name, None
     return "ok", None
@@ -176,34 +177,32 @@ def _host(pair: _Pair, step: Step) -> tuple[str, int | None]:
 
 @dataclass
 class Outcome:
-    steps: list[Step]
+    steps: Sequence[Step]
     results: list[tuple[str, str]]  # (engine, host) per step run
     diverged_at: int | None
 
 
-def run_sequence(kvm: Kvm, profile: HostProfile, steps: list[Step]) -> Outcome:
+def run_sequence(kvm: Kvm, profile: HostProfile, steps: list[VmOp]) -> Outcome:
     """Run ``steps`` on a fresh VM pair until they disagree."""
     engine = Engine(host=profile)
     pair = _Pair(engine.create_vm(VmCreate(type=VmType.default, semantics=Semantics.linux)), kvm.create_vm(0))
     results: list[tuple[str, str]] = []
     try:
         for n, step in enumerate(steps):
-            if step["op"] == "close":
-                f = pair.file(step["file"])
+            if isinstance(step, CloseGmem):
+                f = pair.file(step.file)
                 if f is None or not f.open:
                     results.append(("skipped", "skipped"))  # nothing to close there
                     continue
             (mine, engine_fd), (theirs, host_fd) = _engine(pair, step), _host(pair, step)
             results.append((mine, theirs))
-            if step["op"] == "gmem":
+            if isinstance(step, CreateGmem):
                 both = engine_fd is not None and host_fd is not None
                 pair.files.append(_File(engine_fd, host_fd) if both else None)  # type: ignore[arg-type]
                 if host_fd is not None and not both:
                     os.close(host_fd)
-            elif step["op"] == "close" and mine == "ok":
-                f = pair.file(step["file"])
-                assert f is not None
-                f.open = False
+            elif isinstance(step, CloseGmem) and mine == "ok":
+                pair.created(step.file).open = False
             if mine != theirs:
                 return Outcome(steps, results, n)
     finally:
@@ -211,7 +210,7 @@ def run_sequence(kvm: Kvm, profile: HostProfile, steps: list[Step]) -> Outcome:
     return Outcome(steps, results, None)
 
 
-def shrink(kvm: Kvm, profile: HostProfile, steps: list[Step]) -> Outcome:
+def shrink(kvm: Kvm, profile: HostProfile, steps: list[VmOp]) -> Outcome:
     """Remove steps one at a time while the sequence still diverges, until none can go."""
     best = run_sequence(kvm, profile, steps)
     assert best.diverged_at is not None
@@ -228,17 +227,26 @@ def shrink(kvm: Kvm, profile: HostProfile, steps: list[Step]) -> Outcome:
     return run_sequence(kvm, profile, steps)
 
 
-def _renumber(steps: list[Step], drop: int) -> list[Step]:
-    """``steps`` without step ``drop``; file references after a dropped ``gmem`` shift down."""
-    gone = steps[drop]
-    files_before = sum(1 for s in steps[:drop] if s["op"] == "gmem")
-    out = []
-    for s in steps[:drop] + steps[drop + 1 :]:
-        f = s.get("file")
-        if gone["op"] == "gmem" and isinstance(f, int) and f >= files_before:
-            s = {**s, "file": None if f == files_before else f - 1}
-        if s["op"] == "close" and s.get("file") is None:
-            continue
+def _renumber(steps: list[VmOp], drop: int) -> list[VmOp]:
+    """``steps`` without step ``drop``; file references after a dropped ``gmem`` shift down (a
+    reference to the dropped file is gone: a binding to it has no file, a close of it goes)."""
+    rest = steps[:drop] + steps[drop + 1 :]
+    if not isinstance(steps[drop], CreateGmem):
+        return rest
+    gone = sum(1 for s in steps[:drop] if isinstance(s, CreateGmem))
+
+    def shifted(f: int | None) -> int | None:
+        return f if f is None or f < gone else None if f == gone else f - 1
+
+    out: list[VmOp] = []
+    for s in rest:
+        if isinstance(s, SetMemslot) and s.binding is not None:
+            s = replace(s, binding=replace(s.binding, file=shifted(s.binding.file)))
+        elif isinstance(s, CloseGmem):
+            f = shifted(s.file)
+            if f is None:
+                continue
+            s = CloseGmem(f)
         out.append(s)
     return out
 
@@ -254,42 +262,39 @@ class Generator:
     def __init__(self, rng: random.Random, profile: HostProfile) -> None:
         self.rng, self.profile = rng, profile
 
-    def sequence(self, length: int) -> list[Step]:
-        self.slots: dict[int, Step] = {}
+    def sequence(self, length: int) -> list[VmOp]:
+        self.slots: dict[int, SetMemslot] = {}
         self.files: list[int] = []  # sizes, by creation order
         return [self.step() for _ in range(length)]
 
-    def step(self) -> Step:
+    def step(self) -> VmOp:
         r = self.rng.random()
         if r < 0.2:
-            step = self.gmem()
-        elif r < 0.27 and self.files:
-            step = {"op": "close", "file": self.rng.randrange(len(self.files))}
-        elif r < 0.32:
-            step = self.attrs()
-        else:
-            step = self.memslot()
-        return step
+            return self.gmem()
+        if r < 0.27 and self.files:
+            return CloseGmem(file=self.rng.randrange(len(self.files)))
+        if r < 0.32:
+            return self.attrs()
+        return self.memslot()
 
-    def attrs(self) -> Step:
+    def attrs(self) -> SetAttributes:
         """``KVM_SET_MEMORY_ATTRIBUTES`` on the default VM: its checks and their order."""
         rng = self.rng
-        return {
-            "op": "attrs",
-            "address": rng.choice([0, 0x1_0000_0000, 0x800, (1 << 64) - PAGE]),
-            "size": rng.choice([PAGE, 0x200000, 0, 0x800, 1 << 63]),
-            "attributes": rng.choice([0, 0, 8, 1, 0x10]),
-            "flags": rng.choice([0, 0, 0, 0, 1]),
-        }
+        return SetAttributes(
+            address=rng.choice([0, 0x1_0000_0000, 0x800, (1 << 64) - PAGE]),
+            size=rng.choice([PAGE, 0x200000, 0, 0x800, 1 << 63]),
+            attributes=rng.choice([0, 0, 8, 1, 0x10]),
+            flags=rng.choice([0, 0, 0, 0, 1]),
+        )
 
-    def gmem(self) -> Step:
+    def gmem(self) -> CreateGmem:
         rng = self.rng
         size = rng.choice([PAGE, 2 * PAGE, 0x200000, 0x400000, 0, PAGE + 1, 0x800, 1 << 63, (1 << 63) - PAGE, 1 << 40])
         flags = rng.choice([0, 0, 0, 1, 2, 3, 4, 8])
         self.files.append(size)  # files are numbered by gmem step, whether or not it succeeds
-        return {"op": "gmem", "size": size, "flags": flags}
+        return CreateGmem(size=size, flags=flags)
 
-    def memslot(self) -> Step:
+    def memslot(self) -> SetMemslot:
         """Mostly a well-formed request (so later steps meet real slots), with at most one edge."""
         rng = self.rng
         if self.slots and rng.random() < 0.45:
@@ -297,91 +302,87 @@ class Generator:
         sid = rng.randrange(4)
         flags = rng.choice([0, 0, 1, 2, 3, 4, 4, 4])
         npages = rng.choice([1, 1, 2, 4, 16, 512])
-        step: Step = {
-            "op": "set",
-            "slot": sid,
-            "flags": flags,
-            "gpa": self.gpa(npages),
-            "size": npages * PAGE,
-            "hva": 0x1000_0000 + rng.randrange(8) * 0x100_0000,
-        }
+        step = SetMemslot(
+            slot=sid,
+            flags=flags,
+            gpa=self.gpa(npages),
+            size=npages * PAGE,
+            hva=0x1000_0000 + rng.randrange(8) * 0x100_0000,
+        )
         if rng.random() < 0.4:
-            self.edge(step)
-        if step["flags"] & 4 or rng.random() < 0.05:
-            step |= self.binding(step["size"])
-        if step["size"]:
-            self.slots[step["slot"]] = step
+            step = self.edge(step)
+        if step.flags & 4 or rng.random() < 0.05:
+            step = replace(step, binding=self.binding(step.size))
+        if step.size:
+            self.slots[step.slot] = step
         return step
 
-    def edge(self, step: Step) -> None:
+    def edge(self, step: SetMemslot) -> SetMemslot:
         """One parameter at a boundary of a kernel check."""
         rng = self.rng
-        size = step["size"]
+        size = step.size
         kind = rng.randrange(9)
         if kind == 0:
-            step["slot"] = rng.choice([1, 2, 0x7FFF]) << 16 | step["slot"]
-        elif kind == 1:
-            step["slot"] = rng.choice([32763, 32764, 65535])
-        elif kind == 2:
-            step["flags"] = rng.choice([5, 6, 7, 8, 0x80000000])
-        elif kind == 3:
+            return replace(step, slot=rng.choice([1, 2, 0x7FFF]) << 16 | step.slot)
+        if kind == 1:
+            return replace(step, slot=rng.choice([32763, 32764, 65535]))
+        if kind == 2:
+            return replace(step, flags=rng.choice([5, 6, 7, 8, 0x80000000]))
+        if kind == 3:
             key = rng.choice(["size", "gpa", "hva"])
-            step[key] = (step[key] + 0x800) % (1 << 64)
-        elif kind == 4:
+            return replace(step, **{key: (getattr(step, key) + 0x800) % (1 << 64)})
+        if kind == 4:
             # 2^31 pages is refused before anything is allocated; an accepted slot costs the host
             # per-page metadata (rmaps), so accepted sizes stay small.
-            step["size"] = rng.choice([1 << 31, (1 << 31) + 1]) * PAGE
-        elif kind == 5:
+            return replace(step, size=rng.choice([1 << 31, (1 << 31) + 1]) * PAGE)
+        if kind == 5:
             top = self.profile.max_gfn + 1
-            step["gpa"] = (top - rng.choice([size // PAGE, size // PAGE - 1, 1])) * PAGE
-        elif kind == 6:
-            step["gpa"] = (1 << 64) - rng.choice([PAGE, size, 2 * size])
-        elif kind == 7:
-            step["hva"] = 0x7FFF_FFFF_F000 - size + rng.choice([0, PAGE])
-        else:
-            step["size"] = 0  # a delete of whatever is (not) there
+            return replace(step, gpa=(top - rng.choice([size // PAGE, size // PAGE - 1, 1])) * PAGE)
+        if kind == 6:
+            return replace(step, gpa=(1 << 64) - rng.choice([PAGE, size, 2 * size]))
+        if kind == 7:
+            return replace(step, hva=0x7FFF_FFFF_F000 - size + rng.choice([0, PAGE]))
+        return replace(step, size=0)  # a delete of whatever is (not) there
 
     def gpa(self, npages: int) -> int:
         rng = self.rng
         top = self.profile.max_gfn + 1
-        existing = [s for s in self.slots.values() if s["size"]]
+        existing = [s for s in self.slots.values() if s.size]
         choices = [0x1_0000_0000, 0, 0x2000, (top - npages) * PAGE, (top - npages + 1) * PAGE, (1 << 64) - PAGE]
         if existing:
             other = rng.choice(existing)
-            start, end = other["gpa"], other["gpa"] + other["size"]
+            start, end = other.gpa, other.gpa + other.size
             choices += [end, start - npages * PAGE, start + PAGE, start] * 2  # adjacency and overlap
         return (rng.choice(choices) + rng.choice([0] * 16 + [0x800])) % (1 << 64)
 
-    def binding(self, size: int) -> Step:
+    def binding(self, size: int) -> Binding:
         rng = self.rng
         file = rng.randrange(len(self.files)) if self.files and rng.random() < 0.9 else None
         fsize = self.files[file] if file is not None else 0
         offset = rng.choice([0, 0, 0, PAGE, 0x200000, max(0, fsize - size), fsize, 0x800, (1 << 64) - PAGE])
-        return {"file": file, "offset": offset}
+        return Binding(file, offset)
 
-    def modify(self, slot: int) -> Step:
+    def modify(self, slot: int) -> SetMemslot:
         """Delete, move, flags-only, identical, READONLY toggle, or a changed size/hva of an existing slot."""
         rng = self.rng
         old = self.slots[slot]
         kind = rng.choice(["delete", "move", "flags", "same", "readonly", "size", "hva", "gmem"])
-        step = dict(old)
         if kind == "delete":
-            step["size"] = 0
             del self.slots[slot]
-        elif kind == "move":
-            step["gpa"] = self.gpa(old["size"] // PAGE)
-        elif kind == "flags":
-            step["flags"] = old["flags"] ^ 1
-        elif kind == "readonly":
-            step["flags"] = old["flags"] ^ 2
-        elif kind == "size":
-            step["size"] = old["size"] + PAGE
-        elif kind == "hva":
-            step["hva"] = old["hva"] + PAGE
-        elif kind == "gmem":
-            step["flags"] = old["flags"] | 4
-            step |= self.binding(old["size"])
-        return step
+            return replace(old, size=0)
+        if kind == "move":
+            return replace(old, gpa=self.gpa(old.size // PAGE))
+        if kind == "flags":
+            return replace(old, flags=old.flags ^ 1)
+        if kind == "readonly":
+            return replace(old, flags=old.flags ^ 2)
+        if kind == "size":
+            return replace(old, size=old.size + PAGE)
+        if kind == "hva":
+            return replace(old, hva=old.hva + PAGE)
+        if kind == "gmem":
+            return replace(old, flags=old.flags | 4, binding=self.binding(old.size))
+        return old
 
 
 # ---------------------------------------------------------------- the report
@@ -445,7 +446,7 @@ def verify(kvm: Kvm, profile: HostProfile, steps: int, seed: int) -> Iterator[Re
     report = Report(profile, seed, vm_types=check_vm_types(kvm, profile))
     for t, mine, theirs in report.vm_types:
         if mine != theirs:
-            report.divergences.append(Outcome([{"op": "vm", "type": t}], [(mine, theirs)], 0))
+            report.divergences.append(Outcome([CreateVm(t)], [(mine, theirs)], 0))
     seen: set[str] = set()
     while report.steps < steps:
         seq = gen.sequence(rng.randint(4, 24))
@@ -454,7 +455,7 @@ def verify(kvm: Kvm, profile: HostProfile, steps: int, seed: int) -> Iterator[Re
         report.vms += 1
         if outcome.diverged_at is not None:
             small = shrink(kvm, profile, seq)
-            key = repr([(s["op"], r) for s, r in zip(small.steps, small.results, strict=False)])
+            key = repr([(s.op, r) for s, r in zip(small.steps, small.results, strict=False)])
             if key not in seen:  # the same shape of divergence once
                 seen.add(key)
                 report.divergences.append(small)
@@ -465,30 +466,34 @@ def cli_lines(outcome: Outcome) -> list[str]:
     """The reproducer as ``kvm-memattr`` commands against any server, with this host's profile
     (recorded by ``kvm-memattr host-profile --json > host.json``); the engine numbers fds 3, 4, ..."""
     create = "kvm-memattr --json vm create --semantics linux --profile host.json"
-    if outcome.steps[0]["op"] == "vm":
-        return [f"{create} --type {outcome.steps[0]['type']}"]
     lines = [f"VM=$({create} --type default | jq -r .id)"]
     fds: list[int | None] = []
     next_fd = 3
     for s, (mine, _) in zip(outcome.steps, outcome.results, strict=False):
-        if s["op"] == "gmem":
-            fds.append(next_fd if mine == "ok" else None)
-            next_fd += mine == "ok"
-            lines.append(f"kvm-memattr gmem create $VM --size {s['size']:#x} --flags {s['flags']}")
-        elif s["op"] == "close" and mine != "skipped":
-            lines.append(f"kvm-memattr gmem close $VM {fds[s['file']]}")
-        elif s["op"] == "attrs":
-            lines.append(
-                f"kvm-memattr attrs set $VM {s['address']:#x} {s['size']:#x} --attributes {s['attributes']:#x}"
-                f" --flags {s['flags']:#x}"
-            )
-        elif s["op"] == "set":
-            line = (
-                f"kvm-memattr memslot set $VM {s['slot']:#x} --gpa {s['gpa']:#x} --size {s['size']:#x}"
-                f" --hva {s['hva']:#x} --flags {s['flags']:#x}"
-            )
-            fd = fds[s["file"]] if s.get("file") is not None and s["file"] < len(fds) else None
-            if fd is not None:
-                line += f" --gmem {fd} --gmem-offset {s.get('offset', 0):#x}"
-            lines.append(line)
+        match s:
+            case CreateVm():
+                return [f"{create} --type {s.type}"]
+            case CreateGmem():
+                fds.append(next_fd if mine == "ok" else None)
+                next_fd += mine == "ok"
+                lines.append(f"kvm-memattr gmem create $VM --size {s.size:#x} --flags {s.flags}")
+            case CloseGmem():
+                if mine != "skipped":
+                    lines.append(f"kvm-memattr gmem close $VM {fds[s.file]}")
+            case SetAttributes():
+                lines.append(
+                    f"kvm-memattr attrs set $VM {s.address:#x} {s.size:#x} --attributes {s.attributes:#x}"
+                    f" --flags {s.flags:#x}"
+                )
+            case SetMemslot():
+                line = (
+                    f"kvm-memattr memslot set $VM {s.slot:#x} --gpa {s.gpa:#x} --size {s.size:#x}"
+                    f" --hva {s.hva:#x} --flags {s.flags:#x}"
+                )
+                fd = fds[s.file] if s.file is not None and s.file < len(fds) else None
+                if fd is not None:
+                    line += f" --gmem {fd} --gmem-offset {s.offset:#x}"
+                lines.append(line)
+            case _:
+                assert_never(s)
     return lines

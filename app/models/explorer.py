@@ -2,34 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.models.kvm import Struct
 from app.models.names import VariantName as VariantName
+from app.models.scenario import FaultAccess as FaultAccess
+from app.models.scenario import Scenario
 from app.models.types import U64
 
-Invariant = Literal["stale_mapping", "rollback_not_exact", "no_termination"]
-FaultAccess = Literal["private", "shared", "attribute"]
+Invariant = Literal["stale_mapping", "rollback_not_exact", "no_termination", "freed_page_mapped"]
 
 
-class ExplorerRunRequest(Struct):
+class ExplorerRunRequest(Struct, Scenario):
     """One vCPU fault on ``start_gfn + fault_gfn_offset`` races one conversion of the range."""
 
+    # The fields, their order and defaults are Scenario's; here only their wire types and
+    # descriptions (a redeclared field keeps its place and, without a value, its default).
     # Literals arrive as JSON strings; strict mode is fine for them.
-    variant: VariantName
-    start_gfn: U64 = 0
-    npages: int = Field(2, description="1..8 gfns in the converted range")
-    to: Literal["private", "shared"] = "private"
-    fail_nth: int | None = Field(None, description="the nth per-gfn store (or reservation, linux) fails")
-    initial_private: list[int] | None = Field(
-        None,
-        max_length=8,
-        description="offsets private before the conversion (default: the opposite of `to` everywhere)",
-    )
-    fault_gfn_offset: int = 0
-    fault_access: FaultAccess = Field("attribute", description="attribute: as private as the gfn reads")
+    start_gfn: U64
+    npages: Annotated[int, Field(description="1..8 gfns in the converted range")]
+    fail_nth: Annotated[int | None, Field(description="the nth per-gfn store (or reservation, linux) fails")]
+    initial_private: Annotated[
+        list[int] | None,
+        Field(
+            max_length=8,
+            description="offsets private before the conversion (default: the opposite of `to` everywhere)",
+        ),
+    ]
+    fault_access: Annotated[FaultAccess, Field(description="attribute: as private as the gfn reads")]
     schedule: list[str] | None = Field(
         None, max_length=128, description="replay exactly this interleaving (step labels of an earlier answer)"
     )
@@ -62,11 +64,14 @@ class ExplorerTraceEntry(BaseModel):
     """The state right after one step."""
 
     step: str
-    actor: Literal["vcpu", "conversion"]
+    actor: Literal["vcpu", "conversion", "punch_hole"]
     seq: int = Field(description="mmu_invalidate_seq")
     in_progress: int = Field(description="mmu_invalidate_in_progress")
     attributes: list[bool] = Field(description="private, per gfn of the range")
     mapping: SpteView | None = Field(description="the fault gfn's SPTE, null when not present")
+    allocated: list[bool] | None = Field(
+        None, description="punch-hole variants: whether each page of the range's file has a folio"
+    )
 
 
 class Counterexample(BaseModel):

@@ -45,9 +45,12 @@ CAP_NUMBERS: dict[str, int] = {
 }
 """The capabilities a profile records, by uapi name (``include/uapi/linux/kvm.h``)."""
 
-Kernel = Literal["6.18"]
-KERNELS: tuple[Kernel, ...] = ("6.18",)
-"""Kernel versions whose ``linux`` behaviour the engine models, oldest first."""
+Kernel = Literal["6.18", "7.3"]
+KERNELS: tuple[Kernel, ...] = ("6.18", "7.3")
+"""Kernel versions whose ``linux`` behaviour the engine models, oldest first. What differs:
+7.2 made an overlapping guest_memfd binding ``EEXIST`` (7ea987a90585, not backported to stable);
+7.3 stopped reserving xarray entries for to-shared conversions (119e9db233ad), so those can no
+longer fail with ``ENOMEM``."""
 
 _Flag = Annotated[int, Field(ge=0, le=1)]
 
@@ -113,6 +116,10 @@ class HostProfile(BaseModel):
     max_gfn: int = Field(DEFAULT_MAX_GFN, gt=0, lt=GFN_LIMIT, description="kvm_mmu_max_gfn(): bounds memslots")
     caps: HostCaps = Field(default_factory=HostCaps)
 
+    def at_least(self, kernel: Kernel) -> bool:
+        """Whether this host's kernel is ``kernel`` or newer."""
+        return KERNELS.index(self.kernel) >= KERNELS.index(kernel)
+
     @property
     def address_spaces(self) -> int:
         """``KVM_MAX_NR_ADDRESS_SPACES``: 2 with SMM, else 1 (and the capability is absent)."""
@@ -146,6 +153,12 @@ PROFILES: dict[str, HostProfile] = {
             "(KVM_SW_PROTECTED_VM, TDX and SEV-SNP), memory attributes, guest_memfd with MMAP and INIT_SHARED, "
             "TDP (prefault). The default.",
         ),
+        _profile(
+            "linux-7.3",
+            "Linux 7.3 on x86 with everything built in, as linux-6.18, with what changed since: an overlapping "
+            "guest_memfd binding is EEXIST (7.2), a to-shared KVM_SET_MEMORY_ATTRIBUTES reserves nothing and so "
+            "never fails with ENOMEM (7.3).",
+        ).model_copy(update={"kernel": "7.3"}),
         _profile(
             "pvm-6.18",
             "Linux 6.18.44 with kvm_pvm and no guest_memfd, as measured on the CI machines of 2026-12: one "

@@ -42,6 +42,25 @@ USER_HVA_LIMIT = 0x7FFFFFFFF000
 GUEST_MEMFD_FLAG_MMAP = 1 << 0
 GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
 
+# include/uapi/linux/falloc.h
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+FALLOC_FL_UNSHARE_RANGE = 0x40
+FALLOC_FL_WRITE_ZEROES = 0x80
+FALLOC_FL_MODE_MASK = (
+    FALLOC_FL_PUNCH_HOLE
+    | FALLOC_FL_COLLAPSE_RANGE
+    | FALLOC_FL_ZERO_RANGE
+    | FALLOC_FL_INSERT_RANGE
+    | FALLOC_FL_UNSHARE_RANGE
+    | FALLOC_FL_WRITE_ZEROES
+)
+LOFF_MAX = (1 << 63) - 1
+"""``MAX_LFS_FILESIZE`` on 64-bit: a guest_memfd's ``s_maxbytes``."""
+
 DEFAULT_MAX_GFN = (1 << 40) - 1
 """``kvm_mmu_max_gfn()`` for a 52-bit host physical address width."""
 
@@ -115,6 +134,44 @@ class KvmCreateGuestMemfd(Struct):
     flags: U64 = 0
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"size": "0x400000", "flags": 0}]})
+
+
+class FallocateRequest(Struct):
+    """``fallocate(fd, mode, offset, len)`` on a guest_memfd (``kvm_gmem_fallocate()``)."""
+
+    mode: U32 = Field(
+        FALLOC_FL_KEEP_SIZE,
+        description="FALLOC_FL_KEEP_SIZE (1) allocates; FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE (3) punches a hole",
+    )
+    offset: U64 = Field(description="loff_t: 2^63 and above read as negative")
+    len: U64
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"mode": 3, "offset": "0x0", "len": "0x200000"}, {"mode": 1, "offset": 0, "len": "0x1000"}]
+        }
+    )
+
+
+class MmapRequest(Struct):
+    """``mmap(NULL, length, PROT_READ | PROT_WRITE, shared ? MAP_SHARED : MAP_PRIVATE, fd, offset)``
+    by the host process (``kvm_gmem_mmap()``)."""
+
+    offset: U64 = 0
+    length: U64
+    shared: bool = Field(True, description="MAP_SHARED; false is MAP_PRIVATE, which guest_memfd refuses")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"offset": 0, "length": "0x200000"}]})
+
+
+class TouchRequest(Struct):
+    """The host process reads or writes ``[offset, offset + size)`` of one of its mappings."""
+
+    offset: U64 = Field(0, description="bytes from the start of the mapping")
+    size: U64 = PAGE_SIZE
+    write: bool = False
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"offset": 0, "size": "0x2000", "write": True}]})
 
 
 class FaultRequest(Struct):

@@ -51,5 +51,14 @@ DEFAULT_VM_TYPE = VmType.sw_protected
 DEFAULT_SEMANTICS = Semantics.rfc_v9
 """What ``KVM_CREATE_VM`` makes when nothing is said (contract v2), on every surface."""
 
-VariantName = Literal["rfc-v9", "linux", "v9-as-posted", "v9-naive-unwind", "reviewer-reorder"]
-VARIANT_NAMES: tuple[str, ...] = get_args(VariantName)
+VariantName = Literal[
+    "rfc-v9",
+    "linux",
+    "v9-as-posted",
+    "v9-naive-unwind",
+    "reviewer-reorder",
+    "punch-hole",
+    "punch-hole-free-first",
+    "punch-hole-no-seq-bump",
+]
+VARIANT_NAMES: tuple[VariantName, ...] = get_args(VariantName)

@@ -19,8 +19,10 @@ Fd = Annotated[int, Field(ge=0, le=2**31 - 1)]
 """A file descriptor: a non-negative C ``int``."""
 
 SNAPSHOT_FORMAT: Literal["kvm-memattr/vm-snapshot"] = "kvm-memattr/vm-snapshot"
-SNAPSHOT_VERSION = 2
-"""2 added ``profile``; a version-1 document loads as the service's default host."""
+SNAPSHOT_VERSION = 3
+"""2 added ``profile``; 3 the host side of guest_memfd (allocated pages, host mappings,
+gmem-only slots). Older documents load as the service's default host (1) and with none of
+what 3 added."""
 
 
 class _Doc(BaseModel):
@@ -34,6 +36,7 @@ class SnapshotFile(_Doc):
     fd: Fd | None
     size: N
     flags: N
+    allocated: list[tuple[N, N]] = Field([], description="(start, end) page ranges with a folio, in order")
 
 
 class SnapshotMemslot(_Doc):
@@ -46,6 +49,14 @@ class SnapshotMemslot(_Doc):
     file: N | None = Field(None, description="id of the bound file, if the slot still has one")
     guest_memfd: Fd | None = Field(None, description="the fd the slot was created with")
     guest_memfd_offset: N = 0
+    gmem_only: bool = Field(False, description="KVM_MEMSLOT_GMEM_ONLY (kept after its file is released)")
+
+
+class SnapshotHostMapping(_Doc):
+    id: Annotated[int, Field(ge=1, le=U64_MAX)]
+    file: N = Field(description="id of the mapped file")
+    pgoff: N
+    npages: Annotated[int, Field(ge=1, le=U64_MAX)]
 
 
 class SnapshotMapping(_Doc):
@@ -87,6 +98,8 @@ class VmSnapshot(_Doc):
     next_notifier_id: Annotated[int, Field(ge=1, le=U64_MAX)]
     next_fd: N
     pinned_regions: list[tuple[N, N]] = Field(description="(addr, size) in registration order")
+    host_mappings: list[SnapshotHostMapping] = []
+    next_mapping_id: Annotated[int, Field(ge=1, le=U64_MAX)] = 1
     fail_nth: int | None = Field(None, ge=1, le=U64_MAX)
     stats: MmuStats
     next_event_id: Annotated[int, Field(ge=1, le=U64_MAX)]

@@ -67,6 +67,9 @@ class Memslot(BaseModel):
     npages: int
     guest_memfd: int | None
     guest_memfd_offset: int
+    gmem_only: bool = Field(
+        False, description="KVM_MEMSLOT_GMEM_ONLY: bound to an mmap-able guest_memfd, so shared faults use it too"
+    )
 
 
 MemslotChange = Literal["create", "move", "flags_only", "none", "delete"]
@@ -89,6 +92,37 @@ class GuestMemfd(BaseModel):
     size: int
     flags: int
     bindings: list[GmemBinding]
+    allocated_pages: int = Field(0, description="pages with a folio in the file's page cache")
+    mappings: list[int] = Field([], description="ids of the host mappings of the file")
+
+
+class FileRun(BaseModel):
+    start: int = Field(description="byte offset in the file")
+    end: int
+    allocated: bool
+
+
+class HostMapping(BaseModel):
+    """One ``mmap(MAP_SHARED)`` of a guest_memfd by the host process."""
+
+    id: int
+    fd: int | None = Field(description="the file's fd; null once closed (the mapping still holds the file)")
+    offset: int
+    length: int
+
+
+class HostTouch(BaseModel):
+    pages: int = Field(description="pages the access covered")
+    allocated_pages: int = Field(description="of them, pages it faulted into the file (kvm_gmem_get_folio)")
+
+
+class FallocateResult(BaseModel):
+    punch_hole: bool
+    pages_allocated: int = Field(description="allocate: pages that had no folio before")
+    pages_freed: int = Field(description="punch-hole: pages truncate_inode_pages_range() freed")
+    invalidated: bool = Field(description="punch-hole: a binding intersects, so an invalidate begin/end pair ran")
+    pages_zapped: int
+    mmu: Mmu
 
 
 class AttributeUpdate(BaseModel):
@@ -195,6 +229,9 @@ class PrefaultResult(BaseModel):
 
 
 class GuestMemfdClose(BaseModel):
+    """What dropping a reference to a guest_memfd did: ``close()`` of its fd or ``munmap()``."""
+
+    released: bool = Field(True, description="false while host mappings still hold the file")
     pages_zapped: int
     invalidated: bool = Field(description="an invalidate begin/end pair ran (linux, at least one bound slot)")
     mmu: Mmu
@@ -262,6 +299,15 @@ class MemslotList(BaseModel):
 
 class GuestMemfdList(BaseModel):
     guest_memfds: list[GuestMemfd]
+
+
+class FileRuns(BaseModel):
+    runs: list[FileRun]
+    next_offset: int | None = Field(description="where the next page starts when more remain, else null")
+
+
+class HostMappingList(BaseModel):
+    mappings: list[HostMapping]
 
 
 class EncRegionList(BaseModel):

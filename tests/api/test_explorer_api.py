@@ -18,6 +18,9 @@ def test_variants(client: TestClient) -> None:
         ("v9-as-posted", True),
         ("v9-naive-unwind", True),
         ("reviewer-reorder", True),
+        ("punch-hole", False),
+        ("punch-hole-free-first", True),
+        ("punch-hole-no-seq-bump", True),
     ]
     assert all(v["description"] for v in variants)
 
@@ -32,7 +35,8 @@ def test_a_run_and_its_replay(client: TestClient) -> None:
     ce = run["counterexample"]
     assert ce["violated"] == "stale_mapping" and "mapped private" in ce["detail"]
     assert [t["actor"] for t in ce["trace"]].count("vcpu") == 3
-    assert set(ce["trace"][0]) == {"step", "actor", "seq", "in_progress", "attributes", "mapping"}
+    assert set(ce["trace"][0]) == {"step", "actor", "seq", "in_progress", "attributes", "mapping", "allocated"}
+    assert ce["trace"][0]["allocated"] is None  # a conversion: the file's pages are not the point
     assert ce["trace"][-1]["mapping"] == {"private": True}
     replay = client.post("/v1/explorer/runs", json={**body, "schedule": ce["schedule"]}).json()
     assert (replay["schedules"], replay["violations"], replay["counterexample"]) == (1, 1, ce)

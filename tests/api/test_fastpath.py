@@ -32,8 +32,8 @@ from app.main import create_app
 from app.models.kvm import KvmEncRegion
 from app.models.vm import VmCreate
 from app.settings import Settings
+from harness.live import ROOT
 from tests.inprocess import TestClient
-from tests.live import ROOT
 
 HOT = {
     ("GET", "/healthz"),
@@ -317,6 +317,7 @@ _PATH_VALUES = {
     "slot": ["0", "10", "0x10000", "1", "-1", "abc", "65536", "4294967296", "00"],
     "fd": ["3", "4", "0", "x", "2147483648", "+3"],
     "inv_id": ["1", "0", "2", "x", "9223372036854775808"],
+    "mapping": ["1", "0", "2", "x", "9223372036854775808"],
     "gfn": ["0x100000", "1048576", "0x100200", "0", "4503599627370496", "zz", "0x"],
     "name": ["linux-6.18", "pvm-6.18", "nope", "linux-6.18-custom", "a" * 65],
 }

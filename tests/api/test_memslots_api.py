@@ -30,6 +30,7 @@ def test_memslot_lifecycle(client: TestClient, make_vm: MakeVm) -> None:
         "npages": 512,
         "guest_memfd": None,
         "guest_memfd_offset": 0,
+        "gmem_only": False,
     }
     assert client.put(f"/v1/vms/{vm}/memslots/65537", json=slot_body()).json()["change"] == "none"
     assert client.put(f"/v1/vms/{vm}/memslots/65537", json=slot_body(flags=1)).json()["change"] == "flags_only"
@@ -111,7 +112,14 @@ def test_guest_memfds(client: TestClient, make_vm: MakeVm) -> None:
     vm = make_vm("sw_protected", "linux")
     fd = gmem_slot(client, vm, slot=10, size=MIB2)
     gm = client.get(f"/v1/vms/{vm}/guest-memfds/{fd}").json()
-    assert gm == {"fd": fd, "size": MIB2, "flags": 0, "bindings": [{"slot": 10, "offset": 0, "size": MIB2}]}
+    assert gm == {
+        "fd": fd,
+        "size": MIB2,
+        "flags": 0,
+        "bindings": [{"slot": 10, "offset": 0, "size": MIB2}],
+        "allocated_pages": 0,
+        "mappings": [],
+    }
     assert client.get(f"/v1/vms/{vm}/memslots/10").json()["guest_memfd"] == fd
     assert_problem(client.post(f"/v1/vms/{vm}/guest-memfds", json={"size": 4095}), 422, "EINVAL")
     assert_problem(client.post(f"/v1/vms/{vm}/guest-memfds", json={"size": 4096, "flags": 4}), 422, "EINVAL")

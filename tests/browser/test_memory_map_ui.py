@@ -20,8 +20,8 @@ pytest.importorskip("playwright", reason="the browser tests need the dev extra (
 from playwright.sync_api import Browser as PwBrowser
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests.browser.test_swagger_ui import ARGS, CHROMIUM
-from tests.live import ROOT, live_server
+from harness.chromium import ARGS, CHROMIUM, launch
+from harness.live import ROOT, live_server
 
 pytestmark = pytest.mark.browser
 
@@ -60,7 +60,7 @@ class Browser:
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[PwBrowser]:
     with sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        launched = launch(p)
         yield launched
         launched.close()
 
@@ -162,6 +162,17 @@ def test_the_explorer_view(browser: Browser) -> None:
     page.locator("#explore [name=variant]").select_option("rfc-v9")
     page.locator("#explore button").click()
     expect(page.locator("#explore-verdict")).to_contain_text("0 of 32 schedules")
+    # A punch-hole race: the second lane is the punch-hole's, and the file's pages show.
+    page.locator("#explore [name=variant]").select_option("punch-hole-no-seq-bump")
+    page.locator("#explore [name=npages]").fill("1")
+    page.locator("#explore button").click()
+    expect(page.locator("#explore-verdict")).to_contain_text("1 of 13 schedules violate an invariant")
+    expect(page.locator("#timeline th").nth(2)).to_have_text("punch-hole")
+    expect(page.locator("#timeline th").nth(7)).to_have_text("file")
+    expect(page.locator("#timeline tr").nth(4).locator("td").nth(2)).to_have_text("truncate")
+    last = page.locator("#timeline tr.last td")
+    expect(last.nth(1)).to_have_text("install_spte")
+    expect(last.nth(7)).to_have_text(".")
     assert browser.errors == [], browser.errors
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterator
 
 import pytest
@@ -17,26 +16,16 @@ pytest.importorskip("playwright", reason="the browser tests need the dev extra (
 
 from playwright.sync_api import Page, sync_playwright
 
-from tests.live import live_server
+from harness.chromium import launch
+from harness.live import live_server
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = os.environ.get("KVM_MEMATTR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture(scope="module")
 def page() -> Iterator[tuple[Page, str, list[str]]]:
     with live_server() as (url, _), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        browser = launch(p)
         pg = browser.new_page(viewport={"width": 1280, "height": 2000})
         outside: list[str] = []
         # Everything must come from the service itself: note any request that leaves it.

@@ -12,7 +12,7 @@ import pytest
 
 from app.cli import main
 from app.cli.args import number
-from tests.live import ROOT, live_server
+from harness.live import ROOT, live_server
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +197,7 @@ def test_cli_vm_export_import(url: str, capsys: pytest.CaptureFixture[str], tmp_
     vm = json.loads(run(url, capsys, "--json", "vm", "create", "--semantics", "linux")[1])["id"]
     assert run(url, capsys, "-q", "attrs", "set", vm, "4G", "8K", "--private")[0] == 0
     code, out, _ = run(url, capsys, "vm", "export", vm)
-    assert code == 0 and json.loads(out)["version"] == 2
+    assert code == 0 and json.loads(out)["version"] == 3
     path = tmp_path / "vm.json"
     path.write_text(out)
     code, out, _ = run(url, capsys, "--json", "vm", "import", str(path), "--name", "copy")
@@ -209,3 +209,20 @@ def test_cli_vm_export_import(url: str, capsys: pytest.CaptureFixture[str], tmp_
     path.write_text("{}")
     code, _, err = run(url, capsys, "vm", "import", str(path))
     assert code == 1 and "EINVAL" in err
+
+
+def test_cli_guest_memfd_host_side(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    vm = json.loads(run(url, capsys, "--json", "vm", "create", "--semantics", "linux", "--type", "default")[1])["id"]
+    assert run(url, capsys, "-q", "gmem", "create", vm, "--size", "2M", "--flags", "3")[0] == 0
+    gpa = ["--gpa", "4G", "--size", "2M", "--hva", "0x7f0000000000", "--flags", "4", "--gmem", "3"]
+    assert run(url, capsys, "-q", "memslot", "set", vm, "0", *gpa)[0] == 0
+    code, out, _ = run(url, capsys, "gmem", "mmap", vm, "3", "2M")
+    assert code == 0 and "0x200000" in out  # the length, in hex like every size
+    assert json.loads(run(url, capsys, "--json", "gmem", "touch", vm, "1", "--size", "8K")[1])["allocated_pages"] == 2
+    code, _, err = run(url, capsys, "gmem", "touch", vm, "1", "--offset", "2M")
+    assert code == 1 and "EFAULT" in err and "SIGSEGV" in err
+    runs = json.loads(run(url, capsys, "--json", "gmem", "pages", vm, "3")[1])["runs"]
+    assert [(r["start"], r["end"], r["allocated"]) for r in runs] == [(0, 0x2000, True), (0x2000, 0x200000, False)]
+    out = json.loads(run(url, capsys, "--json", "gmem", "fallocate", vm, "3", "0", "1M", "--punch-hole")[1])
+    assert (out["pages_freed"], out["invalidated"]) == (2, True)
+    assert json.loads(run(url, capsys, "--json", "gmem", "munmap", vm, "1")[1])["released"] is False

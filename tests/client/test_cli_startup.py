@@ -15,7 +15,7 @@ import pytest
 from app.client import Client, KvmMemattrError
 from app.client import operations as ops
 from app.client.transport import StdlibTransport
-from tests.live import ROOT, free_port, live_server
+from harness.live import ROOT, free_port, live_server
 
 # What a client command must not import: the server side, the models' pydantic, httpx's own transport.
 HEAVY = ("fastapi", "starlette", "uvicorn", "pydantic", "pydantic_core", "httpcore", "h11", "app.main", "app.core")

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from app.cli import main
-from tests.live import ROOT, live_server
+from harness.live import ROOT, live_server
 
 
 @pytest.fixture(scope="module")
@@ -260,9 +260,7 @@ def test_one_default_semantics_on_every_surface(url: str, capsys: pytest.Capture
     assert default == cli == first_option.group(1) == first_example == "rfc-v9"
 
 
-def test_more_cli_edges(
-    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_more_cli_edges(url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """serve's help is its own; explore runs without a server and says by its status what it found;
     a negative size and an unaligned value are named; vm list keeps sw_protected whole at 80
     columns; the demo leaves one VM, not one per run."""

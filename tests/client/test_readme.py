@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from app.cli import main
-from tests.live import ROOT, free_port, live_server
+from harness.live import ROOT, free_port, live_server
 
 README = (ROOT / "README.md").read_text()
 SECTION = README.split("## Use it from tooling", 1)[1].split("\n## ", 1)[0]

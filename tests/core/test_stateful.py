@@ -18,18 +18,21 @@ from app.core.journal import SqliteJournal
 from app.core.vm import VirtualMachine
 from app.models.host import PROFILES
 from app.models.kvm import (
+    FallocateRequest,
     FaultRequest,
     KvmCreateGuestMemfd,
     KvmEncRegion,
     KvmMemoryAttributes,
     KvmUserspaceMemoryRegion2,
+    MmapRequest,
     NotifierRequest,
     PrefaultRequest,
     Semantics,
+    TouchRequest,
     VmType,
 )
 from app.models.vm import VmCreate
-from tests.core.reference import PAGE, RefVM
+from harness.reference import PAGE, RefVM
 
 WINDOW = 16  # gfns the rules touch: small, so slots, conversions and faults collide
 MAX_GFN = 13  # so some slots cross kvm_mmu_max_gfn()
@@ -73,10 +76,12 @@ class EngineVsReference(RuleBasedStateMachine):
         attributes.HUGEPAGE_LEVELS = dict(zip(self._levels, HUGEPAGES, strict=True))
         self.host = PROFILES[profile].model_copy(update={"max_gfn": MAX_GFN})
         engine = Engine(host=self.host)
-        self.ref = RefVM(vm_type, semantics, MAX_GFN, hugepages=HUGEPAGES, caps=self.host.caps)
+        self.ref = RefVM(vm_type, semantics, MAX_GFN, hugepages=HUGEPAGES, caps=self.host.caps, kernel=self.host.kernel)
         vm, _ = same(lambda: engine.create_vm(VmCreate(type=vm_type, semantics=semantics)), self.ref.created)
         if vm is None:  # a type this host does not have: carry on with a default VM
-            self.ref = RefVM(VmType.default, semantics, MAX_GFN, hugepages=HUGEPAGES, caps=self.host.caps)
+            self.ref = RefVM(
+                VmType.default, semantics, MAX_GFN, hugepages=HUGEPAGES, caps=self.host.caps, kernel=self.host.kernel
+            )
             vm = engine.create_vm(VmCreate(type=VmType.default, semantics=semantics))
         self.vm = vm
 
@@ -126,7 +131,7 @@ class EngineVsReference(RuleBasedStateMachine):
         if got is not None:
             assert (got.change, got.pages_zapped) == (want["change"], want["pages_zapped"])
 
-    @rule(size_pages=st.sampled_from([*range(17), 2**51]), flags=st.sampled_from([0, 0, 1, 2, 4]))
+    @rule(size_pages=st.sampled_from([*range(17), 2**51]), flags=st.sampled_from([0, 0, 1, 2, 3, 3, 4]))
     def create_gmem(self, size_pages: int, flags: int) -> None:
         got, want = same(
             lambda: self.vm.create_guest_memfd(KvmCreateGuestMemfd(size=size_pages * PAGE, flags=flags)),
@@ -141,14 +146,16 @@ class EngineVsReference(RuleBasedStateMachine):
         npages=st.integers(1, 6),
         hva_base=st.sampled_from(HVA_BASES),
         off=st.sampled_from([0, 0, 0, 2**63 - PAGE, 2**63 - 2 * PAGE]),
+        flags=st.sampled_from([0, 0, 1, 3]),
     )
-    def gmem_slot(self, sid: int, gpa_page: int, npages: int, hva_base: int, off: int) -> None:
-        """A guest_memfd and a slot bound to all of it: the set-up of every private-memory test.
-        Or, past 2^63, bound where kvm_gmem_bind()'s loff_t overflow lets it."""
+    def gmem_slot(self, sid: int, gpa_page: int, npages: int, hva_base: int, off: int, flags: int) -> None:
+        """A guest_memfd and a slot bound to all of it: the set-up of every private-memory test
+        (mmap-able files make it gmem-only). Or, past 2^63, bound where kvm_gmem_bind()'s loff_t
+        overflow lets it."""
         size = npages * PAGE
         got, fd = same(
-            lambda: self.vm.create_guest_memfd(KvmCreateGuestMemfd(size=size)),
-            lambda: self.ref.create_gmem(size, 0),
+            lambda: self.vm.create_guest_memfd(KvmCreateGuestMemfd(size=size, flags=flags)),
+            lambda: self.ref.create_gmem(size, flags),
         )
         if got is None:
             return
@@ -169,7 +176,53 @@ class EngineVsReference(RuleBasedStateMachine):
     def close_gmem(self, fd: int) -> None:
         got, want = same(lambda: self.vm.close_guest_memfd(fd), lambda: self.ref.close_gmem(fd))
         if got is not None:
-            assert (got.pages_zapped, got.invalidated) == want
+            assert (got.released, got.pages_zapped, got.invalidated) == want
+
+    @rule(
+        fd=st.integers(2, 6),
+        mode=st.sampled_from([1, 1, 3, 3, 3, 0, 2, 0x11, 0x09, 0x103]),
+        start=st.integers(0, 10),
+        npages=st.integers(0, 8),
+        odd=st.sampled_from([None] * 12 + ["misalign", "negative", "efbig"]),
+    )
+    def fallocate(self, fd: int, mode: int, start: int, npages: int, odd: str | None) -> None:
+        """kvm_gmem_fallocate(): allocate or punch a hole (over every binding, with the file's filter)."""
+        offset, length = start * PAGE, npages * PAGE
+        if odd == "misalign":
+            offset += 0x800
+        elif odd == "negative":
+            offset = 2**64 - PAGE
+        elif odd == "efbig":
+            offset = 2**63 - PAGE
+        req = FallocateRequest(mode=mode, offset=offset, len=length)
+        got, want = same(lambda: self.vm.fallocate(fd, req), lambda: self.ref.fallocate(fd, mode, offset, length))
+        if got is not None:
+            assert (got.pages_allocated, got.pages_freed, got.invalidated, got.pages_zapped) == want
+
+    @rule(
+        fd=st.integers(2, 6),
+        start=st.sampled_from([0, 0, 1, 3, 2**52 - 2]),
+        npages=st.integers(0, 6),
+        shared=st.sampled_from([True, True, True, False]),
+    )
+    def mmap(self, fd: int, start: int, npages: int, shared: bool) -> None:
+        req = MmapRequest(offset=start * PAGE, length=npages * PAGE, shared=shared)
+        got, want = same(lambda: self.vm.mmap(fd, req), lambda: self.ref.mmap(fd, req.offset, req.length, shared))
+        if got is not None:
+            assert got.id == want
+
+    @rule(mid=st.integers(1, 6))
+    def munmap(self, mid: int) -> None:
+        got, want = same(lambda: self.vm.munmap(mid), lambda: self.ref.munmap(mid))
+        if got is not None:
+            assert (got.released, got.pages_zapped, got.invalidated) == want
+
+    @rule(mid=st.integers(1, 6), start=st.integers(0, 8), size=st.sampled_from([0, 1, PAGE, 2 * PAGE + 1, 5 * PAGE]))
+    def touch(self, mid: int, start: int, size: int) -> None:
+        req = TouchRequest(offset=start * PAGE, size=size, write=True)
+        got, want = same(lambda: self.vm.touch(mid, req), lambda: self.ref.touch(mid, req.offset, size))
+        if got is not None:
+            assert (got.pages, got.allocated_pages) == want
 
     @rule(
         start=pages,
@@ -343,14 +396,26 @@ class EngineVsReference(RuleBasedStateMachine):
                     got_maps[(as_id, g)] = (r.private, r.writable)
         assert got_maps == ref.maps
         slots = {
-            (s.as_id, s.id): (s.base_gfn, s.npages, s.flags, s.userspace_addr, s.guest_memfd) for s in vm.memslots()
+            (s.as_id, s.id): (s.base_gfn, s.npages, s.flags, s.userspace_addr, s.guest_memfd, s.gmem_only)
+            for s in vm.memslots()
         }
-        assert slots == {k: (s.base, s.npages, s.flags, s.hva, s.gmem_fd) for k, s in ref.slots.items()}
+        assert slots == {k: (s.base, s.npages, s.flags, s.hva, s.gmem_fd, s.gmem_only) for k, s in ref.slots.items()}
+        for fd, f in ref.gmem.items():
+            runs, _ = vm.file_runs(fd, 0, 2**64 - 1, 10_000)  # the listing stops at i_size
+            listed = {p for r in runs if r.allocated for p in range(r.start // PAGE, r.end // PAGE)}
+            assert listed == {p for p in f["pages"] if p < f["size"] // PAGE}
+            held = vm.kvm.gmem_files[fd].allocated
+            assert {p for s, e, v in held.runs(0, 1 << 52) if v for p in range(s, e)} == f["pages"]
+            assert all(a.allocated != b.allocated for a, b in itertools.pairwise(runs)), "file runs not maximal"
+        maps = {m.id: (m.offset // PAGE, m.length // PAGE, m.fd) for m in vm.host_mappings()}
+        assert maps == {
+            mid: (pg, n, f["fd"] if ref.gmem.get(f["fd"]) is f else None) for mid, (f, pg, n) in ref.host_maps.items()
+        }
+        for mid, (f, _, _) in ref.host_maps.items():  # a closed file the mapping holds: its pages too
+            fd = vm.kvm.host_mappings[mid].file
+            assert {p for s, e, v in fd.allocated.runs(0, 1 << 52) if v for p in range(s, e)} == f["pages"]
         gmems = {g.fd: sorted((b.slot, b.offset, b.size) for b in g.bindings) for g in vm.guest_memfds()}
-        assert gmems == {
-            fd: sorted((k, o, s) for k, (o, s) in f["bindings"].items())  # type: ignore[attr-defined]
-            for fd, f in ref.gmem.items()
-        }
+        assert gmems == {fd: sorted((k, o, s) for k, (o, s) in f["bindings"].items()) for fd, f in ref.gmem.items()}
         assert [(r.addr, r.size) for r in vm.pinned_regions()] == ref.pinned
         assert vm.kvm.budget.used == vm.kvm.items(), "the service budget counts exactly what the VM holds"
         mm = vm.memory_map(0, span, 7)

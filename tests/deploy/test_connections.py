@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from tests.live import live_server
+from harness.live import live_server
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> bool:

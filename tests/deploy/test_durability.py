@@ -32,7 +32,7 @@ from app.models.kvm import (
     PrefaultRequest,
 )
 from app.models.vm import VmCreate
-from tests.live import free_port, live_server, start_server
+from harness.live import free_port, live_server, start_server
 
 GIB4 = 0x1_0000_0000
 

@@ -18,9 +18,9 @@ from pydantic import ValidationError
 from app.logs import JsonFormatter
 from app.main import create_app
 from app.settings import Settings
+from harness.live import ROOT
 from tests.api.conftest import assert_problem
 from tests.inprocess import TestClient
-from tests.live import ROOT
 
 
 def client_for(**settings: object) -> TestClient:
@@ -186,7 +186,7 @@ def test_json_log_format() -> None:
 
 
 def test_readme_settings_table_matches_the_code() -> None:
-    from tests.live import ROOT
+    from harness.live import ROOT
 
     readme = (ROOT / "README.md").read_text()
     documented = set(re.findall(r"^\| `KVM_MEMATTR_(\w+)` \|", readme, re.M))

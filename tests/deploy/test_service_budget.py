@@ -69,7 +69,9 @@ def test_every_stored_object_counts(kind: str) -> None:
     settings = Settings(log_level="warning", max_service_items=60)
     with TestClient(create_app(settings)) as client:
         vm = client.post("/v1/vms", json={"type": "sev", "semantics": "linux"}).json()["id"]
-        client.put(f"/v1/vms/{vm}/memslots/0", json={"guest_phys_addr": 0, "memory_size": "0x1000", "userspace_addr": 0})
+        client.put(
+            f"/v1/vms/{vm}/memslots/0", json={"guest_phys_addr": 0, "memory_size": "0x1000", "userspace_addr": 0}
+        )
         refused = None
         for i in range(1, 200):
             if kind == "memslot":

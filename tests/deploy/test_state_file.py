@@ -19,8 +19,8 @@ from app.main import create_app
 from app.models.kvm import FaultRequest, KvmCreateGuestMemfd, KvmMemoryAttributes, KvmUserspaceMemoryRegion2
 from app.models.vm import VmCreate
 from app.settings import Settings
+from harness.live import ROOT, free_port
 from tests.inprocess import TestClient
-from tests.live import ROOT, free_port
 
 GIB4 = 0x1_0000_0000
 

@@ -9,8 +9,8 @@ import time
 
 import httpx
 
+from harness.live import live_server
 from tests.api.conftest import assert_problem
-from tests.live import live_server
 
 
 def _open(url: str, vm: str, seconds: int = 60) -> tuple[httpx.Client, httpx.Response]:

@@ -13,6 +13,7 @@ from app.core.kvm import AddressSpace, Memslot
 from app.core.kvm import Kvm as StructKvm
 from app.hostkvm import verify as v
 from app.hostkvm.ioctls import HostKvmError, Kvm
+from app.hostkvm.steps import SetMemslot
 from app.models.host import PROFILES, HostProfile
 
 pytestmark = [
@@ -110,7 +111,7 @@ def test_a_host_feature_the_engine_ignores_is_found(
             break
     assert report is not None and report.divergences
     d = report.divergences[0]
-    assert len(d.steps) <= 3 and d.steps[-1]["op"] == "set" and d.steps[-1]["flags"] & 4, d
+    assert len(d.steps) <= 3 and isinstance(d.steps[-1], SetMemslot) and d.steps[-1].flags & 4, d
 
 
 def test_cli_json_and_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from app.core import Engine
 from app.core.journal import SqliteJournal
-from tests.live import live_server
+from harness.live import live_server
 
 GIB4 = 0x1_0000_0000
 HVA = 0x7F00_0000_0000

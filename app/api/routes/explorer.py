@@ -46,14 +46,4 @@ async def list_variants() -> Response:
 def run(
     req: Annotated[ExplorerRunRequest, examples.EXPLORER],
 ) -> Response:  # sync: CPU-bound, so FastAPI runs it off the event loop
-    scenario = explorer.Scenario(
-        variant=req.variant,
-        start_gfn=req.start_gfn,
-        npages=req.npages,
-        to_private=req.to == "private",
-        fail_nth=req.fail_nth,
-        initial_private=None if req.initial_private is None else frozenset(req.initial_private),
-        fault_gfn_offset=req.fault_gfn_offset,
-        fault_access=req.fault_access,
-    )
-    return model_response(explorer.explore(scenario, req.schedule))
+    return model_response(explorer.explore(req, req.schedule))  # the request is a Scenario

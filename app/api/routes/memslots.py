@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Response
 
 from app.api import examples
-from app.api.deps import VmDep
+from app.api.deps import FdPath, VmDep
 from app.api.problems import error_responses
 from app.api.responses import model_response
 from app.models.kvm import KvmCreateGuestMemfd, KvmUserspaceMemoryRegion2
@@ -20,7 +20,6 @@ gmem_router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["guest-memfds"])
 SlotPath = Annotated[
     U32, Path(description="raw `slot`: as_id << 16 | id (decimal or 0x hex)", examples=["10", "0x10000"])
 ]
-FdPath = Annotated[int, Path(ge=0, le=2**31 - 1, description="guest_memfd fd")]
 
 
 @router.put(

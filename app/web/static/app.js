@@ -550,8 +550,11 @@ function drawRun(run) {
   const table = $("#timeline");
   table.replaceChildren();
   if (!ce) return;
+  // A punch-hole race names its second lane after it and shows the file's pages (A allocated, . freed).
+  const punch = ce.trace.some((t) => t.allocated !== null && t.allocated !== undefined);
   const head = table.insertRow();
-  for (const h of ["#", "vCPU", "conversion", "seq", "in_progress", "attributes", "spte"]) {
+  const lane = punch ? "punch-hole" : "conversion";
+  for (const h of ["#", "vCPU", lane, "seq", "in_progress", "attributes", "spte", ...(punch ? ["file"] : [])]) {
     const th = document.createElement("th");
     th.textContent = h;
     head.append(th);
@@ -561,11 +564,12 @@ function drawRun(run) {
     if (i === ce.trace.length - 1) tr.className = "last";
     tr.insertCell().textContent = String(i + 1);
     const v = tr.insertCell(); v.className = "vcpu"; v.textContent = t.actor === "vcpu" ? t.step : "";
-    const c = tr.insertCell(); c.className = "conversion"; c.textContent = t.actor === "conversion" ? t.step : "";
+    const c = tr.insertCell(); c.className = "conversion"; c.textContent = t.actor !== "vcpu" ? t.step : "";
     tr.insertCell().textContent = String(t.seq);
     tr.insertCell().textContent = String(t.in_progress);
     tr.insertCell().textContent = t.attributes.map((p) => (p ? "P" : "s")).join("");
     tr.insertCell().textContent = t.mapping === null ? "-" : (t.mapping.private ? "P" : "s");
+    if (punch) tr.insertCell().textContent = t.allocated.map((a) => (a ? "A" : ".")).join("");
   });
 }
 

@@ -3,12 +3,13 @@
 It stores attributes the way the kernel's xarray does (one entry per gfn) and
 mappings one per (as_id, gfn), and walks every page of every range. It is slow
 and obviously correct over a small gfn window; the stateful test checks the
-range-based engine against it after every step.
+range-based engine against it after every step, and bench/engine.py times the engine against it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from app.core.errors import (
     EAGAIN,
@@ -16,14 +17,17 @@ from app.core.errors import (
     EBUSY,
     EEXIST,
     EFAULT,
+    EFBIG,
     EINVAL,
+    ENODEV,
     ENOENT,
     ENOMEM,
     ENOTTY,
     EOPNOTSUPP,
+    EOVERFLOW,
     KvmError,
 )
-from app.models.host import PROFILES, HostCaps
+from app.models.host import KERNELS, PROFILES, HostCaps, Kernel
 from app.models.kvm import Semantics, VmType
 
 PAGE = 4096
@@ -42,7 +46,11 @@ class RefSlot:
     hva: int
     gmem_fd: int | None = None
     gmem_off: int = 0
-    gmem_file: dict[str, object] | None = None
+    gmem_file: dict[str, Any] | None = None
+    gmem_only: bool = False
+
+    def pgoff(self, gfn: int) -> int:
+        return self.gmem_off // PAGE + gfn - self.base
 
     def has(self, gfn: int) -> bool:
         return self.base <= gfn < self.base + self.npages
@@ -59,6 +67,7 @@ class RefVM:
     hugepages: tuple[int, ...] = (512, 262144)
     # The host's KVM_CHECK_EXTENSION answers: raw data, every rule that reads them is below.
     caps: HostCaps = PROFILES["linux-6.18"].caps
+    kernel: Kernel = "6.18"
     attrs: dict[int, int] = field(default_factory=dict)
     slots: dict[tuple[int, int], RefSlot] = field(default_factory=dict)
     maps: dict[tuple[int, int], tuple[bool, bool]] = field(default_factory=dict)
@@ -81,11 +90,20 @@ class RefVM:
         )
     )
     fail_nth: int | None = None
-    gmem: dict[int, dict[str, object]] = field(default_factory=dict)
+    gmem: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Open files: size, flags, bindings {raw slot: (offset, size)}, pages (allocated page
+    indexes), mmaps (ids of the host mappings holding it)."""
+    host_maps: dict[int, tuple[dict[str, Any], int, int]] = field(default_factory=dict)
+    """Host mappings: id -> (file, first page, pages)."""
+    next_mid: int = 1
     next_fd: int = 3
     notifiers: dict[int, bool] = field(default_factory=dict)
     next_nid: int = 1
     pinned: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def since_7_3(self) -> bool:
+        return KERNELS.index(self.kernel) >= KERNELS.index("7.3")
 
     @property
     def linux(self) -> bool:
@@ -208,9 +226,10 @@ class RefVM:
         if all(self.attr(g) == attributes for g in gfns):
             self.stats["attribute_updates"] += 1
             return {"noop": True, "invalidated": False, "pages_zapped": 0}
-        nth, self.fail_nth = self.fail_nth, None
-        if nth is not None and nth <= len(gfns):
-            raise ENOMEM("reserve")
+        if attributes or not self.since_7_3:  # 7.3: storing empty attributes reserves nothing
+            nth, self.fail_nth = self.fail_nth, None
+            if nth is not None and nth <= len(gfns):
+                raise ENOMEM("reserve")
         hit = [(a, g) for a in range(self.nr_as) for g in gfns if self.slot_at(a, g)]
         zapped = 0
         if hit:
@@ -286,16 +305,18 @@ class RefVM:
                 if other is not None and other is not old:
                     raise EEXIST("overlap")
             if flags & GMEM:
+                if fd is not None and 0 <= fd <= 2:
+                    raise EINVAL("stdio is not a guest_memfd")
                 if fd is None or fd not in self.gmem:
                     raise EBADF("fd")
                 gfile = self.gmem[fd]
-                binds: dict[int, tuple[int, int]] = gfile["bindings"]  # type: ignore[assignment]
+                binds: dict[int, tuple[int, int]] = gfile["bindings"]
                 end = off + size  # loff_t: past 2^63 it is negative and passes the check
-                if off >= 2**63 or (end < 2**63 and end > gfile["size"]):  # type: ignore[operator]
+                if off >= 2**63 or (end < 2**63 and end > gfile["size"]):
                     raise EINVAL("gmem size")
                 for o, s in binds.values():
                     if off < o + s and o < off + size:
-                        raise EINVAL("bound")
+                        raise (EEXIST if self.linux and self.since_7_3 else EINVAL)("bound")
             if base + npages - 1 > self.max_gfn:
                 raise EINVAL("max_gfn")
         if change == "none":
@@ -316,11 +337,22 @@ class RefVM:
             assert old is not None
             del self.slots[(as_id, sid)]
             if old.gmem_file is not None:
-                del old.gmem_file["bindings"][raw]  # type: ignore[attr-defined]
+                del old.gmem_file["bindings"][raw]
         elif change == "create":
-            self.slots[(as_id, sid)] = RefSlot(as_id, sid, flags, base, npages, hva, fd if gfile else None, off, gfile)
+            self.slots[(as_id, sid)] = RefSlot(
+                as_id,
+                sid,
+                flags,
+                base,
+                npages,
+                hva,
+                fd if gfile else None,
+                off,
+                gfile,
+                bool(gfile and gfile["flags"] & 1),
+            )
             if gfile is not None:
-                gfile["bindings"][raw] = (off, size)  # type: ignore[index]
+                gfile["bindings"][raw] = (off, size)
         else:
             assert old is not None
             old.base, old.flags = base, flags
@@ -334,15 +366,21 @@ class RefVM:
             raise EINVAL("gmem")
         fd = self.next_fd
         self.next_fd += 1
-        self.gmem[fd] = {"size": size, "flags": flags, "bindings": {}}
+        self.gmem[fd] = {"size": size, "flags": flags, "bindings": {}, "pages": set(), "mmaps": set(), "fd": fd}
         return fd
 
-    def close_gmem(self, fd: int) -> tuple[int, bool]:
+    def close_gmem(self, fd: int) -> tuple[bool, int, bool]:
+        """(released, pages zapped, invalidated): a host mapping keeps the file."""
         if fd not in self.gmem:
             raise ENOENT("fd")
         f = self.gmem.pop(fd)
+        if f["mmaps"]:
+            return False, 0, False
+        return self._release(f)
+
+    def _release(self, f: dict[str, Any]) -> tuple[bool, int, bool]:
         if not self.linux:
-            return 0, False
+            return True, 0, False
         bound = [s for s in self.slots.values() if s.gmem_file is f]
         for slot in bound:
             slot.gmem_file, slot.gmem_fd = None, None
@@ -350,12 +388,116 @@ class RefVM:
         zapped = 0
         if bound:
             self.begin()
+            kind = "shared" if f["flags"] & 2 else "private"
             for slot in sorted(bound, key=lambda x: (x.as_id, x.id)):
                 self.add(slot.base, slot.base + slot.npages)
-                zapped += self.unmap(slot.as_id, range(slot.base, slot.base + slot.npages), "private")
+                zapped += self.unmap(slot.as_id, range(slot.base, slot.base + slot.npages), kind)
             self.flush(zapped)
             self.end()
-        return zapped, bool(bound)
+        return True, zapped, bool(bound)
+
+    def fallocate(self, fd: int, mode: int, offset: int, length: int) -> tuple[int, int, bool, int]:
+        """(pages allocated, pages freed, invalidated, pages zapped)."""
+        f = self.gmem.get(fd)
+        if f is None:
+            raise EBADF("fd")
+        off = offset - 2**64 if offset >= 2**63 else offset
+        ln = length - 2**64 if length >= 2**63 else length
+        if off < 0 or ln <= 0:
+            raise EINVAL("vfs")
+        if mode & ~0xFF or mode & 0x04:
+            raise EOPNOTSUPP("unknown bits")
+        kind = mode & 0xFE
+        if kind not in (0, 0x02, 0x08, 0x10, 0x20, 0x40, 0x80):
+            raise EOPNOTSUPP("two modes")
+        if kind == 0x02 and not mode & 1:
+            raise EOPNOTSUPP("punch without keep")
+        if kind in (0x08, 0x20, 0x80) and mode & 1:
+            raise EOPNOTSUPP("keep with a resizing mode")
+        if off + ln > 2**63 - 1:
+            raise EFBIG("maxbytes")
+        if not mode & 1 or mode & ~3:
+            raise EOPNOTSUPP("gmem")
+        if off % PAGE or ln % PAGE:
+            raise EINVAL("align")
+        first, stop = off // PAGE, (off + ln) // PAGE
+        pages: set[int] = f["pages"]
+        if not mode & 2:
+            if off + ln > f["size"]:
+                raise EINVAL("i_size")
+            nth, self.fail_nth = self.fail_nth, None
+            new = 0
+            for p in range(first, stop):
+                if p in pages:
+                    continue
+                if nth == new + 1:
+                    raise ENOMEM("folio")
+                pages.add(p)
+                new += 1
+            return new, 0, False, 0
+        hits = []
+        for raw, (o, sz) in sorted(f["bindings"].items()):
+            slot = self.slots[(raw >> 16, raw & 0xFFFF)]
+            lo, hi = max(o // PAGE, first), min((o + sz) // PAGE, stop)
+            if lo < hi:
+                hits.append((slot, range(slot.base + lo - o // PAGE, slot.base + hi - o // PAGE)))
+        zapped = 0
+        if hits:
+            self.begin()
+            for slot, gfns in hits:
+                self.add(gfns.start, gfns.stop)
+                zapped += self.unmap(slot.as_id, gfns, "shared" if f["flags"] & 2 else "private")
+            self.flush(zapped)
+        freed = {p for p in pages if first <= p < stop}
+        pages -= freed
+        if hits:
+            self.end()
+        return 0, len(freed), bool(hits), zapped
+
+    def mmap(self, fd: int, offset: int, length: int, shared: bool) -> int:
+        f = self.gmem.get(fd)
+        if f is None:
+            raise EBADF("fd")
+        if length == 0 or offset % PAGE:
+            raise EINVAL("do_mmap")
+        npages = -(-length // PAGE)
+        if offset // PAGE + npages > (2**64 - 1) // PAGE:
+            raise EOVERFLOW("pgoff")
+        if not f["flags"] & 1:
+            raise ENODEV("no MMAP")
+        if not shared:
+            raise EINVAL("MAP_PRIVATE")
+        mid = self.next_mid
+        self.next_mid += 1
+        self.host_maps[mid] = (f, offset // PAGE, npages)
+        f["mmaps"].add(mid)
+        return mid
+
+    def munmap(self, mid: int) -> tuple[bool, int, bool]:
+        if mid not in self.host_maps:
+            raise ENOENT("mapping")
+        f, _, _ = self.host_maps.pop(mid)
+        f["mmaps"].discard(mid)
+        if f["mmaps"] or self.gmem.get(f["fd"]) is f:
+            return False, 0, False
+        return self._release(f)
+
+    def touch(self, mid: int, offset: int, size: int) -> tuple[int, int]:
+        """(pages, newly allocated); EFAULT for a page that takes a signal, checked page by page."""
+        if mid not in self.host_maps:
+            raise ENOENT("mapping")
+        if size == 0:
+            raise EINVAL("size")
+        f, pg, npages = self.host_maps[mid]
+        span = range(offset // PAGE, (offset + size - 1) // PAGE + 1)
+        for p in span:
+            if p >= npages:
+                raise EFAULT("SIGSEGV")
+            if pg + p >= f["size"] // PAGE or not f["flags"] & 2:
+                raise EFAULT("SIGBUS")
+        new = sum(pg + p not in f["pages"] for p in span)
+        f["pages"].update(pg + p for p in span)
+        return len(span), new
 
     # -- faults
     def fault(self, as_id: int, gpa: int, write: bool, private: bool | None, mmu_seq: int | None) -> str:
@@ -394,8 +536,10 @@ class RefVM:
                 return "memory_fault_exit" if priv else "mmio_exit"
             if retry:
                 return "retry"
-            if priv and (not gmem or slot.gmem_file is None):
-                return "memory_fault_exit"
+            if priv or slot.gmem_only:  # the page comes from guest_memfd, allocated if missing
+                if slot.gmem_file is None:
+                    return "memory_fault_exit"
+                slot.gmem_file["pages"].add(slot.pgoff(gfn))
             if write and slot.flags & READONLY:
                 return "mmio_exit"
             return "mapped"
@@ -405,6 +549,9 @@ class RefVM:
             return "memory_fault_exit"
         if slot is None or (write and slot.flags & READONLY):
             return "mmio_exit"
+        if priv:
+            assert slot.gmem_file is not None
+            slot.gmem_file["pages"].add(slot.pgoff(gfn))
         return "retry" if retry else "mapped"
 
     def _would_retry(self, gfn: int) -> bool:
@@ -422,6 +569,7 @@ class RefVM:
         if not self.caps.KVM_CAP_PRE_FAULT_MEMORY or self.vm_type in (VmType.snp, VmType.tdx):
             raise EOPNOTSUPP("prefault")
         plan: dict[tuple[int, int], tuple[bool, bool]] = {}
+        folios: list[tuple[dict[str, Any], int]] = []
         already = 0
         for g in gfns:
             slot = self.slot_at(as_id, g)
@@ -431,20 +579,29 @@ class RefVM:
                 stop = EFAULT if priv else ENOENT
             elif self._would_retry(g):
                 stop = EAGAIN
-            elif priv and (not slot.flags & GMEM or slot.gmem_file is None):
+            elif (priv or slot.gmem_only) and slot.gmem_file is None:
                 stop = EFAULT
             if stop is not None:
                 if g == gfns.start:
                     raise stop("prefault")
-                self.maps.update(plan)
+                self._prefaulted(plan, folios)
                 return len(plan), already, stop.errno, g
             assert slot is not None
+            if (priv or slot.gmem_only) and slot.gmem_file is not None:
+                folios.append((slot.gmem_file, slot.pgoff(g)))
             if (as_id, g) in self.maps:
                 already += 1
             else:
                 plan[(as_id, g)] = (priv, slot.writable(False))
-        self.maps.update(plan)
+        self._prefaulted(plan, folios)
         return len(plan), already, None, gfns.stop
+
+    def _prefaulted(
+        self, plan: dict[tuple[int, int], tuple[bool, bool]], folios: list[tuple[dict[str, Any], int]]
+    ) -> None:
+        self.maps.update(plan)
+        for f, p in folios:
+            f["pages"].add(p)
 
     # -- host MMU notifier
     def notifier_start(self, hs: int, he: int) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""A real ``kvm-memattr serve`` in a subprocess, for tests that need HTTP over a socket."""
+"""A real ``kvm-memattr serve`` in a subprocess, for the tests and benches that need HTTP over a socket."""
 
 from __future__ import annotations
 
