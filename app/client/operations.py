@@ -214,6 +214,34 @@ def munmap_host_mapping(vm_id: str, mapping: int) -> Op[state.GuestMemfdClose]:
     return Op("DELETE", _vm(vm_id, f"/host-mappings/{mapping}"), _model("state", "GuestMemfdClose"))
 
 
+def set_guest_memfd_memory_attributes(
+    vm_id: str, fd: int, offset: Int, size: Int, attributes: Int, flags: Int = 0
+) -> Op[state.GmemAttributeUpdate]:
+    """KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd (in place, 7.4); EAGAIN and ENOMEM carry error_offset."""
+    body = {"offset": offset, "size": size, "attributes": attributes, "flags": flags}
+    path = _vm(vm_id, f"/guest-memfds/{fd}/memory-attributes")
+    return Op("POST", path, _model("state", "GmemAttributeUpdate"), json=body)
+
+
+def pin_host_mapping(vm_id: str, mapping: int, offset: Int = 0, size: Int = 4096) -> Op[state.HostPin]:
+    """pin_user_pages() through a host mapping (GUP, an IOMMU mapping): held until unpinned."""
+    body = {"offset": offset, "size": size}
+    return Op("POST", _vm(vm_id, f"/host-mappings/{mapping}/pin"), _model("state", "HostPin"), json=body)
+
+
+def list_host_pins(vm_id: str) -> Op[state.HostPinList]:
+    return Op("GET", _vm(vm_id, "/host-pins"), _model("state", "HostPinList"))
+
+
+def get_host_pin(vm_id: str, pin: int) -> Op[state.HostPin]:
+    return Op("GET", _vm(vm_id, f"/host-pins/{pin}"), _model("state", "HostPin"))
+
+
+def unpin_host_pin(vm_id: str, pin: int) -> Op[state.GuestMemfdClose]:
+    """unpin_user_pages(): the last reference to a closed, unmapped guest_memfd releases it."""
+    return Op("DELETE", _vm(vm_id, f"/host-pins/{pin}"), _model("state", "GuestMemfdClose"))
+
+
 # -- memory attributes
 def reg_region(vm_id: str, addr: Int, size: Int) -> Op[state.AttributeUpdate | state.SevRegionUpdate]:
     """KVM_MEMORY_ENCRYPT_REG_REGION (rfc-v9 GPA: make private; SEV: pin an HVA range)."""

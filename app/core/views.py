@@ -9,6 +9,7 @@ from typing import Any
 
 from app.core.kvm import PRIVATE, GuestMemfdFile, HostMapping, Kvm, Memslot, NotifierInvalidation
 from app.core.mmu import UNMAPPED, spte_private, spte_writable
+from app.core.runs import Run
 from app.models import state
 from app.models.kvm import PAGE_SHIFT
 
@@ -93,7 +94,7 @@ def gfn_info(kvm: Kvm, gfn: int) -> state.GfnInfo:
         if v != UNMAPPED:
             maps.append(state.GfnMapping(as_id=as_id, private=spte_private(v), writable=spte_writable(v)))
     return state.GfnInfo(
-        gfn=gfn, gpa=gfn << PAGE_SHIFT, attributes=attrs, private=bool(attrs & PRIVATE), memslots=slots, mappings=maps
+        gfn=gfn, gpa=gfn << PAGE_SHIFT, attributes=attrs, private=kvm.gfn_is_private(gfn), memslots=slots, mappings=maps
     )
 
 
@@ -126,12 +127,33 @@ def guest_memfd(gmem: GuestMemfdFile) -> state.GuestMemfd:
 
 
 def file_runs(gmem: GuestMemfdFile, start: int, end: int, limit: int) -> tuple[list[state.FileRun], int | None]:
-    """Allocated and unallocated runs of a file's pages in ``[start, end)`` (byte offsets)."""
+    """Runs of a file's pages in ``[start, end)`` (byte offsets) alike in being allocated and private."""
+    lo, hi = start >> PAGE_SHIFT, min(end >> PAGE_SHIFT, gmem.npages)
+    private = [(s, e, int(p)) for s, e, p in gmem.private_runs(lo, hi)]
     runs = (
-        state.FileRun(start=s << PAGE_SHIFT, end=e << PAGE_SHIFT, allocated=bool(v))
-        for s, e, v in gmem.allocated.runs(start >> PAGE_SHIFT, min(end >> PAGE_SHIFT, gmem.npages))
+        state.FileRun(start=s << PAGE_SHIFT, end=e << PAGE_SHIFT, allocated=bool(a), private=bool(p))
+        for s, e, a, p in _zip_runs(gmem.allocated.runs(lo, hi), iter(private))
     )
     return page_of_runs(runs, limit, lambda r: r.end)
+
+
+def _zip_runs(a: Iterator[Run], b: Iterator[Run]) -> Iterator[tuple[int, int, int, int]]:
+    """Two run lists covering the same range, as the runs where neither changes: O(both)."""
+    ra, rb = next(a, None), next(b, None)
+    while ra is not None and rb is not None:
+        end = min(ra[1], rb[1])
+        yield max(ra[0], rb[0]), end, ra[2], rb[2]
+        if ra[1] == end:
+            ra = next(a, None)
+        if rb[1] == end:
+            rb = next(b, None)
+
+
+def host_pin(kvm: Kvm, pin_id: int) -> state.HostPin:
+    gmem = kvm.host_pins[pin_id]
+    first, npages = gmem.pins[pin_id]
+    fd = gmem.fd if kvm.is_open(gmem) else None
+    return state.HostPin(id=pin_id, fd=fd, offset=first << PAGE_SHIFT, size=npages << PAGE_SHIFT)
 
 
 def host_mapping(kvm: Kvm, m: HostMapping) -> state.HostMapping:
@@ -169,7 +191,7 @@ def memory_map(kvm: Kvm, start: int, end: int, buckets: int) -> state.MemoryMap:
             state.MemoryMapBucket(
                 start_gfn=a,
                 end_gfn=b,
-                private_pages=kvm.attributes.count(a, b, _is_private),
+                private_pages=_private_pages(kvm, a, b),
                 memslot_pages=cover.covered(a, b),
                 mapped_pages=[space.count(a, b, _is_mapped) for space in kvm.mmu.spaces],
             )
@@ -185,6 +207,13 @@ def memory_map(kvm: Kvm, start: int, end: int, buckets: int) -> state.MemoryMap:
         memslots=[memslot(slot) for slot in slots],
         invalidation=window,
     )
+
+
+def _private_pages(kvm: Kvm, start: int, end: int) -> int:
+    """Private pages of ``[start, end)``: O(log runs), in place O(the files' runs in the range)."""
+    if not kvm.in_place:
+        return kvm.attributes.count(start, end, _is_private)
+    return sum(e - s for s, e, private in kvm.private_runs(start, end) if private)
 
 
 class _SlotCover:

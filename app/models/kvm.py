@@ -95,6 +95,23 @@ class KvmMemoryAttributes(Struct):
     )
 
 
+class KvmMemoryAttributes2(Struct):
+    """``struct kvm_memory_attributes2`` (``KVM_SET_MEMORY_ATTRIBUTES2`` on a guest_memfd, 7.4). The
+    kernel writes ``error_offset`` back only on ``ENOMEM`` and ``EAGAIN``: the problem document
+    carries it then."""
+
+    offset: U64 = Field(description="byte offset in the file")
+    size: U64
+    attributes: U64 = Field(description="8 = KVM_MEMORY_ATTRIBUTE_PRIVATE, 0 = shared")
+    flags: U64 = 0
+    error_offset: U64 = Field(0, description="out: ignored on input, as the kernel ignores it")
+    reserved: list[U64] = Field(default_factory=lambda: [0] * 11, min_length=11, max_length=11)
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"offset": "0x0", "size": "0x200000", "attributes": 8}]},
+    )
+
+
 class KvmUserspaceMemoryRegion2(Struct):
     """``struct kvm_userspace_memory_region2`` without ``slot`` (it is in the path)."""
 

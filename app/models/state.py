@@ -100,6 +100,37 @@ class FileRun(BaseModel):
     start: int = Field(description="byte offset in the file")
     end: int
     allocated: bool
+    private: bool = Field(
+        description="the host may not touch these pages: in place (7.4) their attribute, else the whole file's "
+        "(private unless GUEST_MEMFD_FLAG_INIT_SHARED)"
+    )
+
+
+class GmemAttributeUpdate(BaseModel):
+    """What one ``KVM_SET_MEMORY_ATTRIBUTES2`` on a guest_memfd did."""
+
+    fd: int
+    offset: int
+    size: int
+    attributes: int
+    noop: bool = Field(description="the range already had the attributes: nothing was invalidated")
+    invalidated: bool = Field(description="a binding intersected the range: the seq was bumped")
+    pages_zapped: int
+    tlb_flushed: bool
+    mmu: Mmu
+
+
+class HostPin(BaseModel):
+    """Pages of a guest_memfd the host holds pinned (``pin_user_pages()``: GUP, an IOMMU mapping)."""
+
+    id: int
+    fd: int | None = Field(description="the file's fd, null once it is closed (the pin keeps the file)")
+    offset: int = Field(description="byte offset of the first pinned page in the file")
+    size: int
+
+
+class HostPinList(BaseModel):
+    pins: list[HostPin]
 
 
 class HostMapping(BaseModel):
