@@ -31,6 +31,7 @@ class Scenario:
     initial_private: list[int] | None = None  # offsets; None: the opposite of ``to`` everywhere
     fault_gfn_offset: int = 0
     fault_access: FaultAccess = "attribute"  # attribute: as private as the gfn reads
+    pinned: list[int] | None = None  # in-place variants: offsets the host holds pinned
 
     @property
     def to_private(self) -> bool:
