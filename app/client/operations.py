@@ -11,13 +11,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from app.models.names import VariantName
-from app.models.scenario import Scenario
+from ..models.names import VariantName
+from ..models.scenario import Scenario
 
 if TYPE_CHECKING:  # the models (and pydantic) load on the first answer parsed: see _model
-    from app.models import explorer, state
-    from app.models.host import HostProfile
-    from app.models.snapshot import VmSnapshot
+    from ..models import explorer, state
+    from ..models.host import HostProfile
+    from ..models.snapshot import VmSnapshot
 
 T = TypeVar("T")
 Int = int | str
@@ -35,11 +35,12 @@ class Op(Generic[T]):
 
 
 def _model(module: str, name: str) -> Callable[[Any], Any]:
-    """``app.models.<module>.<name>.model_validate``, imported on first use: a caller that only moves
-    JSON (the CLI, ``Client.send_json``) never loads pydantic."""
+    """``<name>.model_validate`` of the sibling package ``models`` (``app.models`` in the server,
+    ``kvm_memattr_client.models`` in the client alone), imported on first use: a caller that only
+    moves JSON (the CLI, ``Client.send_json``) never loads pydantic."""
 
     def parse(data: Any) -> Any:
-        return getattr(importlib.import_module(f"app.models.{module}"), name).model_validate(data)
+        return getattr(importlib.import_module(f"..models.{module}", __package__), name).model_validate(data)
 
     return parse
 
@@ -345,7 +346,7 @@ def run_explorer(
     variant: VariantName, *, schedule: list[str] | None = None, **scenario: Any
 ) -> Op[explorer.ExplorerRun]:
     """Race a vCPU fault against a conversion: every schedule, or exactly ``schedule``. ``scenario``:
-    the other fields of ``app.models.scenario.Scenario`` (start_gfn, npages, to, ...), each its
+    the other fields of ``models.scenario.Scenario`` (start_gfn, npages, to, ...), each its
     default where not given."""
     body = _body(**asdict(Scenario(variant, **scenario)), schedule=schedule)
     return Op("POST", "/v1/explorer/runs", _model("explorer", "ExplorerRun"), json=body)
@@ -361,7 +362,7 @@ def get_memory_map(
 
 def _enc_result(data: Any) -> state.AttributeUpdate | state.SevRegionUpdate:
     """The REG/UNREG answer: an AttributeUpdate on the GPA path, a SevRegionUpdate on SEV."""
-    from app.models import state
+    from ..models import state
 
     if "pinned_regions" in data:
         return state.SevRegionUpdate.model_validate(data)

@@ -6,11 +6,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models.kvm import Struct
-from app.models.names import VariantName as VariantName
-from app.models.scenario import FaultAccess as FaultAccess
-from app.models.scenario import Scenario
-from app.models.types import U64
+from .kvm import Struct
+from .names import VariantName as VariantName
+from .scenario import FaultAccess as FaultAccess
+from .scenario import Scenario
+from .types import U64
 
 Invariant = Literal["stale_mapping", "rollback_not_exact", "no_termination", "freed_page_mapped", "pinned_page_private"]
 

@@ -17,8 +17,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.models.kvm import DEFAULT_MAX_GFN, GFN_LIMIT, KVM_USER_MEM_SLOTS
-from app.models.names import KVM_CAP_VM_TYPES_MASK, VmType
+from .kvm import DEFAULT_MAX_GFN, GFN_LIMIT, KVM_USER_MEM_SLOTS
+from .names import KVM_CAP_VM_TYPES_MASK, VmType
 
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_READONLY_MEM = 81

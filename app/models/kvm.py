@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models.names import Semantics as Semantics
-from app.models.names import VmType as VmType
-from app.models.types import U32, U64
+from .names import Semantics as Semantics
+from .names import VmType as VmType
+from .types import U32, U64
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from app.models.names import VariantName
+from .names import VariantName
 
 Target = Literal["private", "shared"]
 FaultAccess = Literal["private", "shared", "attribute"]

@@ -9,9 +9,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models.host import HostProfile
-from app.models.kvm import U64_MAX, Semantics, VmType
-from app.models.state import MmuStats
+from .host import HostProfile
+from .kvm import U64_MAX, Semantics, VmType
+from .state import MmuStats
 
 N = Annotated[int, Field(ge=0, le=U64_MAX)]
 """Every number of a snapshot is a kernel ``__u64`` (or narrower, which the loader checks)."""

@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models.host import HostProfile
-from app.models.kvm import U64_MAX, Semantics, VmType
+from .host import HostProfile
+from .kvm import U64_MAX, Semantics, VmType
 
 
 class MmuStats(BaseModel):

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import GetCoreSchemaHandler, WithJsonSchema
 from pydantic_core import CoreSchema, core_schema
 
-from app.models.uint import parse_uint
+from .uint import parse_uint
 
 _STRING_PATTERN = r"^([0-9]+|0[xX][0-9a-fA-F]+)$"
 
