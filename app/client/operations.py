@@ -355,7 +355,7 @@ def run_explorer(
 def get_memory_map(
     vm_id: str, start_gfn: Int | None = None, end_gfn: Int | None = None, buckets: int = 1024
 ) -> Op[state.MemoryMap]:
-    """Per-bucket counts of private, memslot-backed and mapped pages."""
+    """Per-bucket counts of private, memslot-backed, mapped and allocated guest_memfd pages."""
     params = _body(start_gfn=start_gfn, end_gfn=end_gfn, buckets=buckets)
     return Op("GET", _vm(vm_id, "/memory-map"), _model("state", "MemoryMap"), params=params)
 

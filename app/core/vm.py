@@ -350,7 +350,8 @@ class VirtualMachine:
 
     @locked
     def memory_map(self, start: int, end: int, buckets: int) -> state.MemoryMap:
-        """Per-bucket counts of private, memslot-backed and mapped pages over ``[start, end)``."""
+        """Per-bucket counts of private, memslot-backed, mapped and allocated guest_memfd pages over
+        ``[start, end)``."""
         return views.memory_map(self.kvm, start, end, buckets)
 
     @locked

@@ -196,6 +196,10 @@ class GfnMemslotRef(BaseModel):
     as_id: int
     slot: int
     id: int
+    gmem_only: bool = Field(False, description="KVM_MEMSLOT_GMEM_ONLY (see the memslot)")
+    guest_memfd: int | None = Field(None, description="the fd of the guest_memfd bound to the slot, if any")
+    gmem_pgoff: int | None = Field(None, description="the page of that file behind this gfn (kvm_gmem_get_index())")
+    gmem_allocated: bool | None = Field(None, description="whether that page is allocated")
 
 
 class GfnMapping(BaseModel):
@@ -361,6 +365,9 @@ class MemoryMapBucket(BaseModel):
     private_pages: int
     memslot_pages: int = Field(description="pages inside a memslot of any address space")
     mapped_pages: list[int] = Field(description="present SPTEs, per address space")
+    gmem_allocated_pages: list[int] = Field(
+        description="per address space, pages whose guest_memfd page (through their memslot's file) is allocated"
+    )
 
 
 class GfnWindow(BaseModel):

@@ -482,6 +482,16 @@ class EngineVsReference(RuleBasedStateMachine):
             assert b.private_pages == sum(ref.is_private(g) for g in gfns)
             assert b.mapped_pages == [sum((a, g) in ref.maps for g in gfns) for a in range(vm.nr_as)]
             assert b.memslot_pages == sum(any(s.has(g) for s in ref.slots.values()) for g in gfns)
+            assert b.gmem_allocated_pages == [
+                sum(
+                    s.pgoff(g) in s.gmem_file["pages"]
+                    for s in ref.slots.values()
+                    if s.as_id == a and s.gmem_file is not None
+                    for g in gfns
+                    if s.has(g)
+                )
+                for a in range(vm.nr_as)
+            ]
         assert all(a.end_gfn == b.start_gfn for a, b in itertools.pairwise(mm.buckets)), "buckets tile the window"
         assert (mm.buckets[0].start_gfn, mm.buckets[-1].end_gfn, len(mm.buckets)) == (0, span, 7)
 
