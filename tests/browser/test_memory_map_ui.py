@@ -177,6 +177,17 @@ def test_the_explorer_view(browser: Browser) -> None:
     last = page.locator("#timeline tr.last td")
     expect(last.nth(1)).to_have_text("install_spte")
     expect(last.nth(7)).to_have_text(".")
+    # An in-place conversion that skips the reference check makes a pinned page private.
+    page.locator("#explore [name=variant]").select_option("in-place-no-pin-check")
+    page.locator("#explore [name=npages]").fill("2")
+    page.locator("#explore [name=pinned]").fill("1")
+    page.locator("#explore button").click()
+    expect(page.locator("#explore-verdict")).to_contain_text("pinned_page_private")
+    expect(page.locator("#timeline th").nth(2)).to_have_text("conversion")
+    expect(page.locator("#timeline tr.last td").nth(5)).to_have_text("PP")
+    page.locator("#explore [name=variant]").select_option("in-place")
+    page.locator("#explore button").click()
+    expect(page.locator("#explore-verdict")).to_contain_text("0 of")
     assert browser.errors == [], browser.errors
 
 
@@ -303,7 +314,8 @@ def test_guest_memfd_files_pages_and_host_mappings_on_the_page(chromium: PwBrows
 
         # The files and the host's mappings, as listed.
         row = page.locator(f'#gmem-files tr[data-key="{fd}"] td')
-        for i, text in enumerate([str(fd), "0x400000", "MMAP", "128", "slot 10: [0x0, 0x400)", "[0x100, 0x180)", "#1"]):
+        cells = [str(fd), "0x400000", "MMAP", "128", "slot 10: [0x0, 0x400)", "[0x100, 0x180)", "[0x0, 0x400)", "#1"]
+        for i, text in enumerate(cells):
             expect(row.nth(i)).to_have_text(text)
         row = page.locator('#host-mappings tr[data-key="1"] td')
         for i, text in enumerate(["#1", str(fd), "[0x0, 0x200)", "512"]):
@@ -351,4 +363,45 @@ def test_guest_memfd_files_pages_and_host_mappings_on_the_page(chromium: PwBrows
         assert len(network) == 1 and "422" in network[0], network  # the provoked SIGBUS
         assert [e for e in browser.errors if e not in network] == []
         assert browser.outside == []
+        page.close()
+
+
+def test_in_place_conversion_on_the_page(chromium: PwBrowser) -> None:
+    """On a 7.4 host converting in place, "convert" goes through the slot's guest_memfd
+    (KVM_SET_MEMORY_ATTRIBUTES2); a pin made on the page refuses it with EAGAIN at its offset, and
+    once unpinned the file's private pages are listed and drawn."""
+    with live_server() as (url, _):
+        body = {"type": "sw_protected", "semantics": "linux", "profile": "linux-7.4-in-place"}
+        vm = httpx.post(f"{url}/v1/vms", json=body).json()["id"]
+        fd = httpx.post(f"{url}/v1/vms/{vm}/guest-memfds", json={"size": "0x400000", "flags": 3}).json()["fd"]
+        slot = {"flags": 4, "guest_phys_addr": "0x100000000", "memory_size": "0x400000"}
+        slot |= {"userspace_addr": "0x7f0000000000", "guest_memfd": fd}
+        assert httpx.put(f"{url}/v1/vms/{vm}/memslots/10", json=slot).status_code == 200
+        assert httpx.post(f"{url}/v1/vms/{vm}/guest-memfds/{fd}/mmap", json={"length": "0x400000"}).status_code == 201
+        page = chromium.new_page(viewport={"width": 1400, "height": 1100})
+        browser = Browser(page, url)
+        page.goto(f"{url}/ui?vm={vm}")
+        page.wait_for_selector("#map[data-drawn]")
+        expect(page.locator("#convert-api")).to_have_text("KVM_SET_MEMORY_ATTRIBUTES2 on the slot's guest_memfd")
+
+        browser.submit("#pin", mapping="1", offset="0x3000", size="0x1000")
+        expect(page.locator('#host-pins tr[data-key="1"] td').nth(2)).to_have_text("[0x3, 0x4)")
+        browser.submit("#convert", gpa="0x100000000", size="0x10000")
+        expect(page.locator("#error")).to_contain_text("EAGAIN")
+        expect(page.locator("#error")).to_contain_text("error_offset 0x3000")
+        before = browser.drawn()
+        page.locator('#host-pins tr[data-key="1"] button').click()  # unpin
+        browser.wait_redraw(before)
+        browser.submit("#convert", gpa="0x100000000", size="0x10000")
+        expect(page.locator("#last-result")).to_contain_text("invalidated=true  pages_zapped=0")  # bound, unmapped
+        expect(page.locator(f'#gmem-files tr[data-key="{fd}"] td').nth(6)).to_have_text("[0x0, 0x10)")
+        private = page.locator("#map rect[fill='url(#pat-private)']")
+        expect(private.first).to_be_visible()
+        browser.submit("#touch", mapping="1", offset="0x0", size="0x1000")
+        expect(page.locator("#error")).to_contain_text("EFAULT SIGBUS")
+
+        network = [e for e in browser.errors if e.startswith("Failed to load resource")]
+        assert len(network) == 2, network  # the provoked EAGAIN and SIGBUS
+        assert [e for e in browser.errors if e not in network] == []
+        page.screenshot(path="/tmp/in-place-page.png", full_page=True)
         page.close()

@@ -39,6 +39,7 @@ async function api(method, path, body) {
     const err = new Error(data.detail || r.statusText);
     err.errno = data.errno || String(r.status);
     err.signal = data.signal;  // a host access: the signal it took (SIGBUS, SIGSEGV)
+    err.errorOffset = data.error_offset;  // KVM_SET_MEMORY_ATTRIBUTES2's EAGAIN and ENOMEM
     err.status = r.status;
     throw err;
   }
@@ -51,7 +52,8 @@ function showError(err) {
   box.replaceChildren();
   const b = document.createElement("b");
   b.textContent = [err.errno || "error", err.signal].filter(Boolean).join(" ");
-  box.append(b, ` (HTTP ${err.status || "?"}): ${err.message}`);
+  const at = err.errorOffset === undefined || err.errorOffset === null ? "" : ` (error_offset ${hex(err.errorOffset)})`;
+  box.append(b, ` (HTTP ${err.status || "?"}): ${err.message}${at}`);
 }
 
 function clearError() { $("#error").hidden = true; }
@@ -134,14 +136,17 @@ async function deleteVm(id) {
 async function selectVm(id) {
   clearError();
   state.vm = await api("GET", `/v1/vms/${id}`);
-  state.maxGfn = BigInt((await api("GET", `/v1/vms/${id}/capabilities`)).max_gfn);
+  const caps = await api("GET", `/v1/vms/${id}/capabilities`);
+  state.maxGfn = BigInt(caps.max_gfn);
+  state.inPlace = caps.caps.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES !== 0;
   [state.start, state.end] = await fittedWindow();
   state.lastEvent = 0;
   $("#events").replaceChildren();
   $("#vm-view").hidden = false;
   $("#mmu-panel").hidden = false;
   $("#vm-title").textContent = `${state.vm.name || state.vm.id} (${state.vm.type}, ${state.vm.semantics}, host ${state.vm.profile})`;
-  $("#convert-api").textContent = state.vm.semantics === "linux" ? "KVM_SET_MEMORY_ATTRIBUTES" : "KVM_MEMORY_ENCRYPT_{REG,UNREG}_REGION";
+  $("#convert-api").textContent = state.inPlace ? "KVM_SET_MEMORY_ATTRIBUTES2 on the slot's guest_memfd"
+    : state.vm.semantics === "linux" ? "KVM_SET_MEMORY_ATTRIBUTES" : "KVM_MEMORY_ENCRYPT_{REG,UNREG}_REGION";
   await loadVms();
   await refresh();
   await startTrace();
@@ -523,12 +528,23 @@ async function drawNotifiers() {
 // the map draws all of them.
 const FILE_RUNS = 16;
 
+// The file page ranges where runs have `key` set: runs split where the other field changes merge.
+function spans(runs, key) {
+  const out = [];
+  for (const r of runs.filter((x) => x[key])) {
+    const last = out[out.length - 1];
+    if (last && BigInt(last[1]) === BigInt(r.start)) last[1] = r.end;
+    else out.push([r.start, r.end]);
+  }
+  return out.map(([a, b]) => filePages(a, b));
+}
+
 async function drawGmem() {
-  const [{ guest_memfds: files }, { mappings }] = await Promise.all([
-    api("GET", vmPath("/guest-memfds")), api("GET", vmPath("/host-mappings"))]);
+  const [{ guest_memfds: files }, { mappings }, { pins }] = await Promise.all([
+    api("GET", vmPath("/guest-memfds")), api("GET", vmPath("/host-mappings")), api("GET", vmPath("/host-pins"))]);
   const runs = await Promise.all(files.map((f) => api("GET", vmPath(`/guest-memfds/${f.fd}/pages?limit=${FILE_RUNS}`))));
   state.hostMappings = mappings;
-  $("#gmem-panel").hidden = !files.length && !mappings.length;
+  $("#gmem-panel").hidden = !files.length && !mappings.length && !pins.length;
 
   const table = (id, head, rows) => {
     const t = $(id);
@@ -546,21 +562,27 @@ async function drawGmem() {
     }
   };
   table("#gmem-files", ["fd", "size", "flags", "allocated pages", "bound to (slot: file pages)", "allocated (file pages)",
-    "host mappings", ""], files.map((f, i) => {
+    "private (file pages)", "host mappings", ""], files.map((f, i) => {
     const flags = GMEM_FLAGS.filter(([bit]) => f.flags & bit).map(([, name]) => name).join(" | ") || "0";
     const bindings = f.bindings.map((b) => `slot ${b.slot}: ${filePages(b.offset, BigInt(b.offset) + BigInt(b.size))}`);
-    const allocated = runs[i].runs.filter((r) => r.allocated).map((r) => filePages(r.start, r.end));
+    const allocated = spans(runs[i].runs, "allocated");
+    const priv = spans(runs[i].runs, "private");
     if (runs[i].next_offset !== null) allocated.push("…");
+    if (runs[i].next_offset !== null) priv.push("…");
     return [f.fd, [String(f.fd), hex(f.size), flags, String(f.allocated_pages), bindings.join(", ") || "none",
-      allocated.join(" ") || "none", f.mappings.map((m) => `#${m}`).join(" ") || "none",
+      allocated.join(" ") || "none", priv.join(" ") || "none", f.mappings.map((m) => `#${m}`).join(" ") || "none",
       button("close", `close(${f.fd}): kvm_gmem_release() at the last reference`, () => api("DELETE", vmPath(`/guest-memfds/${f.fd}`)))]];
   }));
   table("#host-mappings", ["host mapping", "fd", "file pages", "pages", ""], mappings.map((m) => [m.id, [
     `#${m.id}`, m.fd === null ? "closed" : String(m.fd),
     filePages(m.offset, BigInt(m.offset) + BigInt(m.length)), String(pages(m.length)),
     button("munmap", `munmap() mapping #${m.id}`, () => api("DELETE", vmPath(`/host-mappings/${m.id}`)))]]));
+  table("#host-pins", ["pin", "fd", "file pages", ""], pins.map((p) => [p.id, [
+    `#${p.id}`, p.fd === null ? "closed" : String(p.fd), filePages(p.offset, BigInt(p.offset) + BigInt(p.size)),
+    button("unpin", `unpin_user_pages(): drop pin #${p.id}`, () => api("DELETE", vmPath(`/host-pins/${p.id}`)))]]));
   $("#gmem-files").hidden = !files.length;
   $("#host-mappings").hidden = !mappings.length;
+  $("#host-pins").hidden = !pins.length;
 }
 
 function form(id, handler) {
@@ -587,9 +609,21 @@ function setupActions() {
     }
     return api("PUT", vmPath(`/memslots/${d.slot}`), body);
   });
-  form("#convert", (d) => {
+  form("#convert", async (d) => {
+    const attributes = d.to === "private" ? 8 : 0;
+    if (state.inPlace) {
+      // What a VMM does in place (QEMU's kvm_convert_memory()): the gpa's slot names the file and offset.
+      const gpa = BigInt(d.gpa);
+      const { memslots } = await api("GET", vmPath("/memslots"));
+      const s = memslots.find((m) => m.as_id === 0 && BigInt(m.guest_phys_addr) <= gpa
+        && gpa < BigInt(m.guest_phys_addr) + BigInt(m.memory_size));
+      if (!s || s.guest_memfd === null) throw new Error(`no guest_memfd slot holds gpa ${d.gpa}`);
+      const offset = BigInt(s.guest_memfd_offset) + gpa - BigInt(s.guest_phys_addr);
+      return api("POST", vmPath(`/guest-memfds/${s.guest_memfd}/memory-attributes`),
+        { offset: hex(offset), size: d.size, attributes });
+    }
     if (state.vm.semantics === "linux") {
-      return api("PUT", vmPath("/memory-attributes"), { address: d.gpa, size: d.size, attributes: d.to === "private" ? 8 : 0 });
+      return api("PUT", vmPath("/memory-attributes"), { address: d.gpa, size: d.size, attributes });
     }
     return api("POST", vmPath(`/memory-encrypt/${d.to === "private" ? "reg" : "unreg"}-region`), { addr: d.gpa, size: d.size });
   });
@@ -606,6 +640,7 @@ function setupActions() {
   form("#mmap", (d) => api("POST", vmPath(`/guest-memfds/${Number(d.fd)}/mmap`), { offset: d.offset, length: d.length }));
   form("#touch", (d) => api("POST", vmPath(`/host-mappings/${Number(d.mapping)}/touch`),
     { offset: d.offset, size: d.size, write: Boolean(d.write) }));
+  form("#pin", (d) => api("POST", vmPath(`/host-mappings/${Number(d.mapping)}/pin`), { offset: d.offset, size: d.size }));
   form("#inject", (d) => api("PUT", vmPath("/fault-injection"), { fail_nth: d.fail_nth ? Number(d.fail_nth) : null }));
   $("#token-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -637,7 +672,8 @@ function setupExplorer() {
     clearError();
     const d = Object.fromEntries(new FormData(e.target));
     const body = { variant: d.variant, npages: Number(d.npages), to: d.to, fault_gfn_offset: Number(d.fault_gfn_offset),
-      fault_access: d.fault_access, fail_nth: d.fail_nth ? Number(d.fail_nth) : null };
+      fault_access: d.fault_access, fail_nth: d.fail_nth ? Number(d.fail_nth) : null,
+      pinned: d.pinned.trim() ? d.pinned.split(",").map((o) => Number(o.trim())) : null };
     try {
       drawRun(await api("POST", "/v1/explorer/runs", body));
     } catch (err) { showError(err); }
