@@ -7,6 +7,8 @@ FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY app ./app
+# The client's own import name (kvm_memattr_client), mapped onto app/client and app/models.
+COPY client/kvm_memattr_client ./client/kvm_memattr_client
 # Every dependency pinned (scripts/update-constraints.sh): the same image whenever it is built.
 RUN python3 -m venv /opt/kvm-memattr \
     && /opt/kvm-memattr/bin/pip install --no-cache-dir --disable-pip-version-check -c constraints.txt .

@@ -68,6 +68,8 @@ class RefVM:
     # The host's KVM_CHECK_EXTENSION answers: raw data, every rule that reads them is below.
     caps: HostCaps = PROFILES["linux-6.18"].caps
     kernel: Kernel = "6.18"
+    in_place: bool = False
+    """gmem_in_place_conversion (7.4): private/shared lives in each file, per page."""
     attrs: dict[int, int] = field(default_factory=dict)
     slots: dict[tuple[int, int], RefSlot] = field(default_factory=dict)
     maps: dict[tuple[int, int], tuple[bool, bool]] = field(default_factory=dict)
@@ -92,7 +94,11 @@ class RefVM:
     fail_nth: int | None = None
     gmem: dict[int, dict[str, Any]] = field(default_factory=dict)
     """Open files: size, flags, bindings {raw slot: (offset, size)}, pages (allocated page
-    indexes), mmaps (ids of the host mappings holding it)."""
+    indexes), mmaps (ids of the host mappings holding it), private (in place: page -> bool, where
+    it differs from the file's default), pins {pin id: (first page, pages)}."""
+    pins: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Pins of file pages: id -> the file."""
+    next_pin: int = 1
     host_maps: dict[int, tuple[dict[str, Any], int, int]] = field(default_factory=dict)
     """Host mappings: id -> (file, first page, pages)."""
     next_mid: int = 1
@@ -132,6 +138,24 @@ class RefVM:
     def attr(self, gfn: int) -> int:
         default = PRIVATE if not self.linux and self.private_mem else 0
         return self.attrs.get(gfn, default)
+
+    @property
+    def in_place_mode(self) -> bool:
+        return self.linux and self.in_place
+
+    def is_private(self, gfn: int) -> bool:
+        """What a fault reads: the VM's attribute, or in place the file page behind the gfn."""
+        if not self.in_place_mode:
+            return bool(self.attr(gfn) & PRIVATE)
+        slot = self.slot_at(0, gfn)
+        if slot is None or slot.gmem_file is None or not self.private_mem:
+            return False
+        return self.file_private(slot.gmem_file, slot.pgoff(gfn))
+
+    @staticmethod
+    def file_private(f: dict[str, Any], page: int) -> bool:
+        """The host may not touch the page: in place its attribute, else the whole file's."""
+        return bool(f["private"].get(page, not f["flags"] & 2))
 
     def slot_at(self, as_id: int, gfn: int) -> RefSlot | None:
         for s in self.slots.values():
@@ -216,11 +240,11 @@ class RefVM:
     def set_attributes(self, address: int, size: int, attributes: int, flags: int) -> dict[str, object]:
         if not self.linux:
             raise ENOTTY("rfc")
-        if not self.caps.KVM_CAP_MEMORY_ATTRIBUTES:
+        if not self.caps.KVM_CAP_MEMORY_ATTRIBUTES and not self.in_place_mode:
             raise ENOTTY("not built")
         if flags:
             raise EINVAL("flags")
-        if attributes & ~(PRIVATE if self.private_mem else 0):
+        if attributes & ~(PRIVATE if self.private_mem and not self.in_place_mode else 0):
             raise EINVAL("attributes")
         gfns = self._range(address, size)
         if all(self.attr(g) == attributes for g in gfns):
@@ -349,7 +373,7 @@ class RefVM:
                 fd if gfile else None,
                 off,
                 gfile,
-                bool(gfile and gfile["flags"] & 1),
+                bool(gfile and (gfile["flags"] & 1 or self.in_place_mode)),
             )
             if gfile is not None:
                 gfile["bindings"][raw] = (off, size)
@@ -361,20 +385,37 @@ class RefVM:
     def create_gmem(self, size: int, flags: int) -> int:
         if self.linux and not self.caps.KVM_CAP_GUEST_MEMFD:
             raise ENOTTY("not built")
-        supported = (1 | (0 if self.private_mem else 2)) & self.caps.KVM_CAP_GUEST_MEMFD_FLAGS if self.linux else 0
+        init_shared = 0 if self.private_mem and not self.in_place_mode else 2
+        supported = (1 | init_shared) & self.caps.KVM_CAP_GUEST_MEMFD_FLAGS if self.linux else 0
         if flags & ~supported or size == 0 or size % PAGE or size >= 2**63:
             raise EINVAL("gmem")
         fd = self.next_fd
         self.next_fd += 1
-        self.gmem[fd] = {"size": size, "flags": flags, "bindings": {}, "pages": set(), "mmaps": set(), "fd": fd}
+        self.gmem[fd] = {
+            "size": size,
+            "flags": flags,
+            "bindings": {},
+            "pages": set(),
+            "mmaps": set(),
+            "fd": fd,
+            "private": {},
+            "pins": {},
+        }
         return fd
+
+    def _held(self, f: dict[str, Any]) -> bool:
+        return bool(f["mmaps"] or f["pins"] or self.gmem.get(f["fd"]) is f)
+
+    def _kind(self, f: dict[str, Any]) -> str:
+        """The file's invalidation filter: in place both kinds, else by INIT_SHARED."""
+        return "all" if self.in_place_mode else "shared" if f["flags"] & 2 else "private"
 
     def close_gmem(self, fd: int) -> tuple[bool, int, bool]:
         """(released, pages zapped, invalidated): a host mapping keeps the file."""
         if fd not in self.gmem:
             raise ENOENT("fd")
         f = self.gmem.pop(fd)
-        if f["mmaps"]:
+        if self._held(f):
             return False, 0, False
         return self._release(f)
 
@@ -388,7 +429,7 @@ class RefVM:
         zapped = 0
         if bound:
             self.begin()
-            kind = "shared" if f["flags"] & 2 else "private"
+            kind = self._kind(f)
             for slot in sorted(bound, key=lambda x: (x.as_id, x.id)):
                 self.add(slot.base, slot.base + slot.npages)
                 zapped += self.unmap(slot.as_id, range(slot.base, slot.base + slot.npages), kind)
@@ -446,7 +487,7 @@ class RefVM:
             self.begin()
             for slot, gfns in hits:
                 self.add(gfns.start, gfns.stop)
-                zapped += self.unmap(slot.as_id, gfns, "shared" if f["flags"] & 2 else "private")
+                zapped += self.unmap(slot.as_id, gfns, self._kind(f))
             self.flush(zapped)
         freed = {p for p in pages if first <= p < stop}
         pages -= freed
@@ -478,7 +519,7 @@ class RefVM:
             raise ENOENT("mapping")
         f, _, _ = self.host_maps.pop(mid)
         f["mmaps"].discard(mid)
-        if f["mmaps"] or self.gmem.get(f["fd"]) is f:
+        if self._held(f):
             return False, 0, False
         return self._release(f)
 
@@ -493,18 +534,81 @@ class RefVM:
         for p in span:
             if p >= npages:
                 raise EFAULT("SIGSEGV")
-            if pg + p >= f["size"] // PAGE or not f["flags"] & 2:
+            if pg + p >= f["size"] // PAGE or self.file_private(f, pg + p):
                 raise EFAULT("SIGBUS")
         new = sum(pg + p not in f["pages"] for p in span)
         f["pages"].update(pg + p for p in span)
         return len(span), new
+
+    def pin(self, mid: int, offset: int, size: int) -> int:
+        """pin_user_pages(): faulted in as a touch, then held; the pin's id."""
+        self.touch(mid, offset, size)
+        f, pg, _ = self.host_maps[mid]
+        pid = self.next_pin
+        self.next_pin += 1
+        f["pins"][pid] = (pg + offset // PAGE, (offset + size - 1) // PAGE - offset // PAGE + 1)
+        self.pins[pid] = f
+        return pid
+
+    def unpin(self, pid: int) -> tuple[bool, int, bool]:
+        if pid not in self.pins:
+            raise ENOENT("pin")
+        f = self.pins.pop(pid)
+        del f["pins"][pid]
+        if self._held(f):
+            return False, 0, False
+        return self._release(f)
+
+    def gmem_attributes(self, fd: int, offset: int, size: int, attributes: int, flags: int) -> tuple[bool, bool, int]:
+        """KVM_SET_MEMORY_ATTRIBUTES2: (noop, invalidated, pages zapped); EAGAIN/ENOMEM carry
+        the error offset as their message."""
+        f = self.gmem.get(fd)
+        if f is None:
+            raise EBADF("fd")
+        if not self.in_place_mode:
+            raise ENOTTY("not in place")
+        if flags or not self.private_mem or attributes & ~PRIVATE:
+            raise EINVAL("flags, VM, attributes")
+        if size == 0 or offset + size > U64_MAX or offset % PAGE or size % PAGE or offset + size > f["size"]:
+            raise EINVAL("range")
+        span = range(offset // PAGE, (offset + size) // PAGE)
+        private = bool(attributes)
+        if all(self.file_private(f, p) == private for p in span):
+            self.stats["attribute_updates"] += 1
+            return True, False, 0
+        nth, self.fail_nth = self.fail_nth, None
+        if nth == 1:
+            raise ENOMEM(str(offset))
+        if private:
+            for p in span:  # the first page in use: pinned and still in the page cache
+                if p in f["pages"] and any(s <= p < s + n for s, n in f["pins"].values()):
+                    raise EAGAIN(str(p * PAGE))
+        hits = []
+        for raw, (o, sz) in sorted(f["bindings"].items()):
+            slot = self.slots[(raw >> 16, raw & 0xFFFF)]
+            lo, hi = max(o // PAGE, span.start), min((o + sz) // PAGE, span.stop)
+            if lo < hi:
+                hits.append((slot, range(slot.base + lo - o // PAGE, slot.base + hi - o // PAGE)))
+        zapped = 0
+        if hits:
+            self.begin()
+            for slot, gfns in hits:
+                self.add(gfns.start, gfns.stop)
+                zapped += self.unmap(slot.as_id, gfns, "shared" if private else "private")
+            self.flush(zapped)
+        for p in span:
+            f["private"][p] = private
+        if hits:
+            self.end()
+        self.stats["attribute_updates"] += 1
+        return False, bool(hits), zapped
 
     # -- faults
     def fault(self, as_id: int, gpa: int, write: bool, private: bool | None, mmu_seq: int | None) -> str:
         if as_id >= self.nr_as:
             raise EINVAL("as")
         gfn = gpa // PAGE
-        attr_priv = bool(self.attr(gfn) & PRIVATE)
+        attr_priv = self.is_private(gfn)
         priv = attr_priv if private is None else private
         snap = self.seq if mmu_seq is None else mmu_seq
         slot = self.slot_at(as_id, gfn)
@@ -573,7 +677,7 @@ class RefVM:
         already = 0
         for g in gfns:
             slot = self.slot_at(as_id, g)
-            priv = bool(self.attr(g) & PRIVATE)
+            priv = self.is_private(g)
             stop: type[KvmError] | None = None
             if slot is None:
                 stop = EFAULT if priv else ENOENT

@@ -57,6 +57,12 @@ ATTRIBUTES = _ex(
     shared=("the same back to shared", {"address": GPA, "size": "0x200000", "attributes": 0, "flags": 0}),
     unaligned=("refused: not 4 KiB aligned (EINVAL)", {"address": "0x100000800", "size": "0x1000", "attributes": 8}),
 )
+GMEM_ATTRIBUTES = _ex(
+    private=("the first 2 MiB of the file to private", {"offset": "0x0", "size": "0x200000", "attributes": 8}),
+    shared=("one page back to shared", {"offset": "0x1000", "size": "0x1000", "attributes": 0}),
+    flags=("refused: flags must be 0 (EINVAL)", {"offset": "0x0", "size": "0x1000", "attributes": 8, "flags": 1}),
+)
+PIN = _ex(page=("the mapping's first page, as GUP or a VFIO DMA map would", {"offset": "0x0", "size": "0x1000"}))
 ENC_REGION = _ex(
     gpa=("2 MiB at 4 GiB (rfc-v9 GPA)", {"addr": GPA, "size": "0x200000"}),
     hva=("4 KiB of host memory (SEV)", {"addr": HVA, "size": "0x1000"}),

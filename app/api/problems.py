@@ -61,6 +61,11 @@ class Problem(BaseModel):
     fault_offset: int | None = Field(
         None, description="a host access: the offset in the mapping of the first page that takes the signal"
     )
+    error_offset: int | None = Field(
+        None,
+        description="KVM_SET_MEMORY_ATTRIBUTES2's ENOMEM and EAGAIN: the byte offset in the file it stopped at "
+        "(EAGAIN: the first page in use)",
+    )
 
 
 def errno_title(errno: str) -> str:

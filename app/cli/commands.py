@@ -48,6 +48,11 @@ SCENARIO_OPTIONS = {
     ),
     "fault_gfn_offset": ScenarioOption("--fault-offset", "which gfn of the range the vCPU faults on", int),
     "fault_access": ScenarioOption("--access", "the vCPU's access", choices=sorted(get_args(FaultAccess))),
+    "pinned": ScenarioOption(  # read by explore (int_list), as --initial-private
+        "--pinned",
+        "in-place variants: comma-separated offsets the host holds pinned",
+        show=lambda offsets: ",".join(map(str, offsets)),
+    ),
 }
 """explore's option for each field of the Scenario but its variant (--variant), in its order;
 the parser adds them with the field's name as ``dest`` and its default."""
@@ -65,8 +70,9 @@ def explore(client: Client, args: argparse.Namespace, out: Output) -> int:
             out.console.print(summary(runs))
         return VIOLATED if any(r.violations for r in runs) else 0
     scenario = {name: getattr(args, name) for name in SCENARIO_OPTIONS}
-    if args.initial_private is not None:
-        scenario["initial_private"] = int_list(args.initial_private)
+    for name in ("initial_private", "pinned"):
+        if scenario[name] is not None:
+            scenario[name] = int_list(scenario[name])
     schedule = None if args.schedule is None else [s.strip() for s in args.schedule.split(",") if s.strip()]
     run = client.run_explorer(args.variant, schedule=schedule, **scenario)
     if out.as_json:

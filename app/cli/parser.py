@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--private", action="store_true", help="MAP_PRIVATE (guest_memfd refuses it: EINVAL)")
     x = cmd(
         "touch",
-        "host read/write through a mapping (SIGBUS without INIT_SHARED or past the file)",
+        "host read/write through a mapping (SIGBUS on a private page or past the file)",
         lambda c, a: ops.touch_host_mapping(a.vm, a.mapping, offset=a.offset, size=a.size, write=a.write),
         parent=gm,
     )
@@ -239,6 +239,37 @@ def build_parser() -> argparse.ArgumentParser:
     x = cmd("munmap", "unmap a host mapping", lambda c, a: ops.munmap_host_mapping(a.vm, a.mapping), parent=gm)
     x.add_argument("vm")
     x.add_argument("mapping", type=int)
+    x = cmd(
+        "pin",
+        "pin pages through a mapping (GUP, IOMMU): to-private conversions over them are EAGAIN",
+        lambda c, a: ops.pin_host_mapping(a.vm, a.mapping, offset=a.offset, size=a.size),
+        parent=gm,
+    )
+    x.add_argument("vm")
+    x.add_argument("mapping", type=int, help="id that mmap returned")
+    x.add_argument("--offset", type=number, default=0, help="bytes into the mapping")
+    x.add_argument("--size", type=number, default=4096, help="bytes")
+    x = cmd("unpin", "drop a pin", lambda c, a: ops.unpin_host_pin(a.vm, a.pin), parent=gm)
+    x.add_argument("vm")
+    x.add_argument("pin", type=int, help="id that pin returned")
+    cmd("pins", "the host's pins of guest_memfd pages", lambda c, a: ops.list_host_pins(a.vm), parent=gm).add_argument(
+        "vm"
+    )
+    x = cmd(
+        "attrs",
+        "KVM_SET_MEMORY_ATTRIBUTES2 on the file: convert in place (linux-7.4-in-place)",
+        lambda c, a: ops.set_guest_memfd_memory_attributes(a.vm, a.fd, a.offset, a.size, attributes(a), a.flags),
+        parent=gm,
+    )
+    x.add_argument("vm")
+    x.add_argument("fd", type=int)
+    x.add_argument("offset", type=number, help="bytes into the file")
+    x.add_argument("size", type=number, help="bytes")
+    kind = x.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--private", action="store_true", help="attributes 8 (KVM_MEMORY_ATTRIBUTE_PRIVATE)")
+    kind.add_argument("--shared", action="store_true", help="attributes 0")
+    kind.add_argument("--attributes", type=integer, help="the raw attributes value")
+    x.add_argument("--flags", type=integer, default=0, help="kvm_memory_attributes2.flags (must be 0)")
 
     for name, call, what in (
         ("reg-region", "reg_region", "private / pin"),

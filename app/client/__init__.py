@@ -1,12 +1,18 @@
 """A typed Python client for kvm-memattr, sync and async, on httpx.
 
-    from app.client import Client
+    from kvm_memattr_client import Client
     with Client("http://127.0.0.1:8000") as kvm:          # or Client.in_process()
         vm = kvm.create_vm(type="sw_protected", semantics="linux")
         kvm.set_memory_attributes(vm.id, address=0x1_0000_0000, size=0x20_0000, attributes=8)
 
-Every method is one API operation and returns the pydantic model of ``app.models``; every
-failure raises :class:`KvmMemattrError` carrying the kernel errno and the problem body.
+Every method is one API operation and returns the pydantic model of the sibling package
+``models``; every failure raises :class:`KvmMemattrError` carrying the kernel errno and the
+problem body.
+
+This package and ``models`` are installed under two names from the same files: ``app.client`` and
+``app.models`` in the service, ``kvm_memattr_client.client`` and ``kvm_memattr_client.models`` in
+the client distribution (``client/pyproject.toml``), which has no ``app`` package. So they import
+each other relatively, and the service (``app.main``, for ``in_process()``) only when asked.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 import httpx
 
-from app.client import operations as ops
-from app.client.operations import Op
+from . import operations as ops
+from .operations import Op
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -102,6 +108,31 @@ def _like(method: F, builder: Callable[..., Any]) -> F:
     return method
 
 
+def _service_app() -> Any:
+    """A fresh app of the kvm-memattr service, for ``in_process()``: imported now, since the client
+    distribution does not ship it, and only from the service's own distribution."""
+    if __name__.partition(".")[0] != "app":  # the client alone (kvm_memattr_client): is the service here too?
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        try:
+            distribution("kvm-memattr")
+        except PackageNotFoundError:
+            raise RuntimeError(
+                "in_process() runs the kvm-memattr service inside this process, and it is not installed"
+                " here (kvm-memattr-client is the client alone): install the service beside it"
+                " (pip install kvm-memattr) or use Client(url) against a running one"
+            ) from None
+    try:
+        from app.main import create_app
+        from app.settings import Settings
+    except ImportError as e:
+        raise RuntimeError(
+            f"in_process() cannot import the kvm-memattr service ({e}); where a project's own `app`"
+            " package shadows the service's, use Client(url) against a running service"
+        ) from e
+    return create_app(Settings(log_level="warning"))
+
+
 class Client:
     """Synchronous client. ``Client(url)`` talks to a server; ``Client.in_process()`` to an app in this process."""
 
@@ -121,11 +152,10 @@ class Client:
     @classmethod
     def in_process(cls, app: Any = None) -> Client:
         """A client onto an ASGI app in this process (a fresh ``create_app()`` by default): no server needed."""
-        from app.client.inprocess import InProcessTransport
-        from app.main import create_app
-        from app.settings import Settings
+        app = app or _service_app()
+        from .inprocess import InProcessTransport
 
-        transport = InProcessTransport(app or create_app(Settings(log_level="warning")))
+        transport = InProcessTransport(app)
         return cls(http=httpx.Client(transport=transport, base_url="http://localhost"))
 
     def send(self, op: Op[T]) -> T:
@@ -174,6 +204,11 @@ class Client:
     get_host_mapping = _sync(ops.get_host_mapping)
     touch_host_mapping = _sync(ops.touch_host_mapping)
     munmap_host_mapping = _sync(ops.munmap_host_mapping)
+    set_guest_memfd_memory_attributes = _sync(ops.set_guest_memfd_memory_attributes)
+    pin_host_mapping = _sync(ops.pin_host_mapping)
+    list_host_pins = _sync(ops.list_host_pins)
+    get_host_pin = _sync(ops.get_host_pin)
+    unpin_host_pin = _sync(ops.unpin_host_pin)
     reg_region = _sync(ops.reg_region)
     unreg_region = _sync(ops.unreg_region)
     list_enc_regions = _sync(ops.list_enc_regions)
@@ -210,10 +245,7 @@ class AsyncClient:
     def in_process(cls, app: Any = None) -> AsyncClient:
         """A client onto an ASGI app in this process (``httpx.ASGITransport``); ``async with`` runs
         the app's lifespan (asgi-lifespan), as a server would."""
-        from app.main import create_app
-        from app.settings import Settings
-
-        asgi_app = app or create_app(Settings(log_level="warning"))
+        asgi_app = app or _service_app()
         transport = httpx.ASGITransport(app=asgi_app)
         client = cls(http=httpx.AsyncClient(transport=transport, base_url="http://localhost"))
         client._app = asgi_app
@@ -268,6 +300,11 @@ class AsyncClient:
     get_host_mapping = _async(ops.get_host_mapping)
     touch_host_mapping = _async(ops.touch_host_mapping)
     munmap_host_mapping = _async(ops.munmap_host_mapping)
+    set_guest_memfd_memory_attributes = _async(ops.set_guest_memfd_memory_attributes)
+    pin_host_mapping = _async(ops.pin_host_mapping)
+    list_host_pins = _async(ops.list_host_pins)
+    get_host_pin = _async(ops.get_host_pin)
+    unpin_host_pin = _async(ops.unpin_host_pin)
     reg_region = _async(ops.reg_region)
     unreg_region = _async(ops.unreg_region)
     list_enc_regions = _async(ops.list_enc_regions)

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from app.models.names import VariantName
-from app.models.scenario import Scenario
+from ..models.names import VariantName
+from ..models.scenario import Scenario
 
 if TYPE_CHECKING:  # the models (and pydantic) load on the first answer parsed: see _model
-    from app.models import explorer, state
-    from app.models.host import HostProfile
-    from app.models.snapshot import VmSnapshot
+    from ..models import explorer, state
+    from ..models.host import HostProfile
+    from ..models.snapshot import VmSnapshot
 
 T = TypeVar("T")
 Int = int | str
@@ -35,11 +35,12 @@ class Op(Generic[T]):
 
 
 def _model(module: str, name: str) -> Callable[[Any], Any]:
-    """``app.models.<module>.<name>.model_validate``, imported on first use: a caller that only moves
-    JSON (the CLI, ``Client.send_json``) never loads pydantic."""
+    """``<name>.model_validate`` of the sibling package ``models`` (``app.models`` in the server,
+    ``kvm_memattr_client.models`` in the client alone), imported on first use: a caller that only
+    moves JSON (the CLI, ``Client.send_json``) never loads pydantic."""
 
     def parse(data: Any) -> Any:
-        return getattr(importlib.import_module(f"app.models.{module}"), name).model_validate(data)
+        return getattr(importlib.import_module(f"..models.{module}", __package__), name).model_validate(data)
 
     return parse
 
@@ -214,6 +215,34 @@ def munmap_host_mapping(vm_id: str, mapping: int) -> Op[state.GuestMemfdClose]:
     return Op("DELETE", _vm(vm_id, f"/host-mappings/{mapping}"), _model("state", "GuestMemfdClose"))
 
 
+def set_guest_memfd_memory_attributes(
+    vm_id: str, fd: int, offset: Int, size: Int, attributes: Int, flags: Int = 0
+) -> Op[state.GmemAttributeUpdate]:
+    """KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd (in place, 7.4); EAGAIN and ENOMEM carry error_offset."""
+    body = {"offset": offset, "size": size, "attributes": attributes, "flags": flags}
+    path = _vm(vm_id, f"/guest-memfds/{fd}/memory-attributes")
+    return Op("POST", path, _model("state", "GmemAttributeUpdate"), json=body)
+
+
+def pin_host_mapping(vm_id: str, mapping: int, offset: Int = 0, size: Int = 4096) -> Op[state.HostPin]:
+    """pin_user_pages() through a host mapping (GUP, an IOMMU mapping): held until unpinned."""
+    body = {"offset": offset, "size": size}
+    return Op("POST", _vm(vm_id, f"/host-mappings/{mapping}/pin"), _model("state", "HostPin"), json=body)
+
+
+def list_host_pins(vm_id: str) -> Op[state.HostPinList]:
+    return Op("GET", _vm(vm_id, "/host-pins"), _model("state", "HostPinList"))
+
+
+def get_host_pin(vm_id: str, pin: int) -> Op[state.HostPin]:
+    return Op("GET", _vm(vm_id, f"/host-pins/{pin}"), _model("state", "HostPin"))
+
+
+def unpin_host_pin(vm_id: str, pin: int) -> Op[state.GuestMemfdClose]:
+    """unpin_user_pages(): the last reference to a closed, unmapped guest_memfd releases it."""
+    return Op("DELETE", _vm(vm_id, f"/host-pins/{pin}"), _model("state", "GuestMemfdClose"))
+
+
 # -- memory attributes
 def reg_region(vm_id: str, addr: Int, size: Int) -> Op[state.AttributeUpdate | state.SevRegionUpdate]:
     """KVM_MEMORY_ENCRYPT_REG_REGION (rfc-v9 GPA: make private; SEV: pin an HVA range)."""
@@ -317,7 +346,7 @@ def run_explorer(
     variant: VariantName, *, schedule: list[str] | None = None, **scenario: Any
 ) -> Op[explorer.ExplorerRun]:
     """Race a vCPU fault against a conversion: every schedule, or exactly ``schedule``. ``scenario``:
-    the other fields of ``app.models.scenario.Scenario`` (start_gfn, npages, to, ...), each its
+    the other fields of ``models.scenario.Scenario`` (start_gfn, npages, to, ...), each its
     default where not given."""
     body = _body(**asdict(Scenario(variant, **scenario)), schedule=schedule)
     return Op("POST", "/v1/explorer/runs", _model("explorer", "ExplorerRun"), json=body)
@@ -326,14 +355,14 @@ def run_explorer(
 def get_memory_map(
     vm_id: str, start_gfn: Int | None = None, end_gfn: Int | None = None, buckets: int = 1024
 ) -> Op[state.MemoryMap]:
-    """Per-bucket counts of private, memslot-backed and mapped pages."""
+    """Per-bucket counts of private, memslot-backed, mapped and allocated guest_memfd pages."""
     params = _body(start_gfn=start_gfn, end_gfn=end_gfn, buckets=buckets)
     return Op("GET", _vm(vm_id, "/memory-map"), _model("state", "MemoryMap"), params=params)
 
 
 def _enc_result(data: Any) -> state.AttributeUpdate | state.SevRegionUpdate:
     """The REG/UNREG answer: an AttributeUpdate on the GPA path, a SevRegionUpdate on SEV."""
-    from app.models import state
+    from ..models import state
 
     if "pinned_regions" in data:
         return state.SevRegionUpdate.model_validate(data)

@@ -17,6 +17,7 @@ from app.core import guest_memfd
 from app.core.attributes import Conversion, Unterminated, V9Delta
 from app.core.errors import EINVAL, KvmError
 from app.core.faults import Fault
+from app.core.in_place import GmemConversion
 from app.core.kvm import PRIVATE, Kvm
 from app.core.limits import EngineLimits
 from app.core.memslots import set_memory_region
@@ -28,6 +29,7 @@ from app.models.explorer import Invariant
 from app.models.host import DEFAULT_PROFILE, PROFILES
 from app.models.kvm import (
     GFN_LIMIT,
+    GUEST_MEMFD_FLAG_INIT_SHARED,
     GUEST_MEMFD_FLAG_MMAP,
     KVM_MEM_GUEST_MEMFD,
     PAGE_SHIFT,
@@ -40,6 +42,7 @@ MAX_SCHEDULES = 100_000
 _HVA = 0x7F00_0000_0000
 _LIMITS = EngineLimits(max_events=64)
 _HOST = PROFILES[DEFAULT_PROFILE].model_copy(update={"max_gfn": GFN_LIMIT - 1})
+_IN_PLACE_HOST = PROFILES["linux-7.4-in-place"].model_copy(update={"max_gfn": GFN_LIMIT - 1})
 
 
 @dataclass
@@ -79,10 +82,13 @@ class _Run:
         variant = VARIANTS[sc.variant]
         self.tracing = tracing
         self.sc, self.start, self.end = sc, sc.start_gfn, sc.start_gfn + sc.npages
-        kvm = self.kvm = Kvm("explorer", None, VmType.sw_protected, variant.semantics, _LIMITS, _HOST)
-        # A punch-hole never fails, so fail_nth does not apply to it. Its file is mmap-able, so its slot is gmem-only: every fault, shared or
-        # private, takes its page from the file the hole is punched in.
+        host = _HOST if variant.in_place is None else _IN_PLACE_HOST
+        kvm = self.kvm = Kvm("explorer", None, VmType.sw_protected, variant.semantics, _LIMITS, host)
+        # A punch-hole's file is mmap-able, so its slot is gmem-only: every fault, shared or private,
+        # takes its page from the file the hole is punched in (as every fault does in place).
         flags = GUEST_MEMFD_FLAG_MMAP if variant.punch is not None else 0
+        if variant.in_place is not None:
+            flags = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
         gmem = self.gmem = guest_memfd.create(kvm, sc.npages << PAGE_SHIFT, flags)
         region = KvmUserspaceMemoryRegion2(
             flags=KVM_MEM_GUEST_MEMFD,
@@ -93,8 +99,13 @@ class _Run:
         )
         set_memory_region(kvm, 0, region)
         self.before = sc.initial()
+        attributes = kvm.attributes if gmem.attributes is None else gmem.attributes
+        base = self.start if gmem.attributes is None else 0
         for offset, private in enumerate(self.before):
-            kvm.attributes.assign(self.start + offset, self.start + offset + 1, PRIVATE if private else 0)
+            attributes.assign(base + offset, base + offset + 1, PRIVATE if private else 0)
+        for pin, offset in enumerate(sc.pinned or (), start=1):  # what pin_user_pages() leaves
+            gmem.allocate(offset, offset + 1)
+            gmem.pins[pin], kvm.host_pins[pin] = (offset, 1), gmem
         self.early: tuple[Invariant, str] | None = None  # a violation seen between steps
         steps: Steps
         if variant.punch is not None:
@@ -105,12 +116,18 @@ class _Run:
             punch = guest_memfd.PunchHole(kvm, gmem, 0, sc.npages << PAGE_SHIFT)
             steps = punch.steps(free_first=variant.punch.free_first, seq_bump=variant.punch.seq_bump)
             other: Literal["conversion", "punch_hole"] = "punch_hole"
+        elif variant.in_place is not None:
+            kvm.fail_nth = sc.fail_nth
+            value = PRIVATE if sc.to_private else 0
+            steps = GmemConversion(kvm, gmem, 0, sc.npages << PAGE_SHIFT, value, fine=True).steps(variant.in_place)
+            other = "conversion"
         else:
             kvm.fail_nth = sc.fail_nth
             conv = Conversion(kvm, self.start, self.end, PRIVATE if sc.to_private else 0, fine=True)
             steps = conv.linux() if variant.delta is None and kvm.linux else conv.rfc_v9(variant.delta or V9Delta())
             other = "conversion"
         self.punching = variant.punch is not None
+        self.in_place = variant.in_place is not None
         access = {"private": True, "shared": False, "attribute": None}[sc.fault_access]
         self.fault = Fault(
             kvm, 0, (self.start + sc.fault_gfn_offset) << PAGE_SHIFT, write=False, private=access, mmu_seq=None
@@ -137,8 +154,10 @@ class _Run:
         step = actor.perform()
         self.choices.append(i)
         self.labels.append(step.label)
-        if self.punching and self.early is None:
-            self.early = self._freed_mapped()
+        if self.early is None:
+            # Between steps: a punch-hole must never leave a freed page mapped; in place, where the
+            # host may touch what is shared, no mapping may disagree with its page's attribute.
+            self.early = self._freed_mapped() if self.punching else self._stale() if self.in_place else None
         if not self.tracing:
             return
         kvm = self.kvm
@@ -156,7 +175,7 @@ class _Run:
         )
 
     def attributes(self) -> list[bool]:
-        return [bool(v & PRIVATE) for s, e, v in self.kvm.attributes.runs(self.start, self.end) for _ in range(s, e)]
+        return [private for s, e, private in self.kvm.private_runs(self.start, self.end) for _ in range(s, e)]
 
     def allocated(self) -> list[bool]:
         return [bool(v) for s, e, v in self.gmem.allocated.runs(0, self.sc.npages) for _ in range(s, e)]
@@ -173,7 +192,7 @@ class _Run:
     def violation(self) -> tuple[Invariant, str] | None:
         """The first invariant this finished schedule breaks (a freed page mapped at any step,
         termination, rollback, stale mapping), its detail naming any other it breaks too."""
-        checks = (self.early, self._termination(), self._rollback(), self._stale())
+        checks = (self.early, self._termination(), self._rollback(), self._stale(), self._pinned_private())
         found = [v for v in checks if v is not None]
         if not found:
             return None
@@ -195,6 +214,14 @@ class _Run:
             if a != b
         ]
         return "rollback_not_exact", "the conversion failed but " + ", ".join(wrong)
+
+    def _pinned_private(self) -> tuple[Invariant, str] | None:
+        for offset in self.sc.pinned or ():
+            if self.gmem.first_private(offset, offset + 1) is not None:
+                return "pinned_page_private", (
+                    f"page {offset} of the file became private while the host holds it pinned (GUP, IOMMU)"
+                )
+        return None
 
     def _stale(self) -> tuple[Invariant, str] | None:
         for s, e, v in self.kvm.mmu.mapped_runs(0, self.start, self.end):

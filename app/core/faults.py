@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from app.core.errors import EAGAIN, EFAULT, ENOENT, ENOMEM, ENOTTY, EOPNOTSUPP, KvmError
-from app.core.kvm import PRIVATE, GuestMemfdFile, Kvm, Memslot, check_gpa_range
+from app.core.kvm import GuestMemfdFile, Kvm, Memslot, check_gpa_range
 from app.core.mmu import UNMAPPED, spte, spte_private, spte_writable
 from app.core.steps import Step, Steps
 from app.models import state
@@ -238,8 +238,7 @@ def _prefault_walk(kvm: Kvm, as_id: int, start: int, end: int) -> _Walk:
     gfn = start
     while gfn < end:
         slot = space.find(gfn)
-        _, run_end, attrs = kvm.attributes.run_at(gfn)
-        private = bool(attrs & PRIVATE)
+        _, run_end, private = next(kvm.private_runs(gfn, end))
         stop: type[KvmError] | None = None
         if slot is None:
             stop = EFAULT if private else ENOENT

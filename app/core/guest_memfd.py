@@ -41,11 +41,13 @@ FIRST_FD = 3
 
 
 def supported_flags(kvm: Kvm) -> int:
-    """``kvm_gmem_get_supported_flags()``: MMAP always; INIT_SHARED only without private memory;
-    neither on a host whose guest_memfd predates them (its ``KVM_CAP_GUEST_MEMFD_FLAGS``)."""
+    """``kvm_gmem_get_supported_flags()``: MMAP always; INIT_SHARED only without private memory,
+    or in place, where a file's pages can become private later; neither on a host whose
+    guest_memfd predates them (its ``KVM_CAP_GUEST_MEMFD_FLAGS``)."""
     if not kvm.linux:
         return 0
-    flags = GUEST_MEMFD_FLAG_MMAP | (0 if kvm.has_private_mem else GUEST_MEMFD_FLAG_INIT_SHARED)
+    init_shared = not kvm.has_private_mem or kvm.in_place
+    flags = GUEST_MEMFD_FLAG_MMAP | (GUEST_MEMFD_FLAG_INIT_SHARED if init_shared else 0)
     return flags & kvm.host.caps.KVM_CAP_GUEST_MEMFD_FLAGS
 
 
@@ -65,7 +67,7 @@ def create(kvm: Kvm, size: int, flags: int) -> GuestMemfdFile:
     """``KVM_CREATE_GUEST_MEMFD``."""
     check_create(kvm, size, flags)
     kvm.take("a guest_memfd")
-    gmem = GuestMemfdFile(kvm.next_fd, size, flags, kvm.budget)
+    gmem = GuestMemfdFile(kvm.next_fd, size, flags, kvm.budget, in_place=kvm.in_place)
     kvm.next_fd += 1
     kvm.gmem_files[gmem.fd] = gmem
     kvm.events.emit("guest_memfd_create", fd=gmem.fd, size=size, flags=flags)
@@ -101,10 +103,10 @@ def _loff(value: int) -> int:
 
 def bind(gmem: GuestMemfdFile, slot: Memslot) -> None:
     """``kvm_gmem_bind()``'s store, once ``check_bind()`` passed: an mmap-able file makes the
-    slot gmem-only."""
+    slot gmem-only, and so does any file in place, where every fault comes from guest_memfd."""
     gmem.bindings[slot.slot] = (slot.gmem_offset, slot.npages << PAGE_SHIFT)
     slot.gmem = gmem
-    slot.gmem_only = gmem.mmap_able
+    slot.gmem_only = gmem.mmap_able or gmem.in_place
 
 
 def unbind(kvm: Kvm, slot: Memslot) -> None:
@@ -116,17 +118,34 @@ def unbind(kvm: Kvm, slot: Memslot) -> None:
     del gmem.bindings[slot.slot]
     slot.gmem = None
     if not gmem.bindings and not _referenced(kvm, gmem):
-        gmem.allocated.release()
+        gmem.release()
 
 
 def _referenced(kvm: Kvm, gmem: GuestMemfdFile) -> bool:
-    """Whether an fd or a host mapping still holds the file (a reference ``fput()`` would drop)."""
-    return kvm.is_open(gmem) or bool(gmem.mmaps)
+    """Whether an fd, a host mapping or a pin still holds the file (a reference ``fput()`` would
+    drop; a pin holds pages, not the file, but here it keeps them with their file)."""
+    return kvm.is_open(gmem) or bool(gmem.mmaps) or bool(gmem.pins)
 
 
 def invalidate_filter(gmem: GuestMemfdFile) -> ZapFilter:
-    """``kvm_gmem_get_invalidate_filter()``: an INIT_SHARED file's mappings are shared ones."""
+    """``kvm_gmem_get_invalidate_filter()``: an INIT_SHARED file's mappings are shared ones, any
+    other's private; in place, a file has both."""
+    if gmem.in_place:
+        return ZapFilter.ALL
     return ZapFilter.SHARED if gmem.init_shared else ZapFilter.PRIVATE
+
+
+def binding_ranges(kvm: Kvm, gmem: GuestMemfdFile, start: int, end: int) -> list[GfnRange]:
+    """``kvm_gmem_invalidate_begin()``'s walk: each binding's part of pages ``[start, end)``, as gfns."""
+    out = []
+    for r in gmem_ranges(kvm, gmem):
+        slot = r.slot
+        assert slot is not None
+        pgoff = slot.gmem_offset >> PAGE_SHIFT
+        lo, hi = max(pgoff, start), min(pgoff + slot.npages, end)
+        if lo < hi:
+            out.append(GfnRange(r.as_id, slot, slot.base_gfn + lo - pgoff, slot.base_gfn + hi - pgoff))
+    return out
 
 
 # ------------------------------------------------------------------ close
@@ -163,7 +182,7 @@ def _release(kvm: Kvm, gmem: GuestMemfdFile) -> Release:
     file (it keeps KVM_MEM_GUEST_MEMFD and, if gmem-only, KVM_MEMSLOT_GMEM_ONLY) and its mappings
     are invalidated with the file's filter. rfc-v9 (restrictedmem): the slots keep the file."""
     if not gmem.bindings:  # nothing holds it any more (else unbind() frees it with its last binding)
-        gmem.allocated.release()
+        gmem.release()
     if not kvm.linux:
         return Release(True, 0, False)
     ranges = gmem_ranges(kvm, gmem)
@@ -236,10 +255,45 @@ class Touch:
 
 
 def touch(kvm: Kvm, mapping_id: int, offset: int, size: int, write: bool) -> Touch:
-    """The host reads or writes ``[offset, offset + size)`` of a mapping: each page not yet in its
-    page tables goes through ``kvm_gmem_fault_user_mapping()``. The whole range is checked first,
-    so an access that takes a signal changes nothing (a real memcpy would have faulted in the
-    pages before the failing one)."""
+    """The host reads or writes ``[offset, offset + size)`` of a mapping."""
+    m, start, end, before = _fault_in(kvm, mapping_id, offset, size)
+    kvm.events.emit("host_touch", mapping=m.id, start_pgoff=start, end_pgoff=end, write=write)
+    return Touch(end - start, end - start - before)
+
+
+def pin(kvm: Kvm, mapping_id: int, offset: int, size: int) -> int:
+    """``pin_user_pages()`` of ``[offset, offset + size)`` of a mapping (what GUP and an IOMMU
+    mapping of the host's memory hold): its pages are faulted in, then held until unpinned.
+    Returns the pin's id."""
+    m, start, end, _ = _fault_in(kvm, mapping_id, offset, size, pinning=True)
+    kvm.take("a pin")
+    pin_id = kvm.next_pin_id
+    kvm.next_pin_id += 1
+    m.file.pins[pin_id] = (start, end - start)
+    kvm.host_pins[pin_id] = m.file
+    kvm.events.emit("host_pin", pin=pin_id, fd=m.file.fd, start_pgoff=start, end_pgoff=end)
+    return pin_id
+
+
+def unpin(kvm: Kvm, pin_id: int) -> Release:
+    """``unpin_user_pages()``: the last reference to a closed, unmapped file releases it."""
+    gmem = kvm.host_pins.pop(pin_id, None)
+    if gmem is None:
+        raise ENOENT(f"no pin {pin_id}")
+    del gmem.pins[pin_id]
+    kvm.budget.add(-1)
+    out = _put(kvm, gmem)
+    kvm.events.emit("host_unpin", pin=pin_id, released=out.released, pages_zapped=out.pages_zapped)
+    return out
+
+
+def _fault_in(
+    kvm: Kvm, mapping_id: int, offset: int, size: int, *, pinning: bool = False
+) -> tuple[HostMapping, int, int, int]:
+    """Each page of the access not yet in the host's page tables goes through
+    ``kvm_gmem_fault_user_mapping()``: the mapping, the file's pages ``[start, end)`` and how many
+    already had a folio. The whole range is checked first, so an access that takes a signal
+    changes nothing (a real memcpy would have faulted in the pages before the failing one)."""
     m = kvm.host_mappings.get(mapping_id)
     if m is None:
         raise ENOENT(f"no host mapping {mapping_id}")
@@ -247,29 +301,37 @@ def touch(kvm: Kvm, mapping_id: int, offset: int, size: int, write: bool) -> Tou
         raise EINVAL("size must not be 0")
     first, last = offset >> PAGE_SHIFT, (offset + size - 1) >> PAGE_SHIFT
     gmem, pg = m.file, m.pgoff
-    # The first page that takes a signal, in address order: past i_size, or any page of a file
-    # that is not INIT_SHARED, SIGBUS (VM_FAULT_SIGBUS); past the VMA, SIGSEGV.
-    sigbus = max(first, gmem.npages - pg) if gmem.init_shared else first
-    if sigbus <= min(last, m.npages - 1):
-        past_eof = pg + sigbus >= gmem.npages
-        reason = "past the end of the file (i_size)" if past_eof else "the file is not GUEST_MEMFD_FLAG_INIT_SHARED"
-        raise _signal("SIGBUS", sigbus, reason)
+    # The first page that takes a signal, in address order: past i_size, or private, SIGBUS
+    # (VM_FAULT_SIGBUS); past the VMA, SIGSEGV. GUP answers EFAULT where an access takes a signal.
+    inside = min(last, m.npages - 1)
+    eof = max(first, gmem.npages - pg)
+    private = gmem.first_private(pg + first, pg + min(inside + 1, eof)) if first < eof else None
+    sigbus = min(eof, private - pg) if private is not None else eof
+    if sigbus <= inside:
+        reason = "past the end of the file (i_size)" if sigbus == eof else _private_reason(gmem)
+        raise _signal("SIGBUS", sigbus, reason, pinning)
     if last >= m.npages:
-        raise _signal("SIGSEGV", max(first, m.npages), "past the end of the mapping")
+        raise _signal("SIGSEGV", max(first, m.npages), "past the end of the mapping", pinning)
     start, end = pg + first, pg + last + 1
     before = gmem.allocated_pages(start, end)
     if before < end - start and not kvm.budget.room(2):
         raise ENOMEM(f"the service-wide budget ({kvm.budget.limit} items) is used up")
     gmem.allocate(start, end)
-    kvm.events.emit("host_touch", mapping=m.id, start_pgoff=start, end_pgoff=end, write=write)
-    return Touch(end - start, end - start - before)
+    return m, start, end, before
 
 
-def _signal(signal: str, page: int, reason: str) -> EFAULT:
+def _private_reason(gmem: GuestMemfdFile) -> str:
+    if gmem.attributes is None:
+        return "the file is not GUEST_MEMFD_FLAG_INIT_SHARED"
+    return "the page is private (KVM_SET_MEMORY_ATTRIBUTES2)"
+
+
+def _signal(signal: str, page: int, reason: str, pinning: bool) -> EFAULT:
     """A host access that takes ``signal`` at ``page`` of its mapping (EFAULT, as
-    ``process_vm_readv()`` of that address would answer)."""
+    ``process_vm_readv()`` of that address, or GUP, would answer)."""
+    what = "pin_user_pages()" if pinning else "host access"
     return EFAULT(
-        f"host access at mapping offset {page << PAGE_SHIFT:#x}: {signal}, {reason}",
+        f"{what} at mapping offset {page << PAGE_SHIFT:#x}: {signal}, {reason}",
         signal=signal,
         fault_offset=page << PAGE_SHIFT,
     )
@@ -372,23 +434,11 @@ class PunchHole:
                 self.kvm.inval.in_progress -= 1
         self.kvm.events.emit("fallocate", start_pgoff=self.start, end_pgoff=self.end, freed=self.freed, punch_hole=True)
 
-    def ranges(self) -> list[GfnRange]:
-        """``__kvm_gmem_invalidate_begin()``'s walk: each binding's part of the hole, as gfns."""
-        out = []
-        for r in gmem_ranges(self.kvm, self.gmem):
-            slot = r.slot
-            assert slot is not None
-            pgoff = slot.gmem_offset >> PAGE_SHIFT
-            lo, hi = max(pgoff, self.start), min(pgoff + slot.npages, self.end)
-            if lo < hi:
-                out.append(GfnRange(r.as_id, slot, slot.base_gfn + lo - pgoff, slot.base_gfn + hi - pgoff))
-        return out
-
     def _begin(self) -> None:
         kvm = self.kvm
         walk = handle_gfn_range(
             kvm,
-            self.ranges(),
+            binding_ranges(kvm, self.gmem, self.start, self.end),
             invalidate_and_unmap(kvm, invalidate_filter(self.gmem), "punch_hole"),
             on_lock=lambda: invalidate_begin(kvm, source="guest_memfd"),
         )

@@ -60,11 +60,21 @@ class GuestMemfdFile:
     """Page index -> 1 where a folio is in the page cache (``kvm_gmem_get_folio()`` made it)."""
     mmaps: set[int] = field(default_factory=set)
     """Ids of the host mappings of this file (``Kvm.host_mappings``)."""
+    in_place: bool = False
+    """Created on a host with ``gmem_in_place_conversion``: the file keeps its pages' attributes."""
+    attributes: RunMap | None = field(init=False)
+    """In place (7.4): page index -> ``KVM_MEMORY_ATTRIBUTE_PRIVATE`` or 0, the inode's attributes
+    every binding shares; private unless created INIT_SHARED. Otherwise None: the whole file is
+    private, or shared if INIT_SHARED, for good."""
+    pins: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """Pages the host holds pinned (GUP, IOMMU): pin id -> ``(first page, pages)``."""
 
     def __post_init__(self) -> None:
         # Every page index a u64 offset reaches, not only those below i_size: a binding that
         # passes 2^63 (kvm_gmem_bind()'s loff_t overflow) faults in pages past the end.
         self.allocated = RunMap(PGOFF_LIMIT, 0, self.budget)
+        default = 0 if self.init_shared else PRIVATE
+        self.attributes = RunMap(PGOFF_LIMIT, default, self.budget) if self.in_place else None
 
     @property
     def npages(self) -> int:
@@ -89,6 +99,34 @@ class GuestMemfdFile:
     def allocated_pages(self, start: int = 0, end: int = PGOFF_LIMIT) -> int:
         """Pages of ``[start, end)`` that have a folio: O(runs in the range)."""
         return sum(e - s for s, e, v in self.allocated.runs(start, end) if v)
+
+    def release(self) -> None:
+        """Give the file's runs back to the service budget (the inode is evicted)."""
+        self.allocated.release()
+        if self.attributes is not None:
+            self.attributes.release()
+
+    def private_runs(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        """``(first, end, private)`` runs of ``[start, end)``'s pages (``kvm_gmem_is_private()``)."""
+        if self.attributes is None:
+            if start < end:
+                yield start, end, not self.init_shared
+            return
+        for s, e, v in self.attributes.runs(start, end):
+            yield s, e, bool(v & PRIVATE)
+
+    def first_private(self, start: int, end: int) -> int | None:
+        """The first private page of ``[start, end)``, one the host may not fault in."""
+        return next((s for s, _, private in self.private_runs(start, end) if private), None)
+
+    def first_pinned(self, start: int, end: int) -> int | None:
+        """The first page of ``[start, end)`` in the page cache that a pin holds (a punched-out
+        page is no longer the file's, pinned or not): O(pins + runs)."""
+        hits = []
+        for s, n in self.pins.values():
+            lo, hi = max(s, start), min(s + n, end)
+            hits += [max(a, lo) for a, b, v in self.allocated.runs(lo, hi) if v]
+        return min(hits, default=None)
 
 
 @dataclass(frozen=True)
@@ -223,6 +261,9 @@ class Kvm:
     next_notifier_id: int = 1
     host_mappings: dict[int, HostMapping] = field(default_factory=dict)
     next_mapping_id: int = 1
+    host_pins: dict[int, GuestMemfdFile] = field(default_factory=dict)
+    """Pins of file pages by the host: pin id -> the file (its ``pins`` holds the pages)."""
+    next_pin_id: int = 1
     fail_nth: int | None = None
 
     def __post_init__(self) -> None:
@@ -235,22 +276,23 @@ class Kvm:
 
     def items(self) -> int:
         """What this VM holds against the service budget: runs, events, and every stored object."""
-        file_runs = sum(len(f.allocated) for f in self.files())
+        file_runs = sum(len(f.allocated) + (len(f.attributes) if f.attributes else 0) for f in self.files())
         return len(self.attributes) + self.mmu.runs() + len(self.events) + file_runs + self.objects()
 
     def objects(self) -> int:
         """Memslots, open guest_memfds, open notifier invalidations, pinned regions, host
-        mappings: one item each."""
+        mappings, pins of file pages: one item each."""
         slots = sum(len(space) for space in self.spaces)
-        return slots + len(self.gmem_files) + len(self.notifiers) + len(self.pinned) + len(self.host_mappings)
+        held = len(self.gmem_files) + len(self.host_mappings) + len(self.host_pins)
+        return slots + held + len(self.notifiers) + len(self.pinned)
 
     def is_open(self, gmem: GuestMemfdFile) -> bool:
         """Whether the file's fd is still open (a closed file may live on in mappings or slots)."""
         return self.gmem_files.get(gmem.fd) is gmem
 
     def files(self) -> list[GuestMemfdFile]:
-        """Every live guest_memfd file, once: open ones by fd, then those only host mappings or
-        (rfc-v9) slots still hold, in the order they are listed."""
+        """Every live guest_memfd file, once: open ones by fd, then those only host mappings,
+        pins or (rfc-v9) slots still hold, in the order they are listed."""
         found = {id(f): f for f in self.gmem_files.values()}
         for m in self.host_mappings.values():
             found.setdefault(id(m.file), m.file)
@@ -258,6 +300,8 @@ class Kvm:
             for slot in space.by_gfn.values():
                 if slot.gmem is not None:
                     found.setdefault(id(slot.gmem), slot.gmem)
+        for f in self.host_pins.values():
+            found.setdefault(id(f), f)
         return list(found.values())
 
     def take(self, what: str) -> None:
@@ -273,7 +317,7 @@ class Kvm:
             space.release()
         self.events.release()
         for f in self.files():
-            f.allocated.release()
+            f.release()
         self.budget.add(-self.objects())
 
     @property
@@ -302,8 +346,19 @@ class Kvm:
 
     @property
     def has_memory_attributes(self) -> bool:
-        """``CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES``: without it ``KVM_SET_MEMORY_ATTRIBUTES`` is ENOTTY."""
-        return bool(self.host.caps.KVM_CAP_MEMORY_ATTRIBUTES)
+        """``CONFIG_KVM_VM_MEMORY_ATTRIBUTES``: without it ``KVM_SET_MEMORY_ATTRIBUTES`` is ENOTTY
+        (in place, the ioctl is there but supports no attribute)."""
+        return bool(self.host.caps.KVM_CAP_MEMORY_ATTRIBUTES) or self.in_place
+
+    @property
+    def in_place(self) -> bool:
+        """``gmem_in_place_conversion``: private/shared lives in the guest_memfd files (7.4)."""
+        return self.linux and self.host.gmem_in_place_conversion
+
+    @property
+    def supported_attributes(self) -> int:
+        """``kvm_supported_vm_mem_attributes()``: what ``KVM_SET_MEMORY_ATTRIBUTES`` may set."""
+        return PRIVATE if self.has_private_mem and not self.in_place else 0
 
     @property
     def has_readonly_mem(self) -> bool:
@@ -336,8 +391,36 @@ class Kvm:
             raise EINVAL(f"as_id {as_id} >= {self.nr_as} address spaces of this VM")
 
     def gfn_is_private(self, gfn: int) -> bool:
-        """``kvm_mem_is_private()``: a lockless read of ``mem_attr_array``."""
-        return bool(self.attributes.value_at(gfn) & PRIVATE)
+        """``kvm_mem_is_private()``: a lockless read of ``mem_attr_array``, or in place of the
+        attributes of the file behind the gfn (``kvm_gmem_is_private()``)."""
+        if not self.in_place:
+            return bool(self.attributes.value_at(gfn) & PRIVATE)
+        slot = self.spaces[0].find(gfn)
+        if slot is None or slot.gmem is None or not self.has_private_mem:
+            return False
+        return slot.gmem.first_private(slot.gmem_pgoff(gfn), slot.gmem_pgoff(gfn) + 1) is not None
+
+    def private_runs(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        """``(start_gfn, end_gfn, private)`` runs covering ``[start, end)`` as ``gfn_is_private()``
+        reads them: O(runs), in place O(slots + the files' runs)."""
+        if not self.in_place:
+            for s, e, v in self.attributes.runs(start, end):
+                yield s, e, bool(v & PRIVATE)
+            return
+        at = start
+        for slot in self.spaces[0].overlapping(start, end):
+            lo, hi = max(start, slot.base_gfn), min(end, slot.end_gfn)
+            if at < lo:
+                yield at, lo, False
+            if slot.gmem is None or not self.has_private_mem:
+                yield lo, hi, False
+            else:
+                delta = slot.base_gfn - slot.gmem_pgoff(slot.base_gfn)
+                for s, e, private in slot.gmem.private_runs(slot.gmem_pgoff(lo), slot.gmem_pgoff(hi)):
+                    yield s + delta, e + delta, private
+            at = hi
+        if at < end:
+            yield at, end, False
 
 
 def check_gpa_range(addr: int, size: int) -> tuple[int, int]:

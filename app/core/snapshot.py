@@ -78,6 +78,8 @@ def dump(kvm: Kvm) -> VmSnapshot:
                 size=f.size,
                 flags=f.flags,
                 allocated=[(s, e) for s, e, v in f.allocated.runs(0, PGOFF_LIMIT) if v],
+                private=None if f.attributes is None else [(s, e) for s, e, p in f.private_runs(0, PGOFF_LIMIT) if p],
+                pins=[(pin, first, n) for pin, (first, n) in f.pins.items()],
             )
             for key, f in files.items()
         ],
@@ -106,6 +108,7 @@ def dump(kvm: Kvm) -> VmSnapshot:
             for m in kvm.host_mappings.values()
         ],
         next_mapping_id=kvm.next_mapping_id,
+        next_pin_id=kvm.next_pin_id,
         fail_nth=kvm.fail_nth,
         stats=kvm.stats.model_copy(),
         next_event_id=kvm.events.next_id,
@@ -139,6 +142,10 @@ def load(
         doc.version >= 3 or not (doc.host_mappings or any(f.allocated for f in doc.files)),
         f"a version-{doc.version} document has no host side of guest_memfd (version 3 added it)",
     )
+    _check(
+        doc.version >= 4 or not any(f.private is not None or f.pins for f in doc.files),
+        f"a version-{doc.version} document has no in-place conversion (version 4 added it)",
+    )
     _check(doc.version > 1 or doc.profile is None, "a version-1 document has no profile")
     _check(doc.version == 1 or doc.profile is not None, f"a version-{doc.version} document needs its profile")
     kvm = Kvm(vm_id, doc.name, doc.type, doc.semantics, limits, host, budget)
@@ -154,17 +161,18 @@ def _load_state(kvm: Kvm, doc: VmSnapshot) -> None:
     # Refuse a document the service cannot hold before building any of it.
     items = len(doc.attributes) + sum(map(len, doc.mappings)) + len(doc.memslots) + len(doc.files)
     items += len(doc.notifiers) + len(doc.pinned_regions) + len(doc.host_mappings)
-    items += sum(2 * len(f.allocated) + 1 for f in doc.files)
+    items += sum(2 * len(f.allocated) + 1 + 2 * len(f.private or []) + 1 + len(f.pins) for f in doc.files)
     if not kvm.budget.room(items):
         raise ENOMEM(f"snapshot: {items} items do not fit the service-wide budget ({kvm.budget.limit} items)")
     _load_attributes(kvm, doc.attributes)
-    files = _load_files(kvm, doc.files, doc.next_fd)
+    files = _load_files(kvm, doc.files, doc.next_fd, doc.next_pin_id)
     _load_host_mappings(kvm, doc, files)
     for s in doc.memslots:
         _load_memslot(kvm, s, files, doc.version)
     for n, f in files.items():
         _check(
-            f.fd >= 0 or bool(f.bindings) or bool(f.mmaps), f"file {n} is neither open nor held by a slot or a mapping"
+            f.fd >= 0 or bool(f.bindings) or bool(f.mmaps) or bool(f.pins),
+            f"file {n} is neither open nor held by a slot, a mapping or a pin",
         )
     for as_id, runs in enumerate(doc.mappings):
         _check(as_id < kvm.nr_as, f"mappings for address space {as_id}, the VM has {kvm.nr_as}")
@@ -206,20 +214,23 @@ def _load_attributes(kvm: Kvm, runs: list[tuple[int, int, int]]) -> None:
     kvm.attributes.load(runs)
 
 
-def _load_files(kvm: Kvm, files: list[SnapshotFile], next_fd: int) -> dict[int, GuestMemfdFile]:
+def _load_files(kvm: Kvm, files: list[SnapshotFile], next_fd: int, next_pin_id: int) -> dict[int, GuestMemfdFile]:
     out: dict[int, GuestMemfdFile] = {}
     for f in files:
         _check(f.id not in out, f"file id {f.id} appears twice")
         _as_ioctl(f"file {f.id}", guest_memfd.check_create, kvm, f.size, f.flags)
-        gmem = out[f.id] = GuestMemfdFile(f.fd if f.fd is not None else -1, f.size, f.flags, kvm.budget)
-        prev = -1  # ranges in order, each non-empty and apart from the one before (maximal)
-        for s, e in f.allocated:
-            _check(
-                prev < s < e <= PGOFF_LIMIT,
-                f"file {f.id}: allocated pages [{s:#x}, {e:#x}) not maximal runs in order",
-            )
-            prev = e
-        gmem.allocated.load(_runs(f.allocated, PGOFF_LIMIT))
+        fd = f.fd if f.fd is not None else -1
+        gmem = out[f.id] = GuestMemfdFile(fd, f.size, f.flags, kvm.budget, in_place=kvm.in_place)
+        gmem.allocated.load(_runs(f.allocated, f"file {f.id}: allocated pages"))
+        _check((f.private is None) == (gmem.attributes is None), f"file {f.id}: private pages only in place")
+        if gmem.attributes is not None and f.private is not None:
+            gmem.attributes.load(_runs(f.private, f"file {f.id}: private pages", PRIVATE))
+        for pin, first, n in f.pins:
+            _check(pin not in kvm.host_pins and pin < next_pin_id, f"pin {pin}: id repeated or not below next")
+            _check(first + n <= PGOFF_LIMIT, f"pin {pin}: pages past 2^52")
+            gmem.pins[pin] = (first, n)
+            kvm.host_pins[pin] = gmem
+            kvm.budget.add(1)
         if f.fd is not None:
             _check(f.fd not in kvm.gmem_files, f"fd {f.fd} is open twice")
             _check(
@@ -230,19 +241,22 @@ def _load_files(kvm: Kvm, files: list[SnapshotFile], next_fd: int) -> dict[int, 
             kvm.budget.add(1)
     _check(next_fd >= guest_memfd.FIRST_FD, f"next_fd {next_fd} < {guest_memfd.FIRST_FD}")
     kvm.next_fd = next_fd
+    kvm.next_pin_id = next_pin_id
     return out
 
 
-def _runs(ranges: list[tuple[int, int]], limit: int) -> list[tuple[int, int, int]]:
-    """Allocated ranges (in order, not touching) as the maximal runs of ``[0, limit)``."""
-    out, at = [], 0
+def _runs(ranges: list[tuple[int, int]], what: str, value: int = 1) -> list[tuple[int, int, int]]:
+    """Page ranges holding ``value`` (in order, not touching) as the maximal runs of a file's pages."""
+    out, at, prev = [], 0, -1
     for s, e in ranges:
+        _check(prev < s < e <= PGOFF_LIMIT, f"{what} [{s:#x}, {e:#x}) not maximal runs in order")
+        prev = e
         if s > at:
             out.append((at, s, 0))
-        out.append((s, e, 1))
+        out.append((s, e, value))
         at = e
-    if at < limit:
-        out.append((at, limit, 0))
+    if at < PGOFF_LIMIT:
+        out.append((at, PGOFF_LIMIT, 0))
     return out
 
 
@@ -357,7 +371,8 @@ def _check_mappings(kvm: Kvm) -> None:
                 private = spte_private(value)
                 _check(not spte_writable(value) or slot.writable(True), f"{where}: writable in a read-only slot")
                 if kvm.linux or slot.is_gmem:
-                    _check(kvm.attributes.is_uniform(a, b, PRIVATE if private else 0), f"{where}: {_privacy(private)}")
+                    uniform = all(p == private for _, _, p in kvm.private_runs(a, b))
+                    _check(uniform, f"{where}: {_privacy(private)}")
                 if slot.faults_from_gmem(private):
                     kind = "private" if private else "gmem-only shared"
                     _check(slot.gmem is not None, f"{where}: a {kind} mapping without a guest_memfd file")

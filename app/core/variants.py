@@ -9,6 +9,7 @@ from typing import get_args
 
 from app.core.attributes import V9Delta
 from app.core.errors import EINVAL
+from app.core.in_place import InPlaceDelta
 from app.models.kvm import GFN_LIMIT, Semantics
 from app.models.names import VariantName
 from app.models.scenario import Scenario
@@ -34,11 +35,14 @@ class Variant:
     delta: V9Delta | None = None
     punch: PunchDelta | None = None
     """Not None: the other actor is a punch-hole of the range's file, not a conversion."""
+    in_place: InPlaceDelta | None = None
+    """Not None: the conversion is KVM_SET_MEMORY_ATTRIBUTES2 on the range's file (a 7.4 host in place)."""
 
     @property
     def historical(self) -> bool:
         """Not one of the engine's own sequences (a reviewed variant or a wrong order)."""
-        return self.delta is not None or self.punch not in (None, PunchDelta())
+        own = (None, PunchDelta(), InPlaceDelta())
+        return self.delta is not None or self.punch not in own or self.in_place not in own
 
 
 VARIANTS = {
@@ -98,6 +102,37 @@ VARIANTS = {
             Semantics.linux,
             punch=PunchDelta(seq_bump=False),
         ),
+        Variant(
+            "in-place",
+            "The engine's own kvm_gmem_set_attributes() (7.4, in place) on the range's file: no-op check, "
+            "preallocation (fail_nth 1 fails it), to private: host page tables unmapped and a pinned page refused "
+            "(EAGAIN), then invalidate start over every binding (unmap), the stores, invalidate end (seq bump).",
+            Semantics.linux,
+            in_place=InPlaceDelta(),
+        ),
+        Variant(
+            "in-place-store-first",
+            "A wrong order: the file's attributes are stored before invalidate start, so a mapping the vCPU "
+            "installed of the old kind outlives the store until the unmap (the host may fault in a page the guest "
+            "still maps private).",
+            Semantics.linux,
+            in_place=InPlaceDelta(store_first=True),
+        ),
+        Variant(
+            "in-place-no-pin-check",
+            "A wrong order: to private without checking the pages' references, so a page the host holds pinned "
+            "(GUP, an IOMMU mapping) becomes private while a device can still reach it. Give the scenario pinned "
+            "offsets.",
+            Semantics.linux,
+            in_place=InPlaceDelta(pin_check=False),
+        ),
+        Variant(
+            "in-place-no-seq-bump",
+            "A wrong order: invalidate end drops mmu_invalidate_in_progress without bumping mmu_invalidate_seq, so a "
+            "fault that read the old attribute installs it after the conversion is done.",
+            Semantics.linux,
+            in_place=InPlaceDelta(seq_bump=False),
+        ),
     )
 }
 assert tuple(VARIANTS) == get_args(VariantName)
@@ -118,3 +153,8 @@ def check(sc: Scenario) -> None:
         raise EINVAL(f"initial_private offsets {bad} outside [0, {sc.npages})")
     if sc.fail_nth is not None and sc.fail_nth < 1:
         raise EINVAL("fail_nth must be >= 1")
+    if sc.pinned and VARIANTS[sc.variant].in_place is None:
+        raise EINVAL("pinned applies to the in-place variants only (a pin is what their reference check sees)")
+    bad = sorted({o for o in sc.pinned or () if not 0 <= o < sc.npages})
+    if bad:
+        raise EINVAL(f"pinned offsets {bad} outside [0, {sc.npages})")

@@ -9,6 +9,7 @@ from typing import Any
 
 from app.core.kvm import PRIVATE, GuestMemfdFile, HostMapping, Kvm, Memslot, NotifierInvalidation
 from app.core.mmu import UNMAPPED, spte_private, spte_writable
+from app.core.runs import Run
 from app.models import state
 from app.models.kvm import PAGE_SHIFT
 
@@ -88,13 +89,23 @@ def gfn_info(kvm: Kvm, gfn: int) -> state.GfnInfo:
     for as_id, space in enumerate(kvm.spaces):
         slot = space.find(gfn)
         if slot is not None:
-            slots.append(state.GfnMemslotRef(as_id=as_id, slot=slot.slot, id=slot.id))
+            slots.append(_gfn_memslot(slot, gfn))
         v = kvm.mmu.lookup(as_id, gfn)
         if v != UNMAPPED:
             maps.append(state.GfnMapping(as_id=as_id, private=spte_private(v), writable=spte_writable(v)))
     return state.GfnInfo(
-        gfn=gfn, gpa=gfn << PAGE_SHIFT, attributes=attrs, private=bool(attrs & PRIVATE), memslots=slots, mappings=maps
+        gfn=gfn, gpa=gfn << PAGE_SHIFT, attributes=attrs, private=kvm.gfn_is_private(gfn), memslots=slots, mappings=maps
     )
+
+
+def _gfn_memslot(slot: Memslot, gfn: int) -> state.GfnMemslotRef:
+    """A memslot holding ``gfn``, and the page of its guest_memfd behind it if a file is bound."""
+    ref = state.GfnMemslotRef(as_id=slot.as_id, slot=slot.slot, id=slot.id, gmem_only=slot.gmem_only)
+    if slot.gmem is None:
+        return ref
+    pgoff = slot.gmem_pgoff(gfn)
+    allocated = _is_allocated(slot.gmem.allocated.value_at(pgoff))
+    return ref.model_copy(update={"guest_memfd": slot.gmem_fd, "gmem_pgoff": pgoff, "gmem_allocated": allocated})
 
 
 def memslot(slot: Memslot) -> state.Memslot:
@@ -126,12 +137,33 @@ def guest_memfd(gmem: GuestMemfdFile) -> state.GuestMemfd:
 
 
 def file_runs(gmem: GuestMemfdFile, start: int, end: int, limit: int) -> tuple[list[state.FileRun], int | None]:
-    """Allocated and unallocated runs of a file's pages in ``[start, end)`` (byte offsets)."""
+    """Runs of a file's pages in ``[start, end)`` (byte offsets) alike in being allocated and private."""
+    lo, hi = start >> PAGE_SHIFT, min(end >> PAGE_SHIFT, gmem.npages)
+    private = [(s, e, int(p)) for s, e, p in gmem.private_runs(lo, hi)]
     runs = (
-        state.FileRun(start=s << PAGE_SHIFT, end=e << PAGE_SHIFT, allocated=bool(v))
-        for s, e, v in gmem.allocated.runs(start >> PAGE_SHIFT, min(end >> PAGE_SHIFT, gmem.npages))
+        state.FileRun(start=s << PAGE_SHIFT, end=e << PAGE_SHIFT, allocated=bool(a), private=bool(p))
+        for s, e, a, p in _zip_runs(gmem.allocated.runs(lo, hi), iter(private))
     )
     return page_of_runs(runs, limit, lambda r: r.end)
+
+
+def _zip_runs(a: Iterator[Run], b: Iterator[Run]) -> Iterator[tuple[int, int, int, int]]:
+    """Two run lists covering the same range, as the runs where neither changes: O(both)."""
+    ra, rb = next(a, None), next(b, None)
+    while ra is not None and rb is not None:
+        end = min(ra[1], rb[1])
+        yield max(ra[0], rb[0]), end, ra[2], rb[2]
+        if ra[1] == end:
+            ra = next(a, None)
+        if rb[1] == end:
+            rb = next(b, None)
+
+
+def host_pin(kvm: Kvm, pin_id: int) -> state.HostPin:
+    gmem = kvm.host_pins[pin_id]
+    first, npages = gmem.pins[pin_id]
+    fd = gmem.fd if kvm.is_open(gmem) else None
+    return state.HostPin(id=pin_id, fd=fd, offset=first << PAGE_SHIFT, size=npages << PAGE_SHIFT)
 
 
 def host_mapping(kvm: Kvm, m: HostMapping) -> state.HostMapping:
@@ -156,22 +188,30 @@ def _is_mapped(value: int) -> bool:
     return value != UNMAPPED
 
 
+def _is_allocated(value: int) -> bool:
+    return bool(value)
+
+
 def memory_map(kvm: Kvm, start: int, end: int, buckets: int) -> state.MemoryMap:
-    """Counts per bucket from prefix sums over the runs: O(buckets x log runs), however
-    fragmented the VM is. Buckets split ``[start, end)`` into near-equal parts of >= 1 gfn."""
+    """Counts per bucket from prefix sums over the runs: O((buckets + slots in the window) x log
+    runs), however fragmented the VM or its guest_memfds are. Buckets split ``[start, end)`` into
+    near-equal parts of >= 1 gfn."""
     n = min(buckets, end - start)
     edges = [start + (end - start) * i // n for i in range(n + 1)]
-    slots = [slot for space in kvm.spaces for slot in space.overlapping(start, end)]
+    per_as = [list(space.overlapping(start, end)) for space in kvm.spaces]
+    slots = [slot for space in per_as for slot in space]
     cover = _SlotCover(slots)
+    files = [_FilePages(space) for space in per_as]
     out = []
     for a, b in pairwise(edges):
         out.append(
             state.MemoryMapBucket(
                 start_gfn=a,
                 end_gfn=b,
-                private_pages=kvm.attributes.count(a, b, _is_private),
+                private_pages=_private_pages(kvm, a, b),
                 memslot_pages=cover.covered(a, b),
                 mapped_pages=[space.count(a, b, _is_mapped) for space in kvm.mmu.spaces],
+                gmem_allocated_pages=[f.allocated(a, b) for f in files],
             )
         )
     inv, window = kvm.inval, None
@@ -185,6 +225,13 @@ def memory_map(kvm: Kvm, start: int, end: int, buckets: int) -> state.MemoryMap:
         memslots=[memslot(slot) for slot in slots],
         invalidation=window,
     )
+
+
+def _private_pages(kvm: Kvm, start: int, end: int) -> int:
+    """Private pages of ``[start, end)``: O(log runs), in place O(the files' runs in the range)."""
+    if not kvm.in_place:
+        return kvm.attributes.count(start, end, _is_private)
+    return sum(e - s for s, e, private in kvm.private_runs(start, end) if private)
 
 
 class _SlotCover:
@@ -211,3 +258,28 @@ class _SlotCover:
 
     def covered(self, start: int, end: int) -> int:
         return self.below(end) - self.below(start)
+
+
+class _FilePages:
+    """The allocated guest_memfd pages behind one address space's memslots, for buckets asked in
+    increasing order: each bucket visits only the bound slots it overlaps, and each count is a
+    prefix-sum lookup in the file's page runs (``RunMap.count()``), so a bucket costs
+    O(slots it overlaps x log runs), never O(pages)."""
+
+    def __init__(self, slots: list[Memslot]) -> None:
+        self.slots = [s for s in slots if s.gmem is not None]  # in gfn order, disjoint
+        self.first = 0  # slots before it end at or before the last bucket's start
+
+    def allocated(self, start: int, end: int) -> int:
+        slots = self.slots
+        while self.first < len(slots) and slots[self.first].end_gfn <= start:
+            self.first += 1
+        n = 0
+        for i in range(self.first, len(slots)):
+            slot = slots[i]
+            if slot.base_gfn >= end:
+                break
+            assert slot.gmem is not None
+            lo, hi = max(start, slot.base_gfn), min(end, slot.end_gfn)
+            n += slot.gmem.allocated.count(slot.gmem_pgoff(lo), slot.gmem_pgoff(hi), _is_allocated)
+        return n

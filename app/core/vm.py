@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from app.core import guest_memfd, mmu_notifier, sev, snapshot, steps, views
+from app.core import guest_memfd, in_place, mmu_notifier, sev, snapshot, steps, views
 from app.core.attributes import Conversion
 from app.core.budget import ServiceBudget
 from app.core.errors import EINVAL, ENOENT, ENOTTY
@@ -27,6 +27,7 @@ from app.models.kvm import (
     KvmCreateGuestMemfd,
     KvmEncRegion,
     KvmMemoryAttributes,
+    KvmMemoryAttributes2,
     KvmUserspaceMemoryRegion2,
     MmapRequest,
     NotifierRequest,
@@ -93,10 +94,10 @@ class VirtualMachine:
         caps = kvm.host.caps
         return {
             "KVM_CAP_MULTI_ADDRESS_SPACE": kvm.nr_as if caps.KVM_CAP_MULTI_ADDRESS_SPACE else 0,
-            # kvm_supported_mem_attributes(); rfc-v9 has no such ioctl.
-            "KVM_CAP_MEMORY_ATTRIBUTES": PRIVATE
-            if kvm.linux and kvm.has_private_mem and kvm.has_memory_attributes
-            else 0,
+            # kvm_supported_vm_mem_attributes(); rfc-v9 has no such ioctl.
+            "KVM_CAP_MEMORY_ATTRIBUTES": kvm.supported_attributes if kvm.linux and kvm.has_memory_attributes else 0,
+            # kvm_supported_gmem_attributes(): in place, on VMs with private memory.
+            "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES": PRIVATE if kvm.in_place and kvm.has_private_mem else 0,
             "KVM_CAP_GUEST_MEMFD": int(kvm.gmem_slots),
             "KVM_CAP_GUEST_MEMFD_FLAGS": guest_memfd.supported_flags(kvm),
             "KVM_CAP_READONLY_MEM": int(kvm.has_readonly_mem),
@@ -188,6 +189,24 @@ class VirtualMachine:
             mmu=self.mmu_model(),
         )
 
+    @mutation
+    def set_gmem_attributes(self, fd: int, req: KvmMemoryAttributes2) -> state.GmemAttributeUpdate:
+        """``KVM_SET_MEMORY_ATTRIBUTES2`` on a guest_memfd (in place, 7.4)."""
+        gmem = in_place.check(self.kvm, fd, req)
+        conv = in_place.GmemConversion(self.kvm, gmem, req.offset, req.size, req.attributes)
+        steps.run(conv.steps())
+        return state.GmemAttributeUpdate(
+            fd=fd,
+            offset=req.offset,
+            size=req.size,
+            attributes=req.attributes,
+            noop=conv.noop,
+            invalidated=conv.invalidated,
+            pages_zapped=conv.zapped,
+            tlb_flushed=conv.flushed,
+            mmu=self.mmu_model(),
+        )
+
     @locked
     def file_runs(self, fd: int, start: int, end: int, limit: int) -> tuple[list[state.FileRun], int | None]:
         """Which pages of a guest_memfd have a folio, as runs."""
@@ -217,6 +236,27 @@ class VirtualMachine:
         """The host reads or writes through a mapping (``kvm_gmem_fault_user_mapping()``)."""
         t = guest_memfd.touch(self.kvm, mapping_id, req.offset, req.size, req.write)
         return state.HostTouch(pages=t.pages, allocated_pages=t.allocated)
+
+    @mutation
+    def pin(self, mapping_id: int, req: TouchRequest) -> state.HostPin:
+        """``pin_user_pages()`` through a mapping: the pages stay held until unpinned."""
+        pin_id = guest_memfd.pin(self.kvm, mapping_id, req.offset, req.size)
+        return views.host_pin(self.kvm, pin_id)
+
+    @mutation
+    def unpin(self, pin_id: int) -> state.GuestMemfdClose:
+        """``unpin_user_pages()``: the last reference to a closed, unmapped file releases it."""
+        return self._release(guest_memfd.unpin(self.kvm, pin_id))
+
+    @locked
+    def host_pins(self) -> list[state.HostPin]:
+        return [views.host_pin(self.kvm, p) for p in self.kvm.host_pins]
+
+    @locked
+    def host_pin(self, pin_id: int) -> state.HostPin:
+        if pin_id not in self.kvm.host_pins:
+            raise ENOENT(f"no pin {pin_id}")
+        return views.host_pin(self.kvm, pin_id)
 
     @locked
     def host_mappings(self) -> list[state.HostMapping]:
@@ -273,9 +313,14 @@ class VirtualMachine:
             raise ENOTTY(f"KVM_SET_MEMORY_ATTRIBUTES: host profile {kvm.host.name} has no KVM_CAP_MEMORY_ATTRIBUTES")
         if req.flags != 0:
             raise EINVAL("flags must be 0")
-        supported = PRIVATE if kvm.has_private_mem else 0
+        supported = kvm.supported_attributes
         if req.attributes & ~supported:
-            raise EINVAL(f"attributes {req.attributes:#x} not supported by this VM (supported: {supported:#x})")
+            hint = (
+                f"; host profile {kvm.host.name} converts in place: KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd"
+                if kvm.in_place and kvm.has_private_mem
+                else ""
+            )
+            raise EINVAL(f"attributes {req.attributes:#x} not supported by this VM (supported: {supported:#x}){hint}")
         start, end = check_gpa_range(req.address, req.size)
         conv = Conversion(kvm, start, end, req.attributes)
         steps.run(conv.linux())
@@ -305,7 +350,8 @@ class VirtualMachine:
 
     @locked
     def memory_map(self, start: int, end: int, buckets: int) -> state.MemoryMap:
-        """Per-bucket counts of private, memslot-backed and mapped pages over ``[start, end)``."""
+        """Per-bucket counts of private, memslot-backed, mapped and allocated guest_memfd pages over
+        ``[start, end)``."""
         return views.memory_map(self.kvm, start, end, buckets)
 
     @locked

@@ -17,6 +17,7 @@ import random
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import assert_never
 
 from app.core import Engine
@@ -59,14 +60,28 @@ def read_profile(kvm: Kvm) -> HostProfile:
     finally:
         vm.close()
     release = os.uname().release
+    caps = HostCaps.model_validate({name: kvm.check_extension(nr) for name, nr in CAP_NUMBERS.items()})
     return HostProfile(
         name="host-" + re.sub(r"[^A-Za-z0-9._+-]", "_", release)[:59],
         description="measured by kvm-memattr host-profile",
         kernel=modelled_kernel(release),
         release=release,
         max_gfn=lo,
-        caps=HostCaps.model_validate({name: kvm.check_extension(nr) for name, nr in CAP_NUMBERS.items()}),
+        caps=caps,
+        gmem_in_place_conversion=read_module_param(IN_PLACE_PARAM) == "Y",
     )
+
+
+IN_PLACE_PARAM = Path("/sys/module/kvm/parameters/gmem_in_place_conversion")
+"""v8's name for the knob (0444): where a 7.4 host says whether it converts in place."""
+
+
+def read_module_param(path: Path) -> str | None:
+    """A kvm module parameter as sysfs shows it, or None where the kernel has no such parameter."""
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 def modelled_kernel(release: str) -> Kernel:

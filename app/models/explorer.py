@@ -6,13 +6,13 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models.kvm import Struct
-from app.models.names import VariantName as VariantName
-from app.models.scenario import FaultAccess as FaultAccess
-from app.models.scenario import Scenario
-from app.models.types import U64
+from .kvm import Struct
+from .names import VariantName as VariantName
+from .scenario import FaultAccess as FaultAccess
+from .scenario import Scenario
+from .types import U64
 
-Invariant = Literal["stale_mapping", "rollback_not_exact", "no_termination", "freed_page_mapped"]
+Invariant = Literal["stale_mapping", "rollback_not_exact", "no_termination", "freed_page_mapped", "pinned_page_private"]
 
 
 class ExplorerRunRequest(Struct, Scenario):
@@ -32,6 +32,10 @@ class ExplorerRunRequest(Struct, Scenario):
         ),
     ]
     fault_access: Annotated[FaultAccess, Field(description="attribute: as private as the gfn reads")]
+    pinned: Annotated[
+        list[int] | None,
+        Field(max_length=8, description="in-place variants: offsets the host holds pinned (GUP, IOMMU) before"),
+    ]
     schedule: list[str] | None = Field(
         None, max_length=128, description="replay exactly this interleaving (step labels of an earlier answer)"
     )
@@ -41,6 +45,7 @@ class ExplorerRunRequest(Struct, Scenario):
             "examples": [
                 {"variant": "reviewer-reorder", "npages": 2, "to": "private", "fail_nth": 2},
                 {"variant": "rfc-v9", "npages": 2, "fail_nth": 2},
+                {"variant": "in-place-no-pin-check", "npages": 2, "pinned": [1]},
             ]
         }
     )

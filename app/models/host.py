@@ -13,12 +13,12 @@ on into the same document, so a production host can be recorded once and simulat
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from app.models.kvm import DEFAULT_MAX_GFN, GFN_LIMIT, KVM_USER_MEM_SLOTS
-from app.models.names import KVM_CAP_VM_TYPES_MASK, VmType
+from .kvm import DEFAULT_MAX_GFN, GFN_LIMIT, KVM_USER_MEM_SLOTS
+from .names import KVM_CAP_VM_TYPES_MASK, VmType
 
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_READONLY_MEM = 81
@@ -30,6 +30,8 @@ KVM_CAP_GUEST_MEMFD = 234
 KVM_CAP_VM_TYPES = 235
 KVM_CAP_PRE_FAULT_MEMORY = 236
 KVM_CAP_GUEST_MEMFD_FLAGS = 244
+KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES = 250
+"""250 in v8 of the in-place conversion series (245 and 246 in earlier versions): not final."""
 
 CAP_NUMBERS: dict[str, int] = {
     "KVM_CAP_NR_MEMSLOTS": KVM_CAP_NR_MEMSLOTS,
@@ -42,15 +44,17 @@ CAP_NUMBERS: dict[str, int] = {
     "KVM_CAP_VM_TYPES": KVM_CAP_VM_TYPES,
     "KVM_CAP_PRE_FAULT_MEMORY": KVM_CAP_PRE_FAULT_MEMORY,
     "KVM_CAP_GUEST_MEMFD_FLAGS": KVM_CAP_GUEST_MEMFD_FLAGS,
+    "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES": KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES,
 }
 """The capabilities a profile records, by uapi name (``include/uapi/linux/kvm.h``)."""
 
-Kernel = Literal["6.18", "7.3"]
-KERNELS: tuple[Kernel, ...] = ("6.18", "7.3")
+Kernel = Literal["6.18", "7.3", "7.4"]
+KERNELS: tuple[Kernel, ...] = ("6.18", "7.3", "7.4")
 """Kernel versions whose ``linux`` behaviour the engine models, oldest first. What differs:
 7.2 made an overlapping guest_memfd binding ``EEXIST`` (7ea987a90585, not backported to stable);
 7.3 stopped reserving xarray entries for to-shared conversions (119e9db233ad), so those can no
-longer fail with ``ENOMEM``."""
+longer fail with ``ENOMEM``; 7.4 (queued in linux-next, not yet released) can move private/shared
+into guest_memfd (``gmem_in_place_conversion``); without that parameter it behaves as 7.3."""
 
 _Flag = Annotated[int, Field(ge=0, le=1)]
 
@@ -81,6 +85,9 @@ class HostCaps(BaseModel):
     KVM_CAP_USER_MEMORY2: _Flag = 1
     KVM_CAP_MEMORY_FAULT_INFO: _Flag = 1
     KVM_CAP_PRE_FAULT_MEMORY: _Flag = Field(1, description="1 with two-dimensional paging (TDP), else 0")
+    KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: Literal[0, 8] = Field(
+        0, description="8 where KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd converts in place (7.4), else 0"
+    )
 
     @model_validator(mode="after")
     def _kconfig(self) -> HostCaps:
@@ -90,8 +97,14 @@ class HostCaps(BaseModel):
         if not self.KVM_CAP_VM_TYPES & 1:
             raise ValueError("KVM_CAP_VM_TYPES must include the default VM (bit 0)")
         private = sum(1 << t.value_code for t in VmType if t.has_private_mem)
-        if self.KVM_CAP_VM_TYPES & private and not (self.KVM_CAP_GUEST_MEMFD and self.KVM_CAP_MEMORY_ATTRIBUTES):
-            raise ValueError("private-memory VM types need KVM_CAP_GUEST_MEMFD and KVM_CAP_MEMORY_ATTRIBUTES")
+        attributes = self.KVM_CAP_MEMORY_ATTRIBUTES or self.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES
+        if self.KVM_CAP_VM_TYPES & private and not (self.KVM_CAP_GUEST_MEMFD and attributes):
+            raise ValueError(
+                "private-memory VM types need KVM_CAP_GUEST_MEMFD and KVM_CAP_MEMORY_ATTRIBUTES "
+                "(or, in place, KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES)"
+            )
+        if self.KVM_CAP_MEMORY_ATTRIBUTES and self.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES:
+            raise ValueError("private/shared lives either in the VM or in guest_memfd: not both capabilities")
         if self.KVM_CAP_GUEST_MEMFD_FLAGS and not self.KVM_CAP_GUEST_MEMFD:
             raise ValueError("KVM_CAP_GUEST_MEMFD_FLAGS without KVM_CAP_GUEST_MEMFD")
         if self.KVM_CAP_GUEST_MEMFD and not self.KVM_CAP_USER_MEMORY2:
@@ -115,6 +128,27 @@ class HostProfile(BaseModel):
     release: str | None = Field(None, max_length=200, description="uname -r of a measured host (informational)")
     max_gfn: int = Field(DEFAULT_MAX_GFN, gt=0, lt=GFN_LIMIT, description="kvm_mmu_max_gfn(): bounds memslots")
     caps: HostCaps = Field(default_factory=HostCaps)
+    gmem_in_place_conversion: bool = Field(
+        False,
+        description="the kvm module parameter of v8 of the in-place conversion series (7.4; its final name is "
+        "unverified): private/shared lives in each guest_memfd, set by KVM_SET_MEMORY_ATTRIBUTES2 on the file",
+    )
+
+    @model_validator(mode="after")
+    def _in_place(self) -> HostProfile:
+        # What the parameter makes the host answer: the VM's attributes support nothing, the
+        # file's PRIVATE (kvm_supported_vm_mem_attributes() / kvm_supported_gmem_attributes()).
+        caps = self.caps
+        if self.gmem_in_place_conversion:
+            if not self.at_least("7.4") or not caps.KVM_CAP_GUEST_MEMFD:
+                raise ValueError("gmem_in_place_conversion needs kernel 7.4 and KVM_CAP_GUEST_MEMFD")
+            if caps.KVM_CAP_MEMORY_ATTRIBUTES or not caps.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES:
+                raise ValueError(
+                    "gmem_in_place_conversion: KVM_CAP_MEMORY_ATTRIBUTES is 0 and KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES 8"
+                )
+        elif caps.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES:
+            raise ValueError("KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES without gmem_in_place_conversion")
+        return self
 
     def at_least(self, kernel: Kernel) -> bool:
         """Whether this host's kernel is ``kernel`` or newer."""
@@ -130,11 +164,26 @@ class HostProfile(BaseModel):
         return bool(self.caps.KVM_CAP_VM_TYPES >> vm_type.value_code & 1)
 
 
-def _profile(name: str, description: str, max_gfn: int = DEFAULT_MAX_GFN, **caps: int) -> HostProfile:
-    return HostProfile(name=name, description=description, max_gfn=max_gfn, caps=HostCaps.model_validate(caps))
+def _profile(
+    name: str,
+    description: str,
+    max_gfn: int = DEFAULT_MAX_GFN,
+    *,
+    kernel: Kernel = "6.18",
+    in_place: bool = False,
+    **caps: int,
+) -> HostProfile:
+    return HostProfile(
+        name=name,
+        description=description,
+        kernel=kernel,
+        max_gfn=max_gfn,
+        caps=HostCaps.model_validate(caps),
+        gmem_in_place_conversion=in_place,
+    )
 
 
-_NO_GMEM: dict[str, int] = {
+_NO_GMEM: dict[str, Any] = {  # Any: mypy would match a dict[str, int] against kernel and in_place
     "KVM_CAP_MULTI_ADDRESS_SPACE": 0,
     "KVM_CAP_VM_TYPES": 1,
     "KVM_CAP_MEMORY_ATTRIBUTES": 0,
@@ -158,7 +207,18 @@ PROFILES: dict[str, HostProfile] = {
             "Linux 7.3 on x86 with everything built in, as linux-6.18, with what changed since: an overlapping "
             "guest_memfd binding is EEXIST (7.2), a to-shared KVM_SET_MEMORY_ATTRIBUTES reserves nothing and so "
             "never fails with ENOMEM (7.3).",
-        ).model_copy(update={"kernel": "7.3"}),
+            kernel="7.3",
+        ),
+        _profile(
+            "linux-7.4-in-place",
+            "Linux 7.4 (as queued in linux-next, not yet released) on x86 with everything built in and the kvm "
+            "module loaded with gmem_in_place_conversion=1: private/shared lives in each guest_memfd and changes "
+            "with KVM_SET_MEMORY_ATTRIBUTES2 on the file; the VM ioctl supports no attributes.",
+            kernel="7.4",
+            in_place=True,
+            KVM_CAP_MEMORY_ATTRIBUTES=0,
+            KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES=8,
+        ),
         _profile(
             "pvm-6.18",
             "Linux 6.18.44 with kvm_pvm and no guest_memfd, as measured on the CI machines of 2026-12: one "

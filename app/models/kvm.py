@@ -10,9 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models.names import Semantics as Semantics
-from app.models.names import VmType as VmType
-from app.models.types import U32, U64
+from .names import Semantics as Semantics
+from .names import VmType as VmType
+from .types import U32, U64
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -92,6 +92,23 @@ class KvmMemoryAttributes(Struct):
 
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"address": "0x100000000", "size": "0x200000", "attributes": 8, "flags": 0}]},
+    )
+
+
+class KvmMemoryAttributes2(Struct):
+    """``struct kvm_memory_attributes2`` (``KVM_SET_MEMORY_ATTRIBUTES2`` on a guest_memfd, 7.4). The
+    kernel writes ``error_offset`` back only on ``ENOMEM`` and ``EAGAIN``: the problem document
+    carries it then."""
+
+    offset: U64 = Field(description="byte offset in the file")
+    size: U64
+    attributes: U64 = Field(description="8 = KVM_MEMORY_ATTRIBUTE_PRIVATE, 0 = shared")
+    flags: U64 = 0
+    error_offset: U64 = Field(0, description="out: ignored on input, as the kernel ignores it")
+    reserved: list[U64] = Field(default_factory=lambda: [0] * 11, min_length=11, max_length=11)
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"offset": "0x0", "size": "0x200000", "attributes": 8}]},
     )
 
 

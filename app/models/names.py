@@ -60,5 +60,9 @@ VariantName = Literal[
     "punch-hole",
     "punch-hole-free-first",
     "punch-hole-no-seq-bump",
+    "in-place",
+    "in-place-store-first",
+    "in-place-no-pin-check",
+    "in-place-no-seq-bump",
 ]
 VARIANT_NAMES: tuple[VariantName, ...] = get_args(VariantName)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from app.models.names import VariantName
+from .names import VariantName
 
 Target = Literal["private", "shared"]
 FaultAccess = Literal["private", "shared", "attribute"]
@@ -31,6 +31,7 @@ class Scenario:
     initial_private: list[int] | None = None  # offsets; None: the opposite of ``to`` everywhere
     fault_gfn_offset: int = 0
     fault_access: FaultAccess = "attribute"  # attribute: as private as the gfn reads
+    pinned: list[int] | None = None  # in-place variants: offsets the host holds pinned
 
     @property
     def to_private(self) -> bool:

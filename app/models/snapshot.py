@@ -9,9 +9,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models.host import HostProfile
-from app.models.kvm import U64_MAX, Semantics, VmType
-from app.models.state import MmuStats
+from .host import HostProfile
+from .kvm import U64_MAX, Semantics, VmType
+from .state import MmuStats
 
 N = Annotated[int, Field(ge=0, le=U64_MAX)]
 """Every number of a snapshot is a kernel ``__u64`` (or narrower, which the loader checks)."""
@@ -19,10 +19,10 @@ Fd = Annotated[int, Field(ge=0, le=2**31 - 1)]
 """A file descriptor: a non-negative C ``int``."""
 
 SNAPSHOT_FORMAT: Literal["kvm-memattr/vm-snapshot"] = "kvm-memattr/vm-snapshot"
-SNAPSHOT_VERSION = 3
+SNAPSHOT_VERSION = 4
 """2 added ``profile``; 3 the host side of guest_memfd (allocated pages, host mappings,
-gmem-only slots). Older documents load as the service's default host (1) and with none of
-what 3 added."""
+gmem-only slots); 4 in-place conversion (a file's private pages, pins). Older documents load as
+the service's default host (1) and with none of what 3 and 4 added."""
 
 
 class _Doc(BaseModel):
@@ -37,6 +37,12 @@ class SnapshotFile(_Doc):
     size: N
     flags: N
     allocated: list[tuple[N, N]] = Field([], description="(start, end) page ranges with a folio, in order")
+    private: list[tuple[N, N]] | None = Field(
+        None, description="in place (7.4): (start, end) page ranges that are private, in order; else null"
+    )
+    pins: list[tuple[Annotated[int, Field(ge=1, le=U64_MAX)], N, Annotated[int, Field(ge=1, le=U64_MAX)]]] = Field(
+        [], description="(pin id, first page, pages) the host holds pinned"
+    )
 
 
 class SnapshotMemslot(_Doc):
@@ -100,6 +106,7 @@ class VmSnapshot(_Doc):
     pinned_regions: list[tuple[N, N]] = Field(description="(addr, size) in registration order")
     host_mappings: list[SnapshotHostMapping] = []
     next_mapping_id: Annotated[int, Field(ge=1, le=U64_MAX)] = 1
+    next_pin_id: Annotated[int, Field(ge=1, le=U64_MAX)] = 1
     fail_nth: int | None = Field(None, ge=1, le=U64_MAX)
     stats: MmuStats
     next_event_id: Annotated[int, Field(ge=1, le=U64_MAX)]

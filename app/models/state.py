@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.models.host import HostProfile
-from app.models.kvm import U64_MAX, Semantics, VmType
+from .host import HostProfile
+from .kvm import U64_MAX, Semantics, VmType
 
 
 class MmuStats(BaseModel):
@@ -100,6 +100,37 @@ class FileRun(BaseModel):
     start: int = Field(description="byte offset in the file")
     end: int
     allocated: bool
+    private: bool = Field(
+        description="the host may not touch these pages: in place (7.4) their attribute, else the whole file's "
+        "(private unless GUEST_MEMFD_FLAG_INIT_SHARED)"
+    )
+
+
+class GmemAttributeUpdate(BaseModel):
+    """What one ``KVM_SET_MEMORY_ATTRIBUTES2`` on a guest_memfd did."""
+
+    fd: int
+    offset: int
+    size: int
+    attributes: int
+    noop: bool = Field(description="the range already had the attributes: nothing was invalidated")
+    invalidated: bool = Field(description="a binding intersected the range: the seq was bumped")
+    pages_zapped: int
+    tlb_flushed: bool
+    mmu: Mmu
+
+
+class HostPin(BaseModel):
+    """Pages of a guest_memfd the host holds pinned (``pin_user_pages()``: GUP, an IOMMU mapping)."""
+
+    id: int
+    fd: int | None = Field(description="the file's fd, null once it is closed (the pin keeps the file)")
+    offset: int = Field(description="byte offset of the first pinned page in the file")
+    size: int
+
+
+class HostPinList(BaseModel):
+    pins: list[HostPin]
 
 
 class HostMapping(BaseModel):
@@ -165,6 +196,10 @@ class GfnMemslotRef(BaseModel):
     as_id: int
     slot: int
     id: int
+    gmem_only: bool = Field(False, description="KVM_MEMSLOT_GMEM_ONLY (see the memslot)")
+    guest_memfd: int | None = Field(None, description="the fd of the guest_memfd bound to the slot, if any")
+    gmem_pgoff: int | None = Field(None, description="the page of that file behind this gfn (kvm_gmem_get_index())")
+    gmem_allocated: bool | None = Field(None, description="whether that page is allocated")
 
 
 class GfnMapping(BaseModel):
@@ -330,6 +365,9 @@ class MemoryMapBucket(BaseModel):
     private_pages: int
     memslot_pages: int = Field(description="pages inside a memslot of any address space")
     mapped_pages: list[int] = Field(description="present SPTEs, per address space")
+    gmem_allocated_pages: list[int] = Field(
+        description="per address space, pages whose guest_memfd page (through their memslot's file) is allocated"
+    )
 
 
 class GfnWindow(BaseModel):

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import GetCoreSchemaHandler, WithJsonSchema
 from pydantic_core import CoreSchema, core_schema
 
-from app.models.uint import UINT_PATTERN, uint_from_text
+from .uint import UINT_PATTERN, uint_from_text
 
 
 class _UIntCore:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field
 
-from app.models.host import HostProfile
-from app.models.kvm import Struct
-from app.models.names import DEFAULT_SEMANTICS, DEFAULT_VM_TYPE, Semantics, VmType
+from .host import HostProfile
+from .kvm import Struct
+from .names import DEFAULT_SEMANTICS, DEFAULT_VM_TYPE, Semantics, VmType
 
 
 class VmCreate(Struct):

@@ -54,7 +54,17 @@ def test_linux_conversion_story(client: TestClient, make_vm: MakeVm) -> None:
         "gpa": GIB4,
         "attributes": 8,
         "private": True,
-        "memslots": [{"as_id": 0, "slot": 10, "id": 10}],
+        "memslots": [
+            {
+                "as_id": 0,
+                "slot": 10,
+                "id": 10,
+                "gmem_only": False,
+                "guest_memfd": 3,
+                "gmem_pgoff": 0,
+                "gmem_allocated": False,  # the fault was shared: its page came from the host, not the file
+            }
+        ],
         "mappings": [],
     }
 

@@ -21,6 +21,10 @@ def test_variants(client: TestClient) -> None:
         ("punch-hole", False),
         ("punch-hole-free-first", True),
         ("punch-hole-no-seq-bump", True),
+        ("in-place", False),
+        ("in-place-store-first", True),
+        ("in-place-no-pin-check", True),
+        ("in-place-no-seq-bump", True),
     ]
     assert all(v["description"] for v in variants)
 

@@ -143,3 +143,31 @@ def test_a_restart_keeps_each_vms_host_whatever_the_new_default(tmp_path: Path) 
     restarted = Engine(host=PROFILES["tdx-6.18"])
     restarted.restore(SqliteJournal(db))
     assert restarted.vm(vm).model().profile == "pvm-6.18"
+
+
+def test_in_place_conversion_is_a_7_4_host_setting_with_its_capabilities() -> None:
+    """gmem_in_place_conversion needs a 7.4 kernel with guest_memfd, and the host then answers
+    KVM_CAP_MEMORY_ATTRIBUTES 0 and KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES 8; nothing else does."""
+    from pydantic import ValidationError
+
+    from app.models.host import HostProfile
+
+    good = PROFILES["linux-7.4-in-place"].model_dump()
+    assert HostProfile.model_validate(good).gmem_in_place_conversion
+    for change in (
+        {"kernel": "7.3"},
+        {"caps": {**good["caps"], "KVM_CAP_MEMORY_ATTRIBUTES": 8}},
+        {"caps": {**good["caps"], "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES": 0}},
+        {"gmem_in_place_conversion": False},  # the capability without the mode
+    ):
+        with pytest.raises(ValidationError):
+            HostProfile.model_validate({**good, **change})
+
+
+def test_a_measured_host_reads_the_module_parameter(tmp_path: Path) -> None:
+    from app.hostkvm.verify import read_module_param
+
+    param = tmp_path / "gmem_in_place_conversion"
+    assert read_module_param(param) is None  # an older kernel has no such parameter
+    param.write_text("Y\n")
+    assert read_module_param(param) == "Y"

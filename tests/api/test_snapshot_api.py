@@ -35,7 +35,7 @@ def busy_vm(client: TestClient, make_vm: MakeVm, semantics: str) -> str:
 def test_export_import_round_trip(client: TestClient, make_vm: MakeVm, semantics: str) -> None:
     vm = busy_vm(client, make_vm, semantics)
     doc = client.get(f"/v1/vms/{vm}/snapshot").json()
-    assert (doc["format"], doc["version"], doc["semantics"]) == ("kvm-memattr/vm-snapshot", 3, semantics)
+    assert (doc["format"], doc["version"], doc["semantics"]) == ("kvm-memattr/vm-snapshot", 4, semantics)
     r = client.post("/v1/vms/import", json={**doc, "name": "copy"})
     assert r.status_code == 201, r.text
     new = r.json()
@@ -77,7 +77,7 @@ def _in_progress(doc: dict[str, Any]) -> None:
 
 
 def _version(doc: dict[str, Any]) -> None:
-    doc["version"] = 4
+    doc["version"] = 5
 
 
 def _unknown_field(doc: dict[str, Any]) -> None:
@@ -136,7 +136,7 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "runs out of order": (_out_of_order, "attribute runs"),
     "a hole in the runs": (_hole, "not contiguous"),
     "counters that disagree": (_in_progress, "mmu_invalidate_in_progress"),
-    "unknown version": (_version, "version 4"),
+    "unknown version": (_version, "version 5"),
     "unknown field": (_unknown_field, "mappings_v2"),
     "private attributes on a default VM": (_private_on_plain_vm, "not supported"),
 }

@@ -64,6 +64,7 @@ def test_capabilities(client: TestClient, make_vm: MakeVm) -> None:
         "KVM_CAP_GUEST_MEMFD_FLAGS": 3,
         "KVM_CAP_READONLY_MEM": 1,
         "KVM_CAP_PRE_FAULT_MEMORY": 1,
+        "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES": 0,
     }
     assert system["profile"]["name"] == "linux-6.18" and system["profile"]["kernel"] == "6.18"
     linux = client.get(f"/v1/vms/{make_vm('sw_protected', 'linux')}/capabilities").json()["caps"]

@@ -87,8 +87,9 @@ def test_a_conversion_seen_on_the_map(browser: Browser) -> None:
     expect(page.locator("#vm-title")).to_contain_text("browser (sw_protected, linux, host linux-6.18)")
     page.wait_for_selector("#map[data-drawn]")
 
+    page.locator("#add-slot [name=MMAP]").check()  # a gmem-only slot
     browser.submit("#add-slot", slot="10", gpa="0x100000000", size="0x400000", hva="0x7f0000000000")
-    expect(page.locator("#map rect.slot-rect")).to_have_count(1)
+    expect(page.locator('#map rect.slot-rect[data-gmem-only="1"]')).to_have_count(1)
     expect(page.locator("#last-result")).to_contain_text('change="create"')
 
     browser.submit("#fault", gpa="0x100000000")
@@ -135,6 +136,9 @@ def test_a_conversion_seen_on_the_map(browser: Browser) -> None:
     browser.submit("#prefault", gpa="0x100200000", size="0x100000")
     browser.submit("#notifier", hva_start="0x7f0000300000", hva_end="0x7f0000310000")
     expect(page.locator("#notifiers button")).to_have_count(1)
+    browser.submit("#fallocate", fd="3", offset="0x380000", len="0x40000")
+    browser.submit("#mmap", fd="3", offset="0x0", length="0x100000")
+    expect(page.locator("#host-mappings tr")).to_have_count(2)
     page.evaluate("zoomTo(0xfff80n, 0x100480n)")
     page.locator("#explore button").click()
     expect(page.locator("#timeline tr")).to_have_count(8)
@@ -173,6 +177,17 @@ def test_the_explorer_view(browser: Browser) -> None:
     last = page.locator("#timeline tr.last td")
     expect(last.nth(1)).to_have_text("install_spte")
     expect(last.nth(7)).to_have_text(".")
+    # An in-place conversion that skips the reference check makes a pinned page private.
+    page.locator("#explore [name=variant]").select_option("in-place-no-pin-check")
+    page.locator("#explore [name=npages]").fill("2")
+    page.locator("#explore [name=pinned]").fill("1")
+    page.locator("#explore button").click()
+    expect(page.locator("#explore-verdict")).to_contain_text("pinned_page_private")
+    expect(page.locator("#timeline th").nth(2)).to_have_text("conversion")
+    expect(page.locator("#timeline tr.last td").nth(5)).to_have_text("PP")
+    page.locator("#explore [name=variant]").select_option("in-place")
+    page.locator("#explore button").click()
+    expect(page.locator("#explore-verdict")).to_contain_text("0 of")
     assert browser.errors == [], browser.errors
 
 
@@ -250,4 +265,143 @@ def test_a_headless_screenshot_settles_and_the_trace_streams_once_touched(chromi
         expect(page.locator("#trace-mode")).to_have_text("(live)")
         httpx.post(f"{url}/v1/vms/{vm}/faults", json={"gpa": "0x0"})
         expect(page.locator('#events li[data-type="fault"]')).to_have_count(1)
+        page.close()
+
+
+def test_guest_memfd_files_pages_and_host_mappings_on_the_page(chromium: PwBrowser) -> None:
+    """A gmem-only slot (bound to an MMAP file) is told apart on the memslot lane with its binding;
+    the file's allocated pages are drawn on a lane under it, at the gfns that bind them; the files
+    and the host's mappings are listed, and fallocate, mmap, host access, munmap and close work."""
+    with live_server() as (url, _):
+        vm = httpx.post(f"{url}/v1/vms", json={"type": "sw_protected", "semantics": "linux"}).json()["id"]
+        fd = httpx.post(f"{url}/v1/vms/{vm}/guest-memfds", json={"size": "0x400000", "flags": 1}).json()["fd"]
+        slot = {
+            "flags": 4,
+            "guest_phys_addr": "0x100000000",
+            "memory_size": "0x400000",
+            "userspace_addr": "0x7f0000000000",
+            "guest_memfd": fd,
+        }
+        assert httpx.put(f"{url}/v1/vms/{vm}/memslots/10", json=slot).status_code == 200
+        fallocate = {"mode": 1, "offset": "0x100000", "len": "0x80000"}  # file pages [0x100, 0x180)
+        assert httpx.post(f"{url}/v1/vms/{vm}/guest-memfds/{fd}/fallocate", json=fallocate).status_code == 200
+        mapping = httpx.post(f"{url}/v1/vms/{vm}/guest-memfds/{fd}/mmap", json={"length": "0x200000"}).json()
+        assert mapping["id"] == 1
+        page = chromium.new_page(viewport={"width": 1400, "height": 1100})
+        browser = Browser(page, url)
+        page.goto(f"{url}/ui?vm={vm}")
+        page.wait_for_selector("#map[data-drawn]")
+
+        # The memslot lane: the slot is gmem-only, with its file and page offset.
+        slot_rect = page.locator('#map rect.slot-rect[data-slot="10"]')
+        expect(slot_rect).to_have_attribute("data-gmem-only", "1")
+        expect(slot_rect).to_have_attribute("fill", "url(#pat-gmem-only)")
+        expect(page.locator("#map text.slot-label")).to_have_text(f"slot 10 gmem-only, fd {fd} pgoff 0x0")
+        # The file's pages: one lane, its allocated run drawn exactly over gfns [0x100100, 0x100180).
+        expect(page.locator("#map text", has_text="gmem pages as0")).to_have_count(1)
+        lo, hi = page.evaluate("[xOf(0x100100n), xOf(0x100180n)]")
+        bars = page.locator("#map rect.filepage").evaluate_all(
+            "rs => rs.map(r => [+r.getAttribute('x'), +r.getAttribute('x') + +r.getAttribute('width')])"
+        )
+        edge = 3  # a bucket (about 2 px) straddling an end of the run draws part of a bar
+        assert bars and all(lo - edge <= a and b <= hi + edge for a, b in bars), (lo, hi, bars)
+        assert min(a for a, _ in bars) <= lo + edge and max(b for _, b in bars) >= hi - edge, "the whole run is drawn"
+        # The host's mapping of file pages [0, 0x200), over the gfns bound to them.
+        host = page.locator('#map rect.hostmapped[data-mapping="1"]')
+        expect(host).to_have_count(1)
+        x, w = float(host.get_attribute("x") or 0), float(host.get_attribute("width") or 0)
+        assert abs(x - page.evaluate("xOf(0x100000n)")) < 1 and abs(x + w - page.evaluate("xOf(0x100200n)")) < 1
+
+        # The files and the host's mappings, as listed.
+        row = page.locator(f'#gmem-files tr[data-key="{fd}"] td')
+        cells = [str(fd), "0x400000", "MMAP", "128", "slot 10: [0x0, 0x400)", "[0x100, 0x180)", "[0x0, 0x400)", "#1"]
+        for i, text in enumerate(cells):
+            expect(row.nth(i)).to_have_text(text)
+        row = page.locator('#host-mappings tr[data-key="1"] td')
+        for i, text in enumerate(["#1", str(fd), "[0x0, 0x200)", "512"]):
+            expect(row.nth(i)).to_have_text(text)
+
+        # Hovering a gfn names the file page behind it.
+        page.evaluate("zoomTo(0x100100n, 0x100110n)")
+        browser.wait_redraw(browser.drawn() - 1)
+        box = page.locator("#map").bounding_box()
+        assert box is not None
+        page.mouse.move(box["x"] + 140, box["y"] + 20)
+        expect(page.locator("#tooltip")).to_contain_text(f"slot 10 gmem-only, fd {fd} pgoff 0x100 allocated")
+
+        # The actions: punch a hole, mmap, a host access that takes SIGBUS, munmap, close.
+        page.locator("#fallocate [name=mode]").select_option("3")
+        browser.submit("#fallocate", fd=str(fd), offset="0x100000", len="0x40000")
+        expect(page.locator("#last-result")).to_contain_text("pages_freed=64")
+        expect(page.locator(f'#gmem-files tr[data-key="{fd}"] td').nth(5)).to_have_text("[0x140, 0x180)")
+        browser.submit("#mmap", fd=str(fd), offset="0x200000", length="0x1000")
+        expect(page.locator("#last-result")).to_contain_text("id=2")
+        expect(page.locator("#host-mappings tr")).to_have_count(3)
+        browser.submit("#touch", mapping="2", offset="0x0", size="0x1000")
+        expect(page.locator("#error")).to_contain_text("EFAULT SIGBUS")
+        expect(page.locator("#error")).to_contain_text("GUEST_MEMFD_FLAG_INIT_SHARED")
+        before = browser.drawn()
+        page.locator('#host-mappings tr[data-key="1"] button').click()  # munmap #1
+        browser.wait_redraw(before)
+        expect(page.locator("#last-result")).to_contain_text("released=false")
+        expect(page.locator("#host-mappings tr")).to_have_count(2)
+        before = browser.drawn()
+        page.locator(f'#gmem-files tr[data-key="{fd}"] button').click()  # close: mapping #2 still holds the file
+        browser.wait_redraw(before)
+        expect(page.locator("#last-result")).to_contain_text("released=false")
+        expect(page.locator("#gmem-files")).to_be_hidden()
+        expect(page.locator('#host-mappings tr[data-key="2"] td').nth(1)).to_have_text("closed")
+        before = browser.drawn()
+        page.locator('#host-mappings tr[data-key="2"] button').click()  # the last reference
+        browser.wait_redraw(before)
+        expect(page.locator("#last-result")).to_contain_text("released=true")
+        expect(page.locator("#gmem-panel")).to_be_hidden()
+        expect(page.locator("#map text.slot-label")).to_have_text("slot 10 gmem-only, no file")
+        expect(page.locator("#map rect.filebound")).to_have_count(0)
+
+        network = [e for e in browser.errors if e.startswith("Failed to load resource")]
+        assert len(network) == 1 and "422" in network[0], network  # the provoked SIGBUS
+        assert [e for e in browser.errors if e not in network] == []
+        assert browser.outside == []
+        page.close()
+
+
+def test_in_place_conversion_on_the_page(chromium: PwBrowser) -> None:
+    """On a 7.4 host converting in place, "convert" goes through the slot's guest_memfd
+    (KVM_SET_MEMORY_ATTRIBUTES2); a pin made on the page refuses it with EAGAIN at its offset, and
+    once unpinned the file's private pages are listed and drawn."""
+    with live_server() as (url, _):
+        body = {"type": "sw_protected", "semantics": "linux", "profile": "linux-7.4-in-place"}
+        vm = httpx.post(f"{url}/v1/vms", json=body).json()["id"]
+        fd = httpx.post(f"{url}/v1/vms/{vm}/guest-memfds", json={"size": "0x400000", "flags": 3}).json()["fd"]
+        slot = {"flags": 4, "guest_phys_addr": "0x100000000", "memory_size": "0x400000"}
+        slot |= {"userspace_addr": "0x7f0000000000", "guest_memfd": fd}
+        assert httpx.put(f"{url}/v1/vms/{vm}/memslots/10", json=slot).status_code == 200
+        assert httpx.post(f"{url}/v1/vms/{vm}/guest-memfds/{fd}/mmap", json={"length": "0x400000"}).status_code == 201
+        page = chromium.new_page(viewport={"width": 1400, "height": 1100})
+        browser = Browser(page, url)
+        page.goto(f"{url}/ui?vm={vm}")
+        page.wait_for_selector("#map[data-drawn]")
+        expect(page.locator("#convert-api")).to_have_text("KVM_SET_MEMORY_ATTRIBUTES2 on the slot's guest_memfd")
+
+        browser.submit("#pin", mapping="1", offset="0x3000", size="0x1000")
+        expect(page.locator('#host-pins tr[data-key="1"] td').nth(2)).to_have_text("[0x3, 0x4)")
+        browser.submit("#convert", gpa="0x100000000", size="0x10000")
+        expect(page.locator("#error")).to_contain_text("EAGAIN")
+        expect(page.locator("#error")).to_contain_text("error_offset 0x3000")
+        before = browser.drawn()
+        page.locator('#host-pins tr[data-key="1"] button').click()  # unpin
+        browser.wait_redraw(before)
+        browser.submit("#convert", gpa="0x100000000", size="0x10000")
+        expect(page.locator("#last-result")).to_contain_text("invalidated=true  pages_zapped=0")  # bound, unmapped
+        expect(page.locator(f'#gmem-files tr[data-key="{fd}"] td').nth(6)).to_have_text("[0x0, 0x10)")
+        private = page.locator("#map rect[fill='url(#pat-private)']")
+        expect(private.first).to_be_visible()
+        browser.submit("#touch", mapping="1", offset="0x0", size="0x1000")
+        expect(page.locator("#error")).to_contain_text("EFAULT SIGBUS")
+
+        network = [e for e in browser.errors if e.startswith("Failed to load resource")]
+        assert len(network) == 2, network  # the provoked EAGAIN and SIGBUS
+        assert [e for e in browser.errors if e not in network] == []
+        page.screenshot(path="/tmp/in-place-page.png", full_page=True)
         page.close()

@@ -197,7 +197,7 @@ def test_cli_vm_export_import(url: str, capsys: pytest.CaptureFixture[str], tmp_
     vm = json.loads(run(url, capsys, "--json", "vm", "create", "--semantics", "linux")[1])["id"]
     assert run(url, capsys, "-q", "attrs", "set", vm, "4G", "8K", "--private")[0] == 0
     code, out, _ = run(url, capsys, "vm", "export", vm)
-    assert code == 0 and json.loads(out)["version"] == 3
+    assert code == 0 and json.loads(out)["version"] == 4
     path = tmp_path / "vm.json"
     path.write_text(out)
     code, out, _ = run(url, capsys, "--json", "vm", "import", str(path), "--name", "copy")

@@ -14,10 +14,23 @@ from harness.live import ROOT, free_port, live_server
 
 README = (ROOT / "README.md").read_text()
 SECTION = README.split("## Use it from tooling", 1)[1].split("\n## ", 1)[0]
+EXAMPLE_URL = "http://127.0.0.1:8000"
 
 
-def test_python_example_runs() -> None:
+def python_example(url: str) -> str:
+    """The section's Python example, its client onto ``url`` (the README's names 127.0.0.1:8000)."""
     (code,) = re.findall(r"```python\n(.*?)```", SECTION, re.S)
+    assert f'Client("{EXAMPLE_URL}")' in code
+    return code.replace(EXAMPLE_URL, url)
+
+
+def test_python_example_runs_against_a_server() -> None:
+    with live_server() as (url, _):
+        exec(compile(python_example(url), "README.md", "exec"), {})
+
+
+def test_python_example_runs_in_process() -> None:
+    code = python_example(EXAMPLE_URL).replace(f'Client("{EXAMPLE_URL}")', "Client.in_process()")
     exec(compile(code, "README.md", "exec"), {})
 
 

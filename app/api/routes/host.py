@@ -11,13 +11,16 @@ from app.api import examples
 from app.api.deps import FdPath, LimitQuery, VmDep
 from app.api.problems import error_responses
 from app.api.responses import model_response
-from app.models.kvm import FallocateRequest, MmapRequest, TouchRequest
+from app.models.kvm import FallocateRequest, KvmMemoryAttributes2, MmapRequest, TouchRequest
 from app.models.state import (
     FallocateResult,
     FileRuns,
+    GmemAttributeUpdate,
     GuestMemfdClose,
     HostMapping,
     HostMappingList,
+    HostPin,
+    HostPinList,
     HostTouch,
 )
 from app.models.types import U64
@@ -25,6 +28,32 @@ from app.models.types import U64
 router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["guest-memfds"])
 
 MappingPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="host mapping id (what mmap returned)")]
+PinPath = Annotated[int, Path(ge=1, le=2**63 - 1, description="pin id (what pin returned)")]
+
+
+@router.post(
+    "/guest-memfds/{fd}/memory-attributes",
+    summary="KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd: in-place conversion (7.4)",
+    description="Only where the VM's host converts in place (profile `linux-7.4-in-place`: "
+    "`gmem_in_place_conversion`): private/shared lives in the file, shared by every slot bound to it. Errno "
+    "order (`kvm_gmem_ioctl()`, `kvm_gmem_set_attributes()`): `ENOTTY` on any other host (checked first), then "
+    "`EINVAL` for flags, reserved, a VM without private memory, attributes other than 0 or 8, size 0 or a wrap, "
+    "unaligned offset or size, a range past the file's size. A range that already has the attributes returns at "
+    "once (`noop`, nothing invalidated). Preallocation: `ENOMEM` (fail-nth 1) with `error_offset` = offset. To "
+    "private: the host's page tables lose the range (later host accesses `SIGBUS`), then a page in use (pinned, "
+    "see `.../host-mappings/{mapping}/pin`) refuses with `EAGAIN` and `error_offset` = its offset: unpin and retry. "
+    "Past that nothing fails: invalidate start over every binding (to private: shared mappings unmapped, and the "
+    "reverse; outside TDX every mapping), store, invalidate end (seq bumped).",
+    operation_id="set_guest_memfd_memory_attributes",
+    responses=error_responses("ENOENT", "EBADF", "ENOTTY", "EAGAIN", "ENOMEM"),
+    response_model=GmemAttributeUpdate,
+)
+async def set_gmem_attributes(
+    vm: VmDep,
+    fd: FdPath,
+    req: Annotated[KvmMemoryAttributes2, examples.GMEM_ATTRIBUTES],
+) -> Response:
+    return model_response(vm.set_gmem_attributes(fd, req))
 
 
 @router.post(
@@ -121,8 +150,8 @@ async def get_host_mapping(vm: VmDep, mapping: MappingPath) -> Response:
     "/host-mappings/{mapping}/touch",
     summary="Host access through a mapping (kvm_gmem_fault_user_mapping)",
     description="Reads or writes `[offset, offset + size)` of the mapping. Each page comes from the file, allocated "
-    "if it has none. A page past the file's end, or any page of a file created without "
-    "`GUEST_MEMFD_FLAG_INIT_SHARED`, is `SIGBUS`; past the mapping, `SIGSEGV`: `EFAULT` with `signal` and "
+    "if it has none. A page past the file's end, or a private page (any page of a file created without "
+    "`GUEST_MEMFD_FLAG_INIT_SHARED`; in place, a page whose attribute is private), is `SIGBUS`; past the mapping, `SIGSEGV`: `EFAULT` with `signal` and "
     "`fault_offset` (the first such page) in the problem. The whole range is checked first, so an access that "
     "takes a signal allocates nothing.",
     operation_id="touch_host_mapping",
@@ -135,6 +164,64 @@ async def touch(
     req: Annotated[TouchRequest, examples.TOUCH],
 ) -> Response:
     return model_response(vm.touch(mapping, req))
+
+
+@router.post(
+    "/host-mappings/{mapping}/pin",
+    status_code=201,
+    summary="Pin pages through a host mapping (pin_user_pages)",
+    description="What GUP or a VFIO/IOMMU DMA mapping of the host's memory holds: the pages of `[offset, offset + "
+    "size)` of the mapping are faulted in as for a touch (`EFAULT` with `signal` where a touch would take one: a "
+    "private page, past the file or the mapping) and held until unpinned. A to-private "
+    "`KVM_SET_MEMORY_ATTRIBUTES2` over a pinned page in the file's page cache is `EAGAIN`. The pin keeps the file "
+    "(a simplification: the kernel's pin holds the pages, not the file).",
+    operation_id="pin_host_mapping",
+    responses=error_responses("ENOENT", "EFAULT", "ENOMEM"),
+    response_model=HostPin,
+)
+async def pin(
+    vm: VmDep,
+    mapping: MappingPath,
+    req: Annotated[TouchRequest, examples.PIN],
+) -> Response:
+    return model_response(vm.pin(mapping, req), 201)
+
+
+@router.get(
+    "/host-pins",
+    summary="List the host's pins of guest_memfd pages",
+    description="Every pin not yet unpinned: its file's fd (null once closed), first byte offset and size.",
+    operation_id="list_host_pins",
+    responses=error_responses("ENOENT"),
+    response_model=HostPinList,
+)
+async def list_host_pins(vm: VmDep) -> Response:
+    return model_response(HostPinList(pins=vm.host_pins()))
+
+
+@router.get(
+    "/host-pins/{pin}",
+    summary="Get a pin",
+    description="One pin: its file's fd (null once closed), first byte offset and size.",
+    operation_id="get_host_pin",
+    responses=error_responses("ENOENT"),
+    response_model=HostPin,
+)
+async def get_host_pin(vm: VmDep, pin: PinPath) -> Response:
+    return model_response(vm.host_pin(pin))
+
+
+@router.delete(
+    "/host-pins/{pin}",
+    summary="Unpin (unpin_user_pages)",
+    description="Drops the pin. If it was the last reference to a closed, unmapped file, `kvm_gmem_release()` "
+    "runs as for a close (`released` true).",
+    operation_id="unpin_host_pin",
+    responses=error_responses("ENOENT"),
+    response_model=GuestMemfdClose,
+)
+async def unpin(vm: VmDep, pin: PinPath) -> Response:
+    return model_response(vm.unpin(pin))
 
 
 @router.delete(

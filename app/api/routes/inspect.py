@@ -23,7 +23,9 @@ router = APIRouter(prefix="/v1/vms/{vm_id}", tags=["state"])
 @router.get(
     "/gfns/{gfn}",
     summary="Everything about one gfn",
-    description="Its attributes, the memslots that contain it (per address space) and its mappings (SPTEs).",
+    description="Its attributes, the memslots that contain it (per address space; for a slot bound to a "
+    "guest_memfd, the file's fd, the page of the file behind the gfn and whether it is allocated) and its mappings "
+    "(SPTEs).",
     operation_id="get_gfn",
     responses=error_responses("ENOENT"),
     response_model=GfnInfo,
@@ -73,9 +75,10 @@ async def get_mappings(
     summary="Memory map: per-bucket counts for drawing",
     description="Splits `[start_gfn, end_gfn)` (defaults and bounds as for the attribute runs) into `buckets` "
     "near-equal parts (1..4096, default 1024; never narrower than one gfn) and counts, per bucket, private "
-    "pages, pages inside a memslot, and present mappings per address space; plus the memslots overlapping the "
-    "window and the open invalidation range. Computed from prefix sums over the runs: the cost does not grow "
-    "with the number of pages or runs in the window.",
+    "pages, pages inside a memslot, present mappings per address space, and per address space the pages whose "
+    "guest_memfd page (through the slot bound to a file) is allocated; plus the memslots overlapping the window "
+    "(with `gmem_only` and their binding) and the open invalidation range. Computed from prefix sums over the "
+    "runs: the cost does not grow with the number of pages or runs in the window.",
     operation_id="get_memory_map",
     responses=error_responses("ENOENT"),
     response_model=MemoryMap,

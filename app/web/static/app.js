@@ -22,6 +22,7 @@ const state = {
   stream: null,
   poll: null,
   drawn: 0,
+  hostMappings: [],  // the VM's host mappings, as GET .../host-mappings answered at the last refresh
 };
 
 // ------------------------------------------------------------------ the API
@@ -37,6 +38,8 @@ async function api(method, path, body) {
     if (r.status === 401 || r.status === 403) $("#token-form").hidden = false;
     const err = new Error(data.detail || r.statusText);
     err.errno = data.errno || String(r.status);
+    err.signal = data.signal;  // a host access: the signal it took (SIGBUS, SIGSEGV)
+    err.errorOffset = data.error_offset;  // KVM_SET_MEMORY_ATTRIBUTES2's EAGAIN and ENOMEM
     err.status = r.status;
     throw err;
   }
@@ -48,8 +51,9 @@ function showError(err) {
   box.hidden = false;
   box.replaceChildren();
   const b = document.createElement("b");
-  b.textContent = err.errno || "error";
-  box.append(b, ` (HTTP ${err.status || "?"}): ${err.message}`);
+  b.textContent = [err.errno || "error", err.signal].filter(Boolean).join(" ");
+  const at = err.errorOffset === undefined || err.errorOffset === null ? "" : ` (error_offset ${hex(err.errorOffset)})`;
+  box.append(b, ` (HTTP ${err.status || "?"}): ${err.message}${at}`);
 }
 
 function clearError() { $("#error").hidden = true; }
@@ -69,7 +73,8 @@ async function act(fn) {
 function summarize(result) {
   if (!result || typeof result !== "object") return String(result);
   const keep = ["change", "outcome", "retry_reason", "noop", "invalidated", "pages_zapped", "tlb_flushed",
-    "mapped_pages", "already_mapped_pages", "stopped", "id", "fail_nth", "fd"];
+    "mapped_pages", "already_mapped_pages", "stopped", "id", "fail_nth", "fd", "released", "pages_allocated",
+    "pages_freed", "pages", "allocated_pages"];
   const parts = keep.filter((k) => k in result).map((k) => `${k}=${JSON.stringify(result[k])}`);
   const exit = result.exit;
   if (exit && exit.reason === "KVM_EXIT_MMIO") parts.push(`exit=mmio gpa=${hex(exit.gpa)} ${exit.is_write ? "write" : "read"}`);
@@ -81,6 +86,16 @@ const num = (text) => BigInt(String(text).trim());
 // One base per meaning, as in the CLI: addresses, gfns, sizes, offsets and slot ids in hex, counts in decimal.
 const HEX_KEY = /(^|_)(gfn|gpa|hva|addr|address|size|offset|slot|start|end)$|^(userspace_addr|max_gfn)$/;
 const hex = (n) => "0x" + BigInt(n).toString(16);
+const bigMin = (a, b) => (a < b ? a : b);
+const bigMax = (a, b) => (a > b ? a : b);
+const PAGE_SHIFT = 12n;
+const pages = (bytes) => BigInt(bytes) >> PAGE_SHIFT;
+// Byte offsets [start, end) of a file as its pages.
+const filePages = (start, end) => `[${hex(pages(start))}, ${hex(pages(end))})`;
+const GMEM_FLAGS = [[1, "MMAP"], [2, "INIT_SHARED"]];  // GUEST_MEMFD_FLAG_*
+const KVM_MEM_GUEST_MEMFD = 4;
+
+const vmPath = (tail) => `/v1/vms/${state.vm.id}${tail}`;
 
 // ------------------------------------------------------------------ VMs
 
@@ -121,14 +136,17 @@ async function deleteVm(id) {
 async function selectVm(id) {
   clearError();
   state.vm = await api("GET", `/v1/vms/${id}`);
-  state.maxGfn = BigInt((await api("GET", `/v1/vms/${id}/capabilities`)).max_gfn);
+  const caps = await api("GET", `/v1/vms/${id}/capabilities`);
+  state.maxGfn = BigInt(caps.max_gfn);
+  state.inPlace = caps.caps.KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES !== 0;
   [state.start, state.end] = await fittedWindow();
   state.lastEvent = 0;
   $("#events").replaceChildren();
   $("#vm-view").hidden = false;
   $("#mmu-panel").hidden = false;
   $("#vm-title").textContent = `${state.vm.name || state.vm.id} (${state.vm.type}, ${state.vm.semantics}, host ${state.vm.profile})`;
-  $("#convert-api").textContent = state.vm.semantics === "linux" ? "KVM_SET_MEMORY_ATTRIBUTES" : "KVM_MEMORY_ENCRYPT_{REG,UNREG}_REGION";
+  $("#convert-api").textContent = state.inPlace ? "KVM_SET_MEMORY_ATTRIBUTES2 on the slot's guest_memfd"
+    : state.vm.semantics === "linux" ? "KVM_SET_MEMORY_ATTRIBUTES" : "KVM_MEMORY_ENCRYPT_{REG,UNREG}_REGION";
   await loadVms();
   await refresh();
   await startTrace();
@@ -143,7 +161,7 @@ async function refresh() {
     return;
   }
   drawMmu(state.vm.mmu);
-  await Promise.all([drawMap(), drawNotifiers()]);
+  await Promise.all([drawGmem().then(drawMap), drawNotifiers()]);
 }
 
 function drawMmu(mmu) {
@@ -200,7 +218,15 @@ async function drawMap() {
 
   const svg = $("#map");
   [...svg.children].forEach((c) => { if (c.tagName !== "defs") c.remove(); });
-  const lanes = ["attributes", "memslots", ...[...Array(vm.address_spaces).keys()].map((a) => `mappings as${a}`)];
+  // Under the memslots, a lane of guest_memfd pages for each address space with a slot bound to a file here.
+  const bound = map.memslots.filter((s) => s.guest_memfd !== null);
+  const gmemAs = [...new Set(bound.map((s) => s.as_id))].sort();
+  const addressSpaces = [...Array(vm.address_spaces).keys()];
+  const lanes = ["attributes", "memslots", ...gmemAs.map((a) => `gmem pages as${a}`),
+    ...addressSpaces.map((a) => `mappings as${a}`)];
+  const laneY = (i) => 10 + i * (LANE_H + 6);
+  const row = (name) => laneY(lanes.indexOf(name));
+  const gmemRow = (as) => row(`gmem pages as${as}`);
   const height = lanes.length * (LANE_H + 6) + 34;
   svg.setAttribute("height", height);
   const g = el("g", {}, svg);
@@ -208,45 +234,73 @@ async function drawMap() {
     const t = el("text", { x: 4, y: 10 + i * (LANE_H + 6) + LANE_H / 2 + 4 }, g);
     t.textContent = name;
   });
-  const laneY = (i) => 10 + i * (LANE_H + 6);
+  const clip = (a, b) => [bigMax(BigInt(a), state.start), bigMin(BigInt(b), state.end)];
 
+  for (const s of bound) {  // where the file is bound: the lane's background
+    const [a, b] = clip(s.base_gfn, BigInt(s.base_gfn) + BigInt(s.npages));
+    el("rect", { x: xOf(a), y: gmemRow(s.as_id), width: Math.max(xOf(b) - xOf(a), 1), height: LANE_H,
+      class: "filebound" }, g);
+  }
+  el("rect", { x: xOf(state.start), y: laneY(0), width: plotWidth(), height: LANE_H, class: "shared" }, g);
+  // A bucket's count is a bar rising from its lane's floor; neighbouring buckets of one height are
+  // one rect (no seams between them, and fewer nodes).
+  const bars = new Map();  // lane y -> { attrs, list of [x0, x1, h] }
+  const bar = (y, attrs, b, count) => {
+    if (count <= 0) return;
+    const [x0, x1] = [xOf(b.start_gfn), xOf(b.end_gfn)];
+    const h = Math.max(LANE_H * (count / (b.end_gfn - b.start_gfn)), 2);
+    if (!bars.has(y)) bars.set(y, { attrs, list: [] });
+    const list = bars.get(y).list;
+    const last = list[list.length - 1];
+    if (last && last[2] === h && Math.abs(last[1] - x0) < 1e-6) last[1] = x1;
+    else list.push([x0, x1, h]);
+  };
   for (const b of map.buckets) {
-    const x0 = xOf(b.start_gfn);
-    const w = Math.max(xOf(b.end_gfn) - x0, 0.5);
-    const n = b.end_gfn - b.start_gfn;
-    const priv = b.private_pages / n;
-    el("rect", { x: x0, y: laneY(0), width: w, height: LANE_H, class: "shared" }, g);
-    if (priv > 0) {
-      const h = Math.max(LANE_H * priv, 2);
-      el("rect", { x: x0, y: laneY(0) + LANE_H - h, width: w, height: h, fill: "url(#pat-private)" }, g);
-    }
-    if (!detail) {
-      b.mapped_pages.forEach((m, as) => {
-        if (m > 0) {
-          const h = Math.max(LANE_H * (m / n), 2);
-          el("rect", { x: x0, y: laneY(2 + as) + LANE_H - h, width: w, height: h, class: "mapped" }, g);
-        }
-      });
+    bar(laneY(0), { fill: "url(#pat-private)" }, b, b.private_pages);
+    for (const as of gmemAs) bar(gmemRow(as), { class: "filepage" }, b, b.gmem_allocated_pages[as]);
+    if (!detail) b.mapped_pages.forEach((m, as) => bar(row(`mappings as${as}`), { class: "mapped" }, b, m));
+  }
+  for (const [y, { attrs, list }] of bars) {
+    for (const [x0, x1, h] of list) el("rect", { x: x0, y: y + LANE_H - h, width: Math.max(x1 - x0, 0.5), height: h, ...attrs }, g);
+  }
+  for (const s of bound) {  // the host's mappings of the file, at the gfns this slot binds them to
+    const pg = pages(s.guest_memfd_offset);
+    const toGfn = BigInt(s.base_gfn) - pg;
+    for (const m of state.hostMappings.filter((m) => m.fd === s.guest_memfd)) {
+      const lo = bigMax(pages(m.offset), pg);
+      const hi = bigMin(pages(m.offset) + pages(m.length), pg + BigInt(s.npages));
+      const [a, b] = clip(lo + toGfn, hi + toGfn);
+      if (a >= b) continue;
+      el("rect", { x: xOf(a), y: gmemRow(s.as_id), width: Math.max(xOf(b) - xOf(a), 1), height: 4,
+        class: "hostmapped", "data-mapping": m.id }, g);
     }
   }
   for (const s of map.memslots) {
-    const a = BigInt(s.base_gfn) > state.start ? BigInt(s.base_gfn) : state.start;
-    const endGfn = BigInt(s.base_gfn) + BigInt(s.npages);
-    const b = endGfn < state.end ? endGfn : state.end;
-    const gmem = (s.flags & 4) !== 0;
+    const [a, b] = clip(s.base_gfn, BigInt(s.base_gfn) + BigInt(s.npages));
+    const gmem = (s.flags & KVM_MEM_GUEST_MEMFD) !== 0;
+    const fill = s.gmem_only ? "url(#pat-gmem-only)" : gmem ? "url(#pat-gmem)" : "#8a8f98";
     const r = el("rect", { x: xOf(a), y: laneY(1), width: Math.max(xOf(b) - xOf(a), 1), height: LANE_H,
-      fill: gmem ? "url(#pat-gmem)" : "#8a8f98", "data-slot": s.slot }, g);
+      fill, "data-slot": s.slot, "data-gmem-only": s.gmem_only ? "1" : "0" }, g);
     r.classList.add("slot-rect");
-    if (xOf(b) - xOf(a) > 70) {
-      const t = el("text", { x: xOf(a) + 4, y: laneY(1) + LANE_H - 8 }, g);
-      t.textContent = `slot ${s.slot}${gmem ? " gmem" : ""}`;
+    const kind = s.gmem_only ? " gmem-only" : gmem ? " gmem" : "";
+    const binding = !gmem ? "" : s.guest_memfd === null ? ", no file" :
+      `, fd ${s.guest_memfd} pgoff ${hex(pages(s.guest_memfd_offset))}`;
+    // The longest label that fits (about 6.5 px a character).
+    const label = [`slot ${s.slot}${kind}${binding}`, `slot ${s.slot}${kind}`, `slot ${s.slot}`]
+      .find((text) => text.length * 6.5 + 8 < xOf(b) - xOf(a));
+    if (label) {  // on a plate, so it reads over the slot's pattern
+      const t = el("text", { x: xOf(a) + 6, y: laneY(1) + LANE_H - 9, class: "slot-label" }, g);
+      t.textContent = label;
+      const box = t.getBBox();
+      g.insertBefore(el("rect", { x: box.x - 3, y: box.y - 1, width: box.width + 6, height: box.height + 2, rx: 3,
+        class: "label-plate" }), t);
     }
   }
   if (detail) {
     runs.forEach((page, as) => {
       for (const r of page.runs) {
         const x0 = xOf(r.start_gfn);
-        el("rect", { x: x0, y: laneY(2 + as), width: Math.max(xOf(r.end_gfn) - x0, 1), height: LANE_H,
+        el("rect", { x: x0, y: row(`mappings as${as}`), width: Math.max(xOf(r.end_gfn) - x0, 1), height: LANE_H,
           fill: r.private ? "url(#pat-private)" : "#2e9e5b", stroke: r.writable ? "none" : "#1d2330" }, g);
       }
     });
@@ -257,8 +311,7 @@ async function drawMap() {
     }
   }
   if (map.invalidation) {
-    const a = BigInt(map.invalidation.start_gfn) > state.start ? BigInt(map.invalidation.start_gfn) : state.start;
-    const b = BigInt(map.invalidation.end_gfn) < state.end ? BigInt(map.invalidation.end_gfn) : state.end;
+    const [a, b] = clip(map.invalidation.start_gfn, map.invalidation.end_gfn);
     el("rect", { x: xOf(a), y: 4, width: Math.max(xOf(b) - xOf(a), 2), height: laneY(lanes.length) - 6,
       class: "inval" }, g);
     const t = el("text", { x: xOf(a) + 2, y: laneY(lanes.length) + 8 }, g);
@@ -374,7 +427,9 @@ function hover(e) {
   hoverTimer = setTimeout(async () => {
     try {
       const info = await api("GET", `/v1/vms/${state.vm.id}/gfns/${hex(gfn)}`);
-      const slots = info.memslots.map((s) => `as${s.as_id} slot ${s.slot}`).join(", ") || "none";
+      const slots = info.memslots.map((s) => `as${s.as_id} slot ${s.slot}${s.gmem_only ? " gmem-only" : ""}` +
+        (s.guest_memfd === null ? "" : `, fd ${s.guest_memfd} pgoff ${hex(s.gmem_pgoff)} ` +
+          (s.gmem_allocated ? "allocated" : "not allocated"))).join("; ") || "none";
       const maps = info.mappings.map((m) => `as${m.as_id} ${m.private ? "private" : "shared"}${m.writable ? " writable" : " read-only"}`).join(", ") || "not mapped";
       tip.textContent = `gfn ${hex(info.gfn)}  gpa ${hex(info.gpa)}\nattributes ${info.attributes} (${info.private ? "private" : "shared"})\nmemslot ${slots}\nmapping ${maps}`;
     } catch (err) { /* the VM may be gone: the tooltip keeps the address */ }
@@ -452,17 +507,82 @@ function stopTrace() {
 
 // ------------------------------------------------------------------ actions
 
+// A button that runs one API call as an action.
+function button(text, title, call) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.textContent = text;
+  b.title = title;
+  b.addEventListener("click", () => act(call));
+  return b;
+}
+
 async function drawNotifiers() {
-  const { invalidations } = await api("GET", `/v1/vms/${state.vm.id}/mmu-notifier/invalidations`);
-  const box = $("#notifiers");
-  box.replaceChildren();
-  for (const inv of invalidations) {
-    const b = document.createElement("button");
-    b.type = "button";
-    b.textContent = `end #${inv.id}`;
-    b.addEventListener("click", () => act(() => api("DELETE", `/v1/vms/${state.vm.id}/mmu-notifier/invalidations/${inv.id}`)));
-    box.append(b);
+  const { invalidations } = await api("GET", vmPath("/mmu-notifier/invalidations"));
+  $("#notifiers").replaceChildren(...invalidations.map((inv) => button(`end #${inv.id}`, "invalidate_range_end()",
+    () => api("DELETE", vmPath(`/mmu-notifier/invalidations/${inv.id}`)))));
+}
+
+// The VM's guest_memfd files and host mappings. Of a file's pages the panel lists the first
+// FILE_RUNS runs (GET .../pages answers one entry per run, however large the file) and the count;
+// the map draws all of them.
+const FILE_RUNS = 16;
+
+// The file page ranges where runs have `key` set: runs split where the other field changes merge.
+function spans(runs, key) {
+  const out = [];
+  for (const r of runs.filter((x) => x[key])) {
+    const last = out[out.length - 1];
+    if (last && BigInt(last[1]) === BigInt(r.start)) last[1] = r.end;
+    else out.push([r.start, r.end]);
   }
+  return out.map(([a, b]) => filePages(a, b));
+}
+
+async function drawGmem() {
+  const [{ guest_memfds: files }, { mappings }, { pins }] = await Promise.all([
+    api("GET", vmPath("/guest-memfds")), api("GET", vmPath("/host-mappings")), api("GET", vmPath("/host-pins"))]);
+  const runs = await Promise.all(files.map((f) => api("GET", vmPath(`/guest-memfds/${f.fd}/pages?limit=${FILE_RUNS}`))));
+  state.hostMappings = mappings;
+  $("#gmem-panel").hidden = !files.length && !mappings.length && !pins.length;
+
+  const table = (id, head, rows) => {
+    const t = $(id);
+    t.replaceChildren();
+    const tr = t.insertRow();
+    for (const h of head) {
+      const th = document.createElement("th");
+      th.textContent = h;
+      tr.append(th);
+    }
+    for (const [key, cells] of rows) {
+      const r = t.insertRow();
+      r.dataset.key = key;
+      for (const c of cells) r.insertCell().append(c);
+    }
+  };
+  table("#gmem-files", ["fd", "size", "flags", "allocated pages", "bound to (slot: file pages)", "allocated (file pages)",
+    "private (file pages)", "host mappings", ""], files.map((f, i) => {
+    const flags = GMEM_FLAGS.filter(([bit]) => f.flags & bit).map(([, name]) => name).join(" | ") || "0";
+    const bindings = f.bindings.map((b) => `slot ${b.slot}: ${filePages(b.offset, BigInt(b.offset) + BigInt(b.size))}`);
+    const allocated = spans(runs[i].runs, "allocated");
+    const priv = spans(runs[i].runs, "private");
+    if (runs[i].next_offset !== null) allocated.push("…");
+    if (runs[i].next_offset !== null) priv.push("…");
+    return [f.fd, [String(f.fd), hex(f.size), flags, String(f.allocated_pages), bindings.join(", ") || "none",
+      allocated.join(" ") || "none", priv.join(" ") || "none", f.mappings.map((m) => `#${m}`).join(" ") || "none",
+      button("close", `close(${f.fd}): kvm_gmem_release() at the last reference`, () => api("DELETE", vmPath(`/guest-memfds/${f.fd}`)))]];
+  }));
+  table("#host-mappings", ["host mapping", "fd", "file pages", "pages", ""], mappings.map((m) => [m.id, [
+    `#${m.id}`, m.fd === null ? "closed" : String(m.fd),
+    filePages(m.offset, BigInt(m.offset) + BigInt(m.length)), String(pages(m.length)),
+    button("munmap", `munmap() mapping #${m.id}`, () => api("DELETE", vmPath(`/host-mappings/${m.id}`)))]]));
+  table("#host-pins", ["pin", "fd", "file pages", ""], pins.map((p) => [p.id, [
+    `#${p.id}`, p.fd === null ? "closed" : String(p.fd), filePages(p.offset, BigInt(p.offset) + BigInt(p.size)),
+    button("unpin", `unpin_user_pages(): drop pin #${p.id}`, () => api("DELETE", vmPath(`/host-pins/${p.id}`)))]]));
+  $("#gmem-files").hidden = !files.length;
+  $("#host-mappings").hidden = !mappings.length;
+  $("#host-pins").hidden = !pins.length;
 }
 
 function form(id, handler) {
@@ -480,18 +600,30 @@ function setupActions() {
     await selectVm(vm.id);
     return vm;
   });
-  const vmPath = (tail) => `/v1/vms/${state.vm.id}${tail}`;
   form("#add-slot", async (d) => {
     const body = { guest_phys_addr: d.gpa, memory_size: d.size, userspace_addr: d.hva };
     if (d.gmem) {
-      const f = await api("POST", vmPath("/guest-memfds"), { size: d.size });
-      Object.assign(body, { flags: 4, guest_memfd: f.fd });
+      const flags = GMEM_FLAGS.reduce((acc, [bit, name]) => (d[name] ? acc | bit : acc), 0);
+      const f = await api("POST", vmPath("/guest-memfds"), { size: d.size, flags });
+      Object.assign(body, { flags: KVM_MEM_GUEST_MEMFD, guest_memfd: f.fd });
     }
     return api("PUT", vmPath(`/memslots/${d.slot}`), body);
   });
-  form("#convert", (d) => {
+  form("#convert", async (d) => {
+    const attributes = d.to === "private" ? 8 : 0;
+    if (state.inPlace) {
+      // What a VMM does in place (QEMU's kvm_convert_memory()): the gpa's slot names the file and offset.
+      const gpa = BigInt(d.gpa);
+      const { memslots } = await api("GET", vmPath("/memslots"));
+      const s = memslots.find((m) => m.as_id === 0 && BigInt(m.guest_phys_addr) <= gpa
+        && gpa < BigInt(m.guest_phys_addr) + BigInt(m.memory_size));
+      if (!s || s.guest_memfd === null) throw new Error(`no guest_memfd slot holds gpa ${d.gpa}`);
+      const offset = BigInt(s.guest_memfd_offset) + gpa - BigInt(s.guest_phys_addr);
+      return api("POST", vmPath(`/guest-memfds/${s.guest_memfd}/memory-attributes`),
+        { offset: hex(offset), size: d.size, attributes });
+    }
     if (state.vm.semantics === "linux") {
-      return api("PUT", vmPath("/memory-attributes"), { address: d.gpa, size: d.size, attributes: d.to === "private" ? 8 : 0 });
+      return api("PUT", vmPath("/memory-attributes"), { address: d.gpa, size: d.size, attributes });
     }
     return api("POST", vmPath(`/memory-encrypt/${d.to === "private" ? "reg" : "unreg"}-region`), { addr: d.gpa, size: d.size });
   });
@@ -503,6 +635,12 @@ function setupActions() {
   });
   form("#prefault", (d) => api("POST", vmPath("/prefault"), { gpa: d.gpa, size: d.size }));
   form("#notifier", (d) => api("POST", vmPath("/mmu-notifier/invalidations"), { hva_start: d.hva_start, hva_end: d.hva_end }));
+  form("#fallocate", (d) => api("POST", vmPath(`/guest-memfds/${Number(d.fd)}/fallocate`),
+    { mode: Number(d.mode), offset: d.offset, len: d.len }));
+  form("#mmap", (d) => api("POST", vmPath(`/guest-memfds/${Number(d.fd)}/mmap`), { offset: d.offset, length: d.length }));
+  form("#touch", (d) => api("POST", vmPath(`/host-mappings/${Number(d.mapping)}/touch`),
+    { offset: d.offset, size: d.size, write: Boolean(d.write) }));
+  form("#pin", (d) => api("POST", vmPath(`/host-mappings/${Number(d.mapping)}/pin`), { offset: d.offset, size: d.size }));
   form("#inject", (d) => api("PUT", vmPath("/fault-injection"), { fail_nth: d.fail_nth ? Number(d.fail_nth) : null }));
   $("#token-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -534,7 +672,8 @@ function setupExplorer() {
     clearError();
     const d = Object.fromEntries(new FormData(e.target));
     const body = { variant: d.variant, npages: Number(d.npages), to: d.to, fault_gfn_offset: Number(d.fault_gfn_offset),
-      fault_access: d.fault_access, fail_nth: d.fail_nth ? Number(d.fail_nth) : null };
+      fault_access: d.fault_access, fail_nth: d.fail_nth ? Number(d.fail_nth) : null,
+      pinned: d.pinned.trim() ? d.pinned.split(",").map((o) => Number(o.trim())) : null };
     try {
       drawRun(await api("POST", "/v1/explorer/runs", body));
     } catch (err) { showError(err); }
