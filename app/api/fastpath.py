@@ -58,6 +58,8 @@ from starlette.types import Message, Receive, Scope, Send
 _DECLINED = "kvm_memattr.fast_path_declined"
 """Scope key: a FastRoute handed this request back; the router's second walk passes them all by."""
 
+_NO_MATCH: tuple[Match, Scope] = (Match.NONE, {})
+"""What ``matches`` answers without trying the path's regex (the router reads no scope from it)."""
 _SCALARS = (str, int, float, bool, type(None))
 _REQUIRED: Any = inspect.Parameter.empty
 _JSON = b"application/json"
@@ -72,8 +74,8 @@ class _Input:
     """A path or query parameter, or the body, validated by its own annotation."""
 
     name: str
-    adapter: TypeAdapter[Any]
     where: Literal["path", "query", "body"]
+    validate: Callable[[Any], Any]  # the annotation's validator: of the body's bytes, or of the string
     default: Any = _REQUIRED
 
 
@@ -83,16 +85,16 @@ class _Step:
     picked from a request's values: the request, its inputs, then the results of the steps before."""
 
     func: Callable[..., Any]
-    pick: Callable[[list[Any]], tuple[Any, ...]]
+    pick: Callable[[list[Any]], Sequence[Any]]
 
 
-def _picker(indices: Sequence[int]) -> Callable[[list[Any]], tuple[Any, ...]]:
+def _picker(indices: Sequence[int]) -> Callable[[list[Any]], Sequence[Any]]:
     # An itemgetter is the cheapest pick there is (a dict of keywords costs a few microseconds a
-    # request); given one index it returns the value itself, not a 1-tuple.
-    if len(indices) == 1:
-        (index,) = indices
-        return lambda values: (values[index],)
-    return operator.itemgetter(*indices) if indices else lambda values: ()
+    # request, a lambda one Python call); of one index it returns the value itself, so none or one
+    # is a slice.
+    if len(indices) > 1:
+        return operator.itemgetter(*indices)
+    return operator.itemgetter(slice(indices[0], indices[0] + 1) if indices else slice(0))
 
 
 # ---------------------------------------------------------------- planning, once per route
@@ -195,7 +197,9 @@ class _Planner:
             where = "query"
         else:
             return None
-        self.inputs.append(_Input(name, TypeAdapter(hint), where, param.default))
+        validator = TypeAdapter(hint).validator
+        validate = validator.validate_json if where == "body" else validator.validate_python
+        self.inputs.append(_Input(name, where, validate, param.default))
         return ("input", len(self.inputs) - 1)
 
 
@@ -219,15 +223,19 @@ class FastRoute(Route):
             path, api_route.endpoint, methods=api_route.methods, name=api_route.name, include_in_schema=False
         )
         self.api_methods = frozenset(api_route.methods or ())
+        self.tail = path[path.rfind("}") + 1 :]
+        """The path's end after its last parameter. A request that does not end so is turned away
+        before the regex (the dearer test), and any it turns away goes on to the route's twin."""
         self.steps = tuple(steps)
         self.inputs = tuple(inputs)
         self.reads_body = any(i.where == "body" for i in inputs)
         self.reads_query = any(i.where == "query" for i in inputs)
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        # Another method (a 405, HEAD) is the router's to answer, as if this route were not here.
-        if scope.get("method") not in self.api_methods or _DECLINED in scope:
-            return Match.NONE, {}
+        # Another method (a 405, HEAD) is the router's to answer, as if this route were not here;
+        # a path without the route's tail cannot match.
+        if scope.get("method") not in self.api_methods or not scope["path"].endswith(self.tail) or _DECLINED in scope:
+            return _NO_MATCH
         match, child_scope = super().matches(scope)
         if match is Match.FULL:
             child_scope["route"] = self  # the template the access log and the metrics name
@@ -273,7 +281,7 @@ class FastRoute(Route):
                     # FastAPI parses other JSON types too, and names the error of a bad one.
                     if not body or _content_type(scope) != _JSON:
                         raise _Fallback
-                    values.append(i.adapter.validator.validate_json(body))
+                    values.append(i.validate(body))
                     continue
                 raw = path.get(i.name) if i.where == "path" else query.get(i.name)  # type: ignore[union-attr]
                 if raw is None:
@@ -281,7 +289,7 @@ class FastRoute(Route):
                         raise _Fallback
                     values.append(copy.deepcopy(i.default))  # as FastAPI does: unvalidated
                 else:
-                    values.append(i.adapter.validator.validate_python(raw))
+                    values.append(i.validate(raw))
         except ValidationError:
             raise _Fallback from None
         return values
@@ -296,13 +304,12 @@ def _content_type(scope: Scope) -> bytes | None:
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:
-    """The messages already read, once more, then the live channel."""
+    """The messages already read, once more (``messages`` is emptied), then the live channel."""
     if not messages:
         return receive
-    pending = list(messages)
 
     async def replay() -> Message:
-        return pending.pop(0) if pending else await receive()
+        return messages.pop(0) if messages else await receive()
 
     return replay
 

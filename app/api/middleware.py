@@ -47,7 +47,7 @@ _DOCS_HEADERS = (
     ),
     *_SECURITY_HEADERS,
 )
-"""What every response gains after its own headers (and the request id): /docs's CSP differs."""
+"""What every response gains after its own headers and the request id: /docs's CSP differs."""
 
 
 def host_name(host: str) -> str:
@@ -169,7 +169,6 @@ class ServiceMiddleware:
             request_id = f"{self._prefix}{self._count():08x}"
             id_header = (b"x-request-id", request_id.encode())
         request_id_var.set(request_id)
-        extra_headers = (id_header, *(_DOCS_HEADERS if path.startswith("/docs") else _PAGE_HEADERS))
         status = 0  # until the response starts
 
         def send_with_id(message: Message) -> Awaitable[None]:
@@ -177,7 +176,8 @@ class ServiceMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [*message.get("headers", ()), *extra_headers]
+                page = _DOCS_HEADERS if path.startswith("/docs") else _PAGE_HEADERS
+                message["headers"] = [*message.get("headers", ()), id_header, *page]
             return send(message)
 
         try:

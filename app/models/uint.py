@@ -18,7 +18,9 @@ def parse_uint(value: object, bits: int) -> int:
         return uint_from_text(value, bits)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected a u{bits} as an integer or a decimal/0x-hex string")
-    return _in_range(value, bits)
+    if not 0 <= value < 1 << bits:
+        raise _out_of_range(value, bits)
+    return value
 
 
 def uint_from_text(text: str, bits: int) -> int:
@@ -27,10 +29,11 @@ def uint_from_text(text: str, bits: int) -> int:
     # Longer than any u64 can be: refuse before int() does big-number work.
     if len(text) > 20 and len((text[2:] if is_hex else text).lstrip("0")) > 20:
         raise ValueError(f"out of range for u{bits}")
-    return _in_range(int(text, 16 if is_hex else 10), bits)
-
-
-def _in_range(value: int, bits: int) -> int:
-    if not 0 <= value < 1 << bits:
-        raise ValueError(f"{value} is out of range for u{bits} (0..{(1 << bits) - 1})")
+    value = int(text, 16 if is_hex else 10)
+    if value >> bits:  # never negative: the pattern has no sign
+        raise _out_of_range(value, bits)
     return value
+
+
+def _out_of_range(value: int, bits: int) -> ValueError:
+    return ValueError(f"{value} is out of range for u{bits} (0..{(1 << bits) - 1})")
