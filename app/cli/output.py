@@ -126,18 +126,27 @@ def _vm_types(mask: int) -> str:
     return ",".join(t.value for t in VmType if t.value_code and mask >> t.value_code & 1) or "-"
 
 
+def _attributes(r: dict[str, Any]) -> str:
+    """Where private/shared is set: the VM's attributes, or in place the files' (7.4)."""
+    caps = r["caps"]
+    if r.get("gmem_in_place_conversion"):
+        return f"{caps['KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES']} in file"
+    return str(caps["KVM_CAP_MEMORY_ATTRIBUTES"])
+
+
 _COLUMNS["profiles"] = [
     ("name", lambda r: r["name"]),
     ("kernel", lambda r: r["kernel"]),
     ("+types", lambda r: _vm_types(r["caps"]["KVM_CAP_VM_TYPES"])),
     ("as", lambda r: str(max(1, r["caps"]["KVM_CAP_MULTI_ADDRESS_SPACE"]))),
-    ("attrs", lambda r: str(r["caps"]["KVM_CAP_MEMORY_ATTRIBUTES"])),
+    ("attrs", _attributes),
     ("gmem", lambda r: f"{r['caps']['KVM_CAP_GUEST_MEMFD']} ({r['caps']['KVM_CAP_GUEST_MEMFD_FLAGS']:#x})"),
     ("max_gfn", lambda r: hex(r["max_gfn"])),
 ]
 
-_WHOLE = {"id", "type", "semantics"}
-"""Columns of ``vm list`` that never wrap (an id must stay copyable; sw_protected is one word)."""
+_WHOLE = {"vms": {"id", "type", "semantics"}, "profiles": {"name"}}
+"""Columns that never wrap, per table (an id must stay copyable; sw_protected and a profile's name
+are one word; a VM's host may fold at 80 columns, where id, type and semantics leave no room)."""
 
 PRINTED = object()
 """A command that printed its own output (``vm export``)."""
@@ -202,7 +211,7 @@ class Output:
             spec = [(c, _field(c)) for c in columns]
         for name, _ in spec:
             # An id must stay copyable: it never wraps; other columns fold.
-            table.add_column(name, overflow="fold", no_wrap=title == "vms" and name in _WHOLE)
+            table.add_column(name, overflow="fold", no_wrap=name in _WHOLE.get(title, set()))
         for r in rows:
             table.add_row(*(get(r) for _, get in spec))
         return table

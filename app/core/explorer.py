@@ -193,7 +193,7 @@ class _Run:
         """The first invariant this finished schedule breaks (a freed page mapped at any step,
         termination, rollback, stale mapping), its detail naming any other it breaks too."""
         checks = (self.early, self._termination(), self._rollback(), self._stale(), self._pinned_private())
-        found = [v for v in checks if v is not None]
+        found = list(dict.fromkeys(v for v in checks if v is not None))  # in place, early may be the end's too
         if not found:
             return None
         detail = found[0][1] + "".join(f"; also {name}: {d}" for name, d in found[1:])

@@ -68,6 +68,9 @@ class GuestMemfdFile:
     private, or shared if INIT_SHARED, for good."""
     pins: dict[int, tuple[int, int]] = field(default_factory=dict)
     """Pages the host holds pinned (GUP, IOMMU): pin id -> ``(first page, pages)``."""
+    detached: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    """Pin id -> page ranges a punch-hole took out of the file since: the pin holds the old folios,
+    no longer the file's (a page faulted in there later is a new one, not pinned)."""
 
     def __post_init__(self) -> None:
         # Every page index a u64 offset reaches, not only those below i_size: a binding that
@@ -120,13 +123,39 @@ class GuestMemfdFile:
         return next((s for s, _, private in self.private_runs(start, end) if private), None)
 
     def first_pinned(self, start: int, end: int) -> int | None:
-        """The first page of ``[start, end)`` in the page cache that a pin holds (a punched-out
-        page is no longer the file's, pinned or not): O(pins + runs)."""
+        """The first page of ``[start, end)`` whose folio in the page cache a pin holds: O(pins
+        + their runs and holes)."""
         hits = []
-        for s, n in self.pins.values():
-            lo, hi = max(s, start), min(s + n, end)
-            hits += [max(a, lo) for a, b, v in self.allocated.runs(lo, hi) if v]
+        for pin, (s, n) in self.pins.items():
+            at = max(s, start)
+            for lo, hi in sorted([*self.detached.get(pin, []), (min(s + n, end), PGOFF_LIMIT)]):
+                if at < lo:
+                    hits += [a for a, _, v in self.allocated.runs(at, lo) if v][:1]
+                at = max(at, hi)
         return min(hits, default=None)
+
+    def truncate(self, start: int, end: int) -> int:
+        """``truncate_inode_pages_range()``: pages ``[start, end)`` leave the page cache (a pinned
+        folio lives on, detached from the file). Returns how many were allocated."""
+        freed = self.allocated_pages(start, end)
+        if freed:
+            self.allocated.assign(start, end, 0)
+        for pin, (s, n) in self.pins.items():
+            lo, hi = max(s, start), min(s + n, end)
+            if lo < hi:
+                self.detached[pin] = _merged([*self.detached.get(pin, []), (lo, hi)])
+        return freed
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ranges in order, overlapping or touching ones merged."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
 
 
 @dataclass(frozen=True)
