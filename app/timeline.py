@@ -14,13 +14,9 @@ from app.models.explorer import ExplorerRun, ExplorerTraceEntry
 REVIEW_SCENARIO: dict[str, Any] = {"npages": 2, "start_gfn": 0, "to": "private", "fail_nth": 2}
 """The review's case: two gfns from gfn 0 made private, the second store fails."""
 
-SHOWCASE: dict[str, dict[str, Any]] = {
-    "in-place-store-first": {"to": "shared"},
-    "in-place-no-pin-check": {"pinned": [1]},
-}
-"""What ``--all`` changes in the review's case for a wrong order it cannot show: a store-first
-order shows on the way back to shared (a private mapping outlives the store), a missing pin
-check only with a pinned page."""
+SHOWCASE: dict[str, dict[str, Any]] = {"in-place-no-pin-check": {"pinned": [1]}}
+"""What ``--all`` changes in the review's case for a wrong order it cannot show: a missing pin
+check shows only with a pinned page."""
 
 
 def showcase(variant: str) -> dict[str, Any]:
