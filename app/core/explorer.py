@@ -156,8 +156,12 @@ class _Run:
         self.labels.append(step.label)
         if self.early is None:
             # Between steps: a punch-hole must never leave a freed page mapped; in place, where the
-            # host may touch what is shared, no mapping may disagree with its page's attribute.
-            self.early = self._freed_mapped() if self.punching else self._stale() if self.in_place else None
+            # host may touch what is shared, no mapping may disagree with its page's attribute
+            # (only an install or a store can make one disagree).
+            if self.punching:
+                self.early = self._freed_mapped()
+            elif self.in_place and (step.label == "install_spte" or step.label.startswith("store")):
+                self.early = self._stale()
         if not self.tracing:
             return
         kvm = self.kvm

@@ -386,6 +386,10 @@ def test_in_place_conversion_on_the_page(chromium: PwBrowser) -> None:
 
         browser.submit("#pin", mapping="1", offset="0x3000", size="0x1000")
         expect(page.locator('#host-pins tr[data-key="1"] td').nth(2)).to_have_text("[0x3, 0x4)")
+        pinned = page.locator('#map rect.pinned[data-pin="1"]')  # drawn on the file's lane, at its gfn
+        expect(pinned).to_have_count(1)
+        x = float(pinned.get_attribute("x") or 0)
+        assert abs(x - page.evaluate("xOf(0x100003n)")) < 1
         browser.submit("#convert", gpa="0x100000000", size="0x10000")
         expect(page.locator("#error")).to_contain_text("EAGAIN")
         expect(page.locator("#error")).to_contain_text("error_offset 0x3000")

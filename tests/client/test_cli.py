@@ -137,6 +137,13 @@ def test_demo_tells_the_story_in_process() -> None:
         "attributes identical to before: True",
         "reviewer-reorder: 7 of 19 schedules end with stale_mapping",
         "rfc-v9 (begin before the stores, end on the error path too): 0 of 32 schedules",
+        # The in-place chapter: exit, EAGAIN on the pinned page, unpin, retry, mapped, SIGBUS.
+        "memory_fault_exit, flags=0x8",
+        "-> EAGAIN",
+        "error_offset=0x2000",
+        "converted: invalidated=True",
+        "the guest's access again: mapped, private=True",
+        "EFAULT SIGBUS",
         "where to look next",
     ):
         assert needle in out, needle

@@ -23,6 +23,7 @@ const state = {
   poll: null,
   drawn: 0,
   hostMappings: [],  // the VM's host mappings, as GET .../host-mappings answered at the last refresh
+  hostPins: [],  // and its pins of file pages (GET .../host-pins)
 };
 
 // ------------------------------------------------------------------ the API
@@ -263,16 +264,21 @@ async function drawMap() {
   for (const [y, { attrs, list }] of bars) {
     for (const [x0, x1, h] of list) el("rect", { x: x0, y: y + LANE_H - h, width: Math.max(x1 - x0, 0.5), height: h, ...attrs }, g);
   }
-  for (const s of bound) {  // the host's mappings of the file, at the gfns this slot binds them to
+  for (const s of bound) {  // the host's mappings and pins of the file, at the gfns this slot binds them to
     const pg = pages(s.guest_memfd_offset);
     const toGfn = BigInt(s.base_gfn) - pg;
-    for (const m of state.hostMappings.filter((m) => m.fd === s.guest_memfd)) {
-      const lo = bigMax(pages(m.offset), pg);
-      const hi = bigMin(pages(m.offset) + pages(m.length), pg + BigInt(s.npages));
+    const spans = [
+      ...state.hostMappings.filter((m) => m.fd === s.guest_memfd)
+        .map((m) => [m.offset, m.length, 0, { class: "hostmapped", "data-mapping": m.id }]),
+      ...state.hostPins.filter((p) => p.fd === s.guest_memfd)
+        .map((p) => [p.offset, p.size, 5, { class: "pinned", "data-pin": p.id }]),
+    ];
+    for (const [offset, length, dy, attrs] of spans) {
+      const lo = bigMax(pages(offset), pg);
+      const hi = bigMin(pages(offset) + pages(length), pg + BigInt(s.npages));
       const [a, b] = clip(lo + toGfn, hi + toGfn);
       if (a >= b) continue;
-      el("rect", { x: xOf(a), y: gmemRow(s.as_id), width: Math.max(xOf(b) - xOf(a), 1), height: 4,
-        class: "hostmapped", "data-mapping": m.id }, g);
+      el("rect", { x: xOf(a), y: gmemRow(s.as_id) + dy, width: Math.max(xOf(b) - xOf(a), 1), height: 4, ...attrs }, g);
     }
   }
   for (const s of map.memslots) {
@@ -544,6 +550,7 @@ async function drawGmem() {
     api("GET", vmPath("/guest-memfds")), api("GET", vmPath("/host-mappings")), api("GET", vmPath("/host-pins"))]);
   const runs = await Promise.all(files.map((f) => api("GET", vmPath(`/guest-memfds/${f.fd}/pages?limit=${FILE_RUNS}`))));
   state.hostMappings = mappings;
+  state.hostPins = pins;
   $("#gmem-panel").hidden = !files.length && !mappings.length && !pins.length;
 
   const table = (id, head, rows) => {
