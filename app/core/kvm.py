@@ -305,7 +305,7 @@ class Kvm:
 
     def items(self) -> int:
         """What this VM holds against the service budget: runs, events, and every stored object."""
-        file_runs = sum(len(f.allocated) + (len(f.attributes) if f.attributes else 0) for f in self.files())
+        file_runs = sum(len(f.allocated) + (0 if f.attributes is None else len(f.attributes)) for f in self.files())
         return len(self.attributes) + self.mmu.runs() + len(self.events) + file_runs + self.objects()
 
     def objects(self) -> int:
@@ -424,10 +424,7 @@ class Kvm:
         attributes of the file behind the gfn (``kvm_gmem_is_private()``)."""
         if not self.in_place:
             return bool(self.attributes.value_at(gfn) & PRIVATE)
-        slot = self.spaces[0].find(gfn)
-        if slot is None or slot.gmem is None or not self.has_private_mem:
-            return False
-        return slot.gmem.first_private(slot.gmem_pgoff(gfn), slot.gmem_pgoff(gfn) + 1) is not None
+        return next(self.private_runs(gfn, gfn + 1))[2]
 
     def private_runs(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
         """``(start_gfn, end_gfn, private)`` runs covering ``[start, end)`` as ``gfn_is_private()``
