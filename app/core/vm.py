@@ -13,7 +13,7 @@ from app.core.budget import ServiceBudget
 from app.core.errors import EINVAL, ENOENT, ENOTTY
 from app.core.faults import Fault, prefault
 from app.core.guest_memfd import Release
-from app.core.ioctl import locked, mutation
+from app.core.ioctl import JOURNALED, locked, mutation
 from app.core.journal import Journal
 from app.core.kvm import PRIVATE, GuestMemfdFile, Kvm, Memslot, check_gpa_range
 from app.core.limits import EngineLimits
@@ -405,22 +405,5 @@ class VirtualMachine:
         return state.FaultInjectionState(fail_nth=self.kvm.fail_nth)
 
 
-OPERATIONS: dict[str, Callable[..., object]] = {
-    "set_user_memory_region": VirtualMachine.set_user_memory_region,
-    "delete_memslot": VirtualMachine.delete_memslot,
-    "create_guest_memfd": VirtualMachine.create_guest_memfd,
-    "close_guest_memfd": VirtualMachine.close_guest_memfd,
-    "fallocate": VirtualMachine.fallocate,
-    "mmap": VirtualMachine.mmap,
-    "munmap": VirtualMachine.munmap,
-    "touch": VirtualMachine.touch,
-    "memory_encrypt_reg_region": VirtualMachine.memory_encrypt_reg_region,
-    "memory_encrypt_unreg_region": VirtualMachine.memory_encrypt_unreg_region,
-    "set_memory_attributes": VirtualMachine.set_memory_attributes,
-    "fault": VirtualMachine.fault,
-    "prefault": VirtualMachine.prefault,
-    "notifier_start": VirtualMachine.notifier_start,
-    "notifier_end": VirtualMachine.notifier_end,
-    "set_fault_injection": VirtualMachine.set_fault_injection,
-}
+OPERATIONS: dict[str, Callable[..., object]] = {name: getattr(VirtualMachine, name) for name in JOURNALED}
 """The journaled ioctls by name: what a journal row may replay."""
