@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from app.models.names import KVM_CAP_VM_TYPES_MASK, VmType
+from app.models.names import HEX_KEYS, KVM_CAP_VM_TYPES_MASK, VmType
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 # One base per meaning, on every surface: addresses, gfns, sizes, offsets and slot ids in hex;
 # counts, ids, fds and counters in decimal (the value's size decides nothing).
-_HEX = re.compile(r"(^|_)(gfn|gpa|hva|addr|address|size|offset|slot|start|end|length)$|^(userspace_addr|max_gfn)$")
+_HEX = re.compile(HEX_KEYS)
 
 
 def _fmt(value: Any, key: str = "") -> str:
@@ -29,6 +29,12 @@ def _fmt(value: Any, key: str = "") -> str:
     if isinstance(value, list):  # a list of scalars (KVM_CAP_VM_TYPES names, a schedule): one line
         return ", ".join(_fmt(v, key) for v in value) or "-"
     return str(value)
+
+
+def _as(key: str, keys: Any) -> str:
+    """The name a value is formatted by: a memslot's ``id`` (beside its ``slot``) is a slot id."""
+    head, _, last = key.rpartition(".")
+    return f"{head}.slot_id" if last == "id" and (f"{head}.slot" if head else "slot") in keys else key
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -66,7 +72,7 @@ def _fits(spec: list[tuple[str, Callable[[dict[str, Any]], str]]], row: dict[str
 
 
 def _field(key: str) -> Callable[[dict[str, Any]], str]:
-    return lambda row: _fmt(row.get(key), key)
+    return lambda row: _fmt(row.get(key), _as(key, row))
 
 
 def _bindings(g: dict[str, Any]) -> str:
@@ -191,7 +197,7 @@ class Output:
             flat = _flatten(scalars)
             table = Table(title=title, show_header=False, box=None, pad_edge=False)
             for key, value in flat.items():
-                table.add_row(f"[bold]{key}[/]", _fmt(value, key))
+                table.add_row(f"[bold]{key}[/]", _fmt(value, _as(key, flat)))
             self.console.print(table)
         for key in data:
             if isinstance(data[key], list) and not data[key]:

@@ -44,8 +44,8 @@ def check(kvm: Kvm, fd: int, req: KvmMemoryAttributes2) -> GuestMemfdFile:
         raise EBADF(f"fd {fd} is not an open guest_memfd of this VM")
     if not kvm.in_place:
         raise ENOTTY(
-            f"KVM_SET_MEMORY_ATTRIBUTES2: host profile {kvm.host.name} keeps private/shared in the VM "
-            "(no gmem_in_place_conversion): use KVM_SET_MEMORY_ATTRIBUTES on the VM"
+            f"KVM_SET_MEMORY_ATTRIBUTES2: this VM keeps private/shared in the VM (host profile {kvm.host.name}, "
+            f"{kvm.semantics.value}): it converts with {kvm.converts_with}"
         )
     if req.flags:
         raise EINVAL(f"flags {req.flags:#x} must be 0")

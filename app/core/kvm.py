@@ -385,6 +385,15 @@ class Kvm:
         return self.linux and self.host.gmem_in_place_conversion
 
     @property
+    def converts_with(self) -> str:
+        """The call that converts this VM's memory, for an error to name (every wrong one does)."""
+        if not self.linux:
+            return "KVM_MEMORY_ENCRYPT_{REG,UNREG}_REGION (kvm-memattr reg-region / unreg-region)"
+        if self.in_place:
+            return "KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd (kvm-memattr gmem attrs)"
+        return "KVM_SET_MEMORY_ATTRIBUTES (kvm-memattr attrs set)"
+
+    @property
     def supported_attributes(self) -> int:
         """``kvm_supported_vm_mem_attributes()``: what ``KVM_SET_MEMORY_ATTRIBUTES`` may set."""
         return PRIVATE if self.has_private_mem and not self.in_place else 0

@@ -289,7 +289,7 @@ class VirtualMachine:
                 region=state.EncRegion(addr=region.addr, size=region.size), pinned_regions=len(kvm.pinned)
             )
         if kvm.linux or not kvm.has_private_mem:
-            hint = "; on linux VMs use KVM_SET_MEMORY_ATTRIBUTES" if kvm.linux and kvm.has_private_mem else ""
+            hint = f"; this VM converts with {kvm.converts_with}" if kvm.linux and kvm.has_private_mem else ""
             raise ENOTTY(f"KVM_MEMORY_ENCRYPT_{'REG' if register else 'UNREG'}_REGION: not an SEV VM{hint}")
         start, end = check_gpa_range(region.addr, region.size)
         conv = Conversion(kvm, start, end, PRIVATE if register else 0)
@@ -306,8 +306,8 @@ class VirtualMachine:
         kvm = self.kvm
         if not kvm.linux:
             raise ENOTTY(
-                "KVM_SET_MEMORY_ATTRIBUTES does not exist under rfc-v9: this VM converts with "
-                "KVM_MEMORY_ENCRYPT_{REG,UNREG}_REGION (kvm-memattr reg-region / unreg-region), or create it with semantics linux"
+                f"KVM_SET_MEMORY_ATTRIBUTES does not exist under rfc-v9: this VM converts with {kvm.converts_with}, "
+                "or create it with semantics linux"
             )
         if not kvm.has_memory_attributes:
             raise ENOTTY(f"KVM_SET_MEMORY_ATTRIBUTES: host profile {kvm.host.name} has no KVM_CAP_MEMORY_ATTRIBUTES")
@@ -315,11 +315,8 @@ class VirtualMachine:
             raise EINVAL("flags must be 0")
         supported = kvm.supported_attributes
         if req.attributes & ~supported:
-            hint = (
-                f"; host profile {kvm.host.name} converts in place: KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd"
-                if kvm.in_place and kvm.has_private_mem
-                else ""
-            )
+            in_place = kvm.in_place and kvm.has_private_mem
+            hint = f"; host profile {kvm.host.name} converts in place, with {kvm.converts_with}" if in_place else ""
             raise EINVAL(f"attributes {req.attributes:#x} not supported by this VM (supported: {supported:#x}){hint}")
         start, end = check_gpa_range(req.address, req.size)
         conv = Conversion(kvm, start, end, req.attributes)
