@@ -196,6 +196,8 @@ class Output:
 
             flat = _flatten(scalars)
             table = Table(title=title, show_header=False, box=None, pad_edge=False)
+            table.add_column(no_wrap=True)  # a key is one word (KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES)
+            table.add_column(overflow="fold")
             for key, value in flat.items():
                 table.add_row(f"[bold]{key}[/]", _fmt(value, _as(key, flat)))
             self.console.print(table)
