@@ -69,7 +69,9 @@ def test_errno_order_and_hints(client: TestClient) -> None:
     assert "KVM_SET_MEMORY_ATTRIBUTES2" in assert_problem(vm_call, 422, "EINVAL")["detail"]
     old, old_fd, _ = _in_place_vm(client, "linux-7.3", flags=1)  # INIT_SHARED: private-memory VMs only in place
     detail = assert_problem(_convert(client, old, old_fd, 0, PAGE, flags=1), 400, "ENOTTY")["detail"]
-    assert "use KVM_SET_MEMORY_ATTRIBUTES on the VM" in detail
+    assert "it converts with KVM_SET_MEMORY_ATTRIBUTES (kvm-memattr attrs set)" in detail
+    reg = client.post(f"/v1/vms/{vm}/memory-encrypt/reg-region", json={"addr": GIB4, "size": PAGE})
+    assert "KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd" in assert_problem(reg, 400, "ENOTTY")["detail"]
     caps = client.get(f"/v1/vms/{vm}/capabilities").json()["caps"]
     assert (caps["KVM_CAP_MEMORY_ATTRIBUTES"], caps["KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES"]) == (0, 8)
 
