@@ -133,9 +133,9 @@ class ServiceMiddleware:
     def _too_large(self, limit: int) -> _Refused:
         return _Refused(413, "E2BIG", f"request body larger than {limit} bytes")
 
-    async def _read_body(self, receive: Receive, limit: int, is_import: bool) -> Receive:
-        """Read a body before the app does, refusing it as soon as it passes the limit (and a
-        snapshot too big for the service); the app then reads it from memory."""
+    async def _read_body(self, receive: Receive, limit: int, room: Callable[[], int] | None) -> Receive:
+        """Read a body before the app does, refusing it as soon as it passes the limit (and, given
+        the room left, a snapshot too big for the service); the app then reads it from memory."""
         parts, size = [], 0
         while True:
             message = await receive()
@@ -147,8 +147,8 @@ class ServiceMiddleware:
                 raise self._too_large(limit)
             if not message.get("more_body", False):
                 break
-        if is_import and self.import_room is not None:
-            self._check_import_size(parts, self.import_room())
+        if room is not None:
+            self._check_import_size(parts, room())
 
         async def replay() -> Message:
             return parts.pop(0) if parts else await receive()
@@ -188,14 +188,15 @@ class ServiceMiddleware:
                     raise _Refused(refused[0], "EPERM", refused[1])
             is_import = path == self.IMPORT_PATH
             limit = self.max_import if is_import else self.max_body
+            room = self.import_room if is_import else None  # a snapshot's items are counted first
             length = headers.get(b"content-length")
             # uvicorn holds a body to its Content-Length: a declared one is checked before anything is
-            # read, and the app reads the body itself (but a snapshot, whose items are counted first).
-            # A body of unknown length is read here, and refused as soon as it passes the limit.
+            # read, and the app reads the body itself (but a snapshot to count). A body of unknown
+            # length is read here, and refused as soon as it passes the limit.
             if length is not None and (not length.isdigit() or int(length) > limit):
                 raise self._too_large(limit)
-            if length is None or b"transfer-encoding" in headers or (is_import and self.import_room is not None):
-                receive = await self._read_body(receive, limit, is_import)
+            if length is None or b"transfer-encoding" in headers or room is not None:
+                receive = await self._read_body(receive, limit, room)
             await self.app(scope, receive, send_with_id)
         except _Refused as refused:
             if status:
