@@ -117,11 +117,11 @@ def unbind(kvm: Kvm, slot: Memslot) -> None:
         return
     del gmem.bindings[slot.slot]
     slot.gmem = None
-    if not gmem.bindings and not _referenced(kvm, gmem):
+    if not gmem.bindings and not referenced(kvm, gmem):
         gmem.release()
 
 
-def _referenced(kvm: Kvm, gmem: GuestMemfdFile) -> bool:
+def referenced(kvm: Kvm, gmem: GuestMemfdFile) -> bool:
     """Whether an fd, a host mapping or a pin still holds the file (a reference ``fput()`` would
     drop; a pin holds pages, not the file, but here it keeps them with their file)."""
     return kvm.is_open(gmem) or bool(gmem.mmaps) or bool(gmem.pins)
@@ -174,7 +174,7 @@ def close(kvm: Kvm, fd: int) -> Release:
 
 def _put(kvm: Kvm, gmem: GuestMemfdFile) -> Release:
     """``fput()`` of a dropped reference (an fd or a mapping): ``kvm_gmem_release()`` once none is left."""
-    return Release(False, 0, False) if _referenced(kvm, gmem) else _release(kvm, gmem)
+    return Release(False, 0, False) if referenced(kvm, gmem) else _release(kvm, gmem)
 
 
 def _release(kvm: Kvm, gmem: GuestMemfdFile) -> Release:

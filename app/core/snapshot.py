@@ -304,7 +304,7 @@ def _load_memslot(kvm: Kvm, s: SnapshotMemslot, files: dict[int, GuestMemfdFile]
             _check(fd == gmem.fd, f"{name}: guest_memfd {fd} is not its file's fd {gmem.fd}")
         else:  # rfc-v9 (restrictedmem): the fd the slot was created with, closed since
             _check(
-                not kvm.linux or bool(gmem.mmaps),
+                not kvm.linux or guest_memfd.referenced(kvm, gmem),
                 f"{name}: on a linux VM releasing a file unbinds it (kvm_gmem_release())",
             )
             _check(

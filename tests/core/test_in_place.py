@@ -377,3 +377,18 @@ def test_a_crash_restart_replays_the_in_place_calls(tmp_path: Any) -> None:
     assert after.restore(journal)[0] == 0  # no snapshot: the whole journal replayed
     journal.close()
     assert after.vm(vm.id).snapshot() == doc
+
+
+def test_a_file_only_a_pin_holds_stays_bound_through_a_snapshot(engine: Engine) -> None:
+    """Closed and unmapped, a pinned file is not released, so its slot keeps it; the loader asked
+    a second copy of that rule, which knew only mappings (found by the stateful test)."""
+    vm = _vm(engine)
+    fd = _file(vm)
+    m = _mmap(vm, fd)
+    pin = vm.pin(m, TouchRequest(offset=0, size=PAGE))
+    assert not vm.close_guest_memfd(fd).released and not vm.munmap(m).released
+    doc = vm.snapshot()
+    copy = engine.import_vm(doc)
+    assert copy.snapshot() == doc
+    assert copy.unpin(pin.id).released  # the last reference: released, the slot unbound
+    assert copy.memslot(0).guest_memfd is None
