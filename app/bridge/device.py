@@ -239,7 +239,7 @@ class VmFile(FakeFile):
         self.vcpus: set[int] = set()
 
     def describe(self) -> str:
-        return f"vm {self.vm}"
+        return f"vm {self.vm[:8]}"
 
     def ioctl(self, call: Call) -> int | NewFile:
         if not call.caller.in_group(self.tgid):
@@ -330,7 +330,7 @@ class VcpuFile(FakeFile):
         self.warned = False
 
     def describe(self) -> str:
-        return f"vcpu {self.id} of vm {self.vm.vm}"
+        return f"vcpu {self.id} of {self.vm.describe()}"
 
     def host_size(self) -> int:
         return VCPU_MMAP_SIZE  # kvm_vcpu_mmap(): struct kvm_run and its pages
@@ -385,7 +385,7 @@ class GmemFile(FakeFile):
         return self.size if self.flags & mapped == mapped else 0
 
     def describe(self) -> str:
-        return f"guest_memfd {self.fd} of vm {self.vm.vm}"
+        return f"guest_memfd {self.fd} of {self.vm.describe()}"
 
     def ioctl(self, call: Call) -> int | NewFile:
         backend = self.device.backend

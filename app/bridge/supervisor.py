@@ -214,7 +214,7 @@ class Supervisor:
         except OSError:  # EFAULT, ENAMETOOLONG: the kernel says so itself
             self._answer(n, f"{name}(...)", CONTINUE)
             return
-        call = f"{name}({dirfd if dirfd != AT_FDCWD else 'AT_FDCWD'}, {path!r}, {flags:#o})"
+        call = f"{name}({dirfd if dirfd != AT_FDCWD else 'AT_FDCWD'}, {os.fsdecode(path)!r}, {flags:#o})"
         target = self._resolve(n.pid, dirfd, path)
         if target is None:
             self._answer(n, call, CONTINUE)
@@ -251,11 +251,11 @@ class Supervisor:
         a = n.args
         fd = _int(a[4] if name == "mmap" else a[0])
         f = self._fake(n, fd)
-        call = f"{name}({fd}, ...)"
         if f is None:
-            self._answer(n, call, CONTINUE)
+            self._answer(n, f"{name}({fd}, ...)", CONTINUE)
             return
-        call = f"{name}({fd} [{f.describe()}], ...)"
+        shown = {"mmap": (1, 2, 3, 5), "fallocate": (1, 2, 3), "lseek": (1, 2)}.get(name, ())
+        call = f"{name}({fd} [{f.describe()}]{''.join(f', {a[i]:#x}' for i in shown)})"
         result: object
         try:
             result = self._on_file(n, f, name)
