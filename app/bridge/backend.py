@@ -119,7 +119,7 @@ class EngineBackend:
         self._call(vm, VirtualMachine.set_user_memory_region, slot, req)
 
     def create_guest_memfd(self, vm: str, size: int, flags: int) -> int:
-        req = KvmCreateGuestMemfd.model_construct(size=size, flags=flags)
+        req = KvmCreateGuestMemfd.model_validate({"size": size, "flags": flags})
         fd: int = self._call(vm, VirtualMachine.create_guest_memfd, req).fd
         return fd
 
@@ -127,7 +127,7 @@ class EngineBackend:
         self._call(vm, VirtualMachine.close_guest_memfd, fd)
 
     def fallocate(self, vm: str, fd: int, mode: int, offset: int, length: int) -> None:
-        req = FallocateRequest.model_construct(mode=mode, offset=offset, len=length)
+        req = FallocateRequest.model_validate({"mode": mode, "offset": offset, "len": length})
         self._call(vm, VirtualMachine.fallocate, fd, req)
 
     def set_memory_attributes(self, vm: str, req: KvmMemoryAttributes) -> None:
@@ -138,10 +138,10 @@ class EngineBackend:
 
     def enc_region(self, vm: str, register: bool, addr: int, size: int) -> None:
         method = VirtualMachine.memory_encrypt_reg_region if register else VirtualMachine.memory_encrypt_unreg_region
-        self._call(vm, method, KvmEncRegion.model_construct(addr=addr, size=size))
+        self._call(vm, method, KvmEncRegion.model_validate({"addr": addr, "size": size}))
 
     def prefault(self, vm: str, gpa: int, size: int) -> tuple[int, int]:
-        req = PrefaultRequest.model_construct(gpa=gpa, size=size, as_id=0)
+        req = PrefaultRequest.model_validate({"gpa": gpa, "size": size, "as_id": 0})
         left = self._call(vm, VirtualMachine.prefault, req).remaining
         return left.gpa, left.size
 

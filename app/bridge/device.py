@@ -84,8 +84,13 @@ class Call:
     request: int
     arg: int
     caller: Caller
-    note: str = ""
-    """The decoded argument, for ``--trace``."""
+    fields: dict[str, int] | None = None
+    """The decoded argument, for ``--trace`` (formatted only there)."""
+
+    def show(self) -> str:
+        if self.fields is None:
+            return hex(self.arg)
+        return "{" + ", ".join(f"{k}={v:#x}" for k, v in self.fields.items()) + "}"
 
     def read(self, layout: struct.Struct) -> tuple[int, ...]:
         """``copy_from_user()`` of the argument: EFAULT where it cannot be read."""
@@ -156,7 +161,6 @@ class FakeFile:
 
 def _not_served(f: FakeFile, call: Call) -> BridgeError:
     name = uapi.IOCTL_NAMES.get(call.request, f"{call.request:#x}")
-    call.note = "not served"
     return BridgeError(errno.ENOTTY, f"ioctl {name} on {f.kind}: not served by the bridge")
 
 
@@ -174,7 +178,6 @@ class KvmFile(FakeFile):
         if r == uapi.KVM_CREATE_VM:
             tgid = call.caller.tgid()
             vm = dev.backend.create_vm(call.arg, dev.vm_name(tgid))
-            call.note = f"VM {vm}"
             return NewFile(VmFile(dev, vm, tgid), cloexec=True)
         if r == uapi.KVM_GET_VCPU_MMAP_SIZE:
             return _no_arg(call, VCPU_MMAP_SIZE)
@@ -203,7 +206,7 @@ def supported_cpuid(call: Call, profile: HostProfile) -> int:
         (0x8000_0008, pa_bits | 48 << 8, 0, 0, 0),
     ]
     (nent, _) = call.read(uapi.CPUID2)
-    call.note = f"nent={nent}"
+    call.fields = {"nent": nent}
     if nent < len(leaves):
         raise BridgeError(errno.E2BIG, f"nent {nent} < {len(leaves)} entries")
     entries = b"".join(uapi.CPUID_ENTRY2.pack(fn, 0, 0, a, eb, ec, ed) for fn, a, eb, ec, ed in leaves)
@@ -237,6 +240,7 @@ class VmFile(FakeFile):
         super().__init__(device)
         self.vm, self.tgid = vm, tgid
         self.vcpus: set[int] = set()
+        self.caps: dict[int, int] | None = None
 
     def describe(self) -> str:
         return f"vm {self.vm[:8]}"
@@ -251,20 +255,24 @@ class VmFile(FakeFile):
             return 0
         if r == uapi.KVM_SET_MEMORY_ATTRIBUTES:
             address, size, attributes, flags = call.read(uapi.ATTRIBUTES)
-            call.note = f"{{address={address:#x}, size={size:#x}, attributes={attributes:#x}, flags={flags:#x}}}"
-            attrs = KvmMemoryAttributes.model_construct(address=address, size=size, attributes=attributes, flags=flags)
+            call.fields = {"address": address, "size": size, "attributes": attributes, "flags": flags}
+            attrs = KvmMemoryAttributes.model_validate(
+                {"address": address, "size": size, "attributes": attributes, "flags": flags}
+            )
             backend.set_memory_attributes(self.vm, attrs)
             return 0
         if r == uapi.KVM_CHECK_EXTENSION:
-            return self.device.check_extension(backend.vm_caps(self.vm), call.arg)
+            if self.caps is None:  # they are the VM's type's and host's: asked once
+                self.caps = backend.vm_caps(self.vm)
+            return self.device.check_extension(self.caps, call.arg)
         if r == uapi.KVM_CREATE_GUEST_MEMFD:
             size, flags, *_ = call.read(uapi.CREATE_GUEST_MEMFD)
-            call.note = f"{{size={size:#x}, flags={flags:#x}}}"
+            call.fields = {"size": size, "flags": flags}
             fd = backend.create_guest_memfd(self.vm, size, flags)
             return NewFile(GmemFile(self.device, self, fd, size, flags), cloexec=False)
         if r == uapi.KVM_MEMORY_ENCRYPT_REG_REGION or r == uapi.KVM_MEMORY_ENCRYPT_UNREG_REGION:
             addr, size = call.read(uapi.ENC_REGION)
-            call.note = f"{{addr={addr:#x}, size={size:#x}}}"
+            call.fields = {"addr": addr, "size": size}
             backend.enc_region(self.vm, r == uapi.KVM_MEMORY_ENCRYPT_REG_REGION, addr, size)
             return 0
         if r == uapi.KVM_CREATE_VCPU:
@@ -284,16 +292,18 @@ class VmFile(FakeFile):
             slot, flags, gpa, size, hva, offset, fd, _ = call.read(uapi.REGION2)
             if flags & KVM_MEM_GUEST_MEMFD:
                 gmem_fd = self._engine_fd(call, fd)
-        call.note = f"{{slot={slot:#x}, flags={flags:#x}, gpa={gpa:#x}, size={size:#x}, hva={hva:#x}" + (
-            f", guest_memfd_offset={offset:#x}}}" if gmem_fd is not None else "}"
-        )
-        req = KvmUserspaceMemoryRegion2.model_construct(
-            flags=flags,
-            guest_phys_addr=gpa,
-            memory_size=size,
-            userspace_addr=hva,
-            guest_memfd=gmem_fd,
-            guest_memfd_offset=offset,
+        call.fields = {"slot": slot, "flags": flags, "gpa": gpa, "size": size, "hva": hva}
+        if gmem_fd is not None:
+            call.fields |= {"guest_memfd_offset": offset, "guest_memfd": fd}
+        req = KvmUserspaceMemoryRegion2.model_validate(
+            {
+                "flags": flags,
+                "guest_phys_addr": gpa,
+                "memory_size": size,
+                "userspace_addr": hva,
+                "guest_memfd": gmem_fd,
+                "guest_memfd_offset": offset,
+            }
         )
         return slot, req
 
@@ -359,7 +369,7 @@ class VcpuFile(FakeFile):
     def _pre_fault(self, call: Call) -> int:
         """``kvm_vcpu_pre_fault_memory()``: the range left is written back, done or not."""
         gpa, size, flags, *pad = call.read(uapi.PRE_FAULT_MEMORY)
-        call.note = f"{{gpa={gpa:#x}, size={size:#x}, flags={flags:#x}}}"
+        call.fields = {"gpa": gpa, "size": size, "flags": flags}
         if flags:
             raise BridgeError(errno.EINVAL, f"flags {flags:#x} must be 0")
         if gpa % PAGE_SIZE or size % PAGE_SIZE or gpa + size <= gpa or gpa + size >= 1 << 64:
@@ -392,9 +402,16 @@ class GmemFile(FakeFile):
         if call.request != uapi.KVM_SET_MEMORY_ATTRIBUTES2 or not backend.profile.gmem_in_place_conversion:
             raise _not_served(self, call) if backend.profile.gmem_in_place_conversion else _no_ioctl(call)
         offset, size, attributes, flags, _, *reserved = call.read(uapi.ATTRIBUTES2)
-        call.note = f"{{offset={offset:#x}, size={size:#x}, attributes={attributes:#x}, flags={flags:#x}}}"
-        req = KvmMemoryAttributes2.model_construct(
-            offset=offset, size=size, attributes=attributes, flags=flags, error_offset=0, reserved=reserved
+        call.fields = {"offset": offset, "size": size, "attributes": attributes, "flags": flags}
+        req = KvmMemoryAttributes2.model_validate(
+            {
+                "offset": offset,
+                "size": size,
+                "attributes": attributes,
+                "flags": flags,
+                "error_offset": 0,
+                "reserved": reserved,
+            }
         )
         try:
             backend.set_gmem_attributes(self.vm.vm, self.fd, req)
@@ -427,7 +444,6 @@ class GmemFile(FakeFile):
 
 
 def _no_ioctl(call: Call) -> BridgeError:
-    call.note = "guest_memfd has no ioctl before 7.4"
     return BridgeError(errno.ENOTTY, "guest_memfd has no unlocked_ioctl on this host profile")
 
 

@@ -7,6 +7,7 @@ Numbers and layouts are x86-64's, from ``include/uapi/linux/seccomp.h``, ``filte
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -26,6 +27,7 @@ NR = {
     "read": 0,
     "write": 1,
     "open": 2,
+    "close": 3,
     "fstat": 5,
     "lseek": 8,
     "mmap": 9,
@@ -34,16 +36,21 @@ NR = {
     "pwrite64": 18,
     "readv": 19,
     "writev": 20,
+    "dup2": 33,
+    "execve": 59,
     "ftruncate": 77,
     "openat": 257,
     "newfstatat": 262,
     "fallocate": 285,
+    "dup3": 292,
     "preadv": 295,
     "pwritev": 296,
     "seccomp": 317,
+    "execveat": 322,
     "preadv2": 327,
     "pwritev2": 328,
     "statx": 332,
+    "close_range": 436,
     "openat2": 437,
 }
 NAMES = {v: k for k, v in NR.items()}
@@ -67,6 +74,10 @@ FD_CALLS = (
     "lseek",
 )
 """File calls trapped on fds >= FAKE_FD_BASE, by their first argument; ``mmap`` by its fifth."""
+FD_TABLE_CALLS = ("close", "dup2", "dup3", "close_range", "execve", "execveat")
+"""What changes which file an fd >= FAKE_FD_BASE is (``close`` and ``dup2``/``dup3`` onto one,
+``close_range`` up to one, exec closing CLOEXEC fds): trapped so that the supervisor forgets what
+it knew of them, then run as they are."""
 
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_SYSCALL_BIT = 0x40000000
@@ -135,21 +146,25 @@ def assemble(program: Sequence[Insn | str]) -> bytes:
 
 
 def filter_program() -> bytes:
-    """The filter: opens always, ioctls of KVM's type, file calls on fds >= FAKE_FD_BASE go to the
-    supervisor; everything else is allowed. Another ABI (x32, i386) cannot reach KVM unseen: i386
+    """The filter: opens and execs always, ioctls of KVM's type, file calls on fds >= FAKE_FD_BASE
+    and what changes those fds go to the supervisor; everything else is allowed. Another ABI (x32, i386) cannot reach KVM unseen: i386
     is killed, x32 answered ENOSYS."""
-    fd_calls = [(_JEQ, "fd_arg0", 0, NR[name]) for name in FD_CALLS]
+    fd_calls = [(_JEQ, "fd_arg0", 0, NR[name]) for name in (*FD_CALLS, "close")]
     return assemble(
         [
             (_LD_W_ABS, 0, 0, _DATA_ARCH),
             (_JEQ, 0, "kill", AUDIT_ARCH_X86_64),
             (_LD_W_ABS, 0, 0, _DATA_NR),
             (_JGE, "enosys", 0, X32_SYSCALL_BIT),
-            *[(_JEQ, "notify", 0, NR[name]) for name in OPENS],
+            *[(_JEQ, "notify", 0, NR[name]) for name in (*OPENS, "execve", "execveat")],
             (_JEQ, "ioctl", 0, NR["ioctl"]),
             (_JEQ, "fd_arg4", 0, NR["mmap"]),
             *fd_calls,
+            *[(_JEQ, "fd_arg1", 0, NR[name]) for name in ("dup2", "dup3", "close_range")],
             (_RET, 0, 0, SECCOMP_RET_ALLOW),
+            "fd_arg1",  # the new fd, or close_range's last (unsigned: ~0U closes them all)
+            (_LD_W_ABS, 0, 0, _arg_lo(1)),
+            (_JGE, "notify", "allow", FAKE_FD_BASE),
             "ioctl",
             (_LD_W_ABS, 0, 0, _arg_lo(1)),
             (_AND, 0, 0, 0xFF00),
@@ -249,7 +264,7 @@ def die_with_parent() -> None:
     _check(_prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Notification:
     """One trapped call: ``pid`` is the calling thread's id (as the supervisor sees it)."""
 
@@ -315,25 +330,44 @@ class Listener:
 
 
 class Memory:
-    """The memory of a traced thread (``process_vm_readv``/``writev``: ptrace-attach rights, which
-    a parent has over its child). A bad address fails with EFAULT, as ``copy_from_user()``."""
+    """The memory of a traced thread: read through ``/proc/TID/mem`` when it is kept open (one
+    ``pread``; the supervisor keeps it while the thread lives and has not exec'd), else with
+    ``process_vm_readv``; written with ``process_vm_writev``, which keeps page protections as
+    ``copy_to_user()`` does. Both need ptrace-attach rights (a parent has them over its child); a
+    bad address fails with EFAULT, as ``copy_from_user()``."""
 
     _buf = ctypes.create_string_buffer(4096)  # one supervisor thread: one buffer for every read
     _local = _Iovec(ctypes.cast(_buf, ctypes.c_void_p), 0)
     _remote = _Iovec(0, 0)
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, keep_open: bool = False) -> None:
         self.pid = pid
+        self.fd = -1
+        if keep_open:
+            with contextlib.suppress(OSError):
+                self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def read(self, addr: int, size: int) -> bytes:
-        if size > len(self._buf):
+        if self.fd >= 0:
+            try:
+                data = os.pread(self.fd, size, addr)
+            except (OSError, OverflowError):  # unmapped (EIO), or past 2^63 (a kernel address)
+                data = b""
+            if len(data) == size:
+                return data
+        elif size <= len(self._buf):
+            self._local.len = self._remote.len = size
+            self._remote.base = addr
+            if _process_vm_readv(self.pid, ctypes.byref(self._local), 1, ctypes.byref(self._remote), 1, 0) == size:
+                return ctypes.string_at(self._buf, size)
+        else:
             return b"".join(self.read(addr + at, min(4096, size - at)) for at in range(0, size, 4096))
-        self._local.len = self._remote.len = size
-        self._remote.base = addr
-        n = _process_vm_readv(self.pid, ctypes.byref(self._local), 1, ctypes.byref(self._remote), 1, 0)
-        if n != size:
-            raise OSError(errno.EFAULT, f"cannot read {size} bytes at {addr:#x} of thread {self.pid}")
-        return ctypes.string_at(self._buf, size)
+        raise OSError(errno.EFAULT, f"cannot read {size} bytes at {addr:#x} of thread {self.pid}")
 
     def write(self, addr: int, data: bytes) -> None:
         buf = ctypes.create_string_buffer(data, len(data))

@@ -2,7 +2,9 @@
 and every process it started are gone; its exit status is ours.
 
 Which fake file an fd is: the inode behind ``/proc/TID/fd/N`` (``stat``), so dups, forks, exec and
-threads all see the same file. When a fake file is released: inotify ``IN_CLOSE`` on the memfd
+threads all see the same file; remembered per thread until the thread exits (its pidfd says so) or
+any fd from FAKE_FD_BASE up may have changed (a trapped ``close``, ``dup2``/``dup3``,
+``close_range`` or exec). When a fake file is released: inotify ``IN_CLOSE`` on the memfd
 that stands in for it (``CloseWatch``), after its last fd, dup or mapping is gone, as the kernel's
 ``release`` runs. A VM outlives its fd while its guest_memfds and vCPUs are open (each holds a
 reference to the ``struct kvm``), and is destroyed in the engine with the last of them.
@@ -17,6 +19,7 @@ import signal
 import socket
 import stat
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 from app.bridge import seccomp
@@ -28,6 +31,8 @@ from app.models import uapi
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
 KVM_DEVICE = os.makedev(10, 232)
+PIDFD_THREAD = os.O_EXCL
+"""``pidfd_open()`` of a thread, not only of a process (6.9): readable when that thread exits."""
 _READ_WRITE = {NR[n] for n in ("read", "write", "pread64", "pwrite64", "readv", "writev", "ftruncate")} | {
     NR[n] for n in ("preadv", "pwritev", "preadv2", "pwritev2")
 }
@@ -36,6 +41,10 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 
 class Gone(Exception):
     """The trapped call went away (its thread was killed) while we served it: nothing to answer."""
+
+
+def _ioctl_name(request: int) -> str:
+    return uapi.IOCTL_NAMES.get(request, f"{request:#x}")
 
 
 def _int(value: int) -> int:
@@ -49,7 +58,7 @@ class Thread:
 
     def __init__(self, sup: Supervisor, n: Notification) -> None:
         self.sup, self.n = sup, n
-        self.mem = seccomp.Memory(n.pid)
+        self.mem = sup.memory(n.pid)
 
     def read(self, addr: int, size: int) -> bytes:
         data = self.mem.read(addr, size)
@@ -95,7 +104,14 @@ class Supervisor:
         """Stand-in inode (st_dev, st_ino) -> its fake file."""
         self.watches: dict[int, tuple[tuple[int, int], FakeFile]] = {}
         self.members: set[tuple[int, int]] = set()
-        """(tgid, tid) pairs seen: a thread of that process."""
+        """(tgid, tid) pairs seen: a thread of that process (while the thread lives)."""
+        self.known: dict[tuple[int, int], FakeFile] = {}
+        """(tid, fd) -> the fake file there, while the thread lives and its fds >= 600 stay put."""
+        self.threads: dict[int, int] = {}
+        """tid -> a pidfd of it, polled: when it exits, what was known of it goes (its tid may be reused)."""
+        self.memories: dict[int, seccomp.Memory] = {}
+        """tid -> its memory, kept open while the thread lives and has not exec'd."""
+        self.poller = select.poll()
         self.refs: dict[VmFile, int] = {}
         """What holds each VM: its fd, its guest_memfds and vCPUs (``kvm_get_kvm()``)."""
         self._kvm_src = self._stand_in(device.kvm)  # /dev/kvm: one file for every open, never released
@@ -105,28 +121,33 @@ class Supervisor:
     def serve(self, child: int) -> int:
         """Until the program is reaped and no process is left under the filter; its exit status."""
         pidfd = os.pidfd_open(child)
-        poller = select.poll()
         for fd in (self.listener.fd, self.watch.fd, pidfd):
-            poller.register(fd, select.POLLIN)
+            self.poller.register(fd, select.POLLIN)
         status: int | None = None
         listening = True
         while listening or status is None:
-            for fd, events in poller.poll():
+            # A thread's exit before a trapped call in the same batch: its tid may be the caller's.
+            for fd, events in sorted(self.poller.poll(), key=lambda e: e[0] == self.listener.fd):
                 if fd == self.listener.fd:
                     if events & select.POLLIN:
                         n = self.listener.receive()
                         if n is not None:
                             self._handle(n)
                     elif events & (select.POLLHUP | select.POLLERR):  # no process left under the filter
-                        poller.unregister(fd)
+                        self.poller.unregister(fd)
                         listening = False
                 elif fd == self.watch.fd:
                     self.release_closed()
                 elif fd == pidfd:
                     status = os.waitpid(child, 0)[1]
-                    poller.unregister(pidfd)
+                    self.poller.unregister(pidfd)
                     os.close(pidfd)
+                else:
+                    self._thread_exited(fd)
         self.release_closed()
+        self._forget_memories()
+        for fd in list(self.threads.values()):
+            os.close(fd)
         code = os.waitstatus_to_exitcode(status)
         return code if code >= 0 else 128 - code
 
@@ -137,36 +158,44 @@ class Supervisor:
                 self._ioctl(n)
             elif name in seccomp.OPENS:
                 self._open(n, name)
+            elif name in seccomp.FD_TABLE_CALLS:
+                self.known.clear()  # whatever it closes or replaces: every thread's fds are looked up anew
+                if name.startswith("exec"):  # a new mm: /proc/TID/mem opened before shows the old one
+                    self._forget_memories()
+                self._answer(n, lambda: f"{name}({', '.join(hex(a) for a in n.args[:3])})", CONTINUE)
             else:
                 self._file_call(n, name)
         except Gone:
-            self._log(n, f"{name}(...)", "caller gone")
+            self._log(n, lambda: f"{name}(...)", "caller gone")
 
-    def _log(self, n: Notification, call: str, result: str) -> None:
+    def _log(self, n: Notification, call: Callable[[], str], result: str) -> None:
         if self.trace is not None:
-            print(f"[{n.pid}] {call} = {result}", file=self.trace, flush=True)
+            print(f"[{n.pid}] {call()} = {result}", file=self.trace, flush=True)
 
-    def _answer(self, n: Notification, call: str, result: object, note: str = "") -> None:
-        """Send ``result``: a value, a ``BridgeError``, ``CONTINUE`` or a ``NewFile``."""
-        note = f" ({note})" if note else ""
+    def _answer(self, n: Notification, call: Callable[[], str], result: object) -> None:
+        """Send ``result``: a value, a ``BridgeError``, ``CONTINUE`` or a ``NewFile``; ``call``
+        describes the call for ``--trace``."""
         if result is CONTINUE:
             self.listener.proceed(n.id)
-            self._log(n, call, f"(the kernel's){note}")
+            self._log(n, call, "(the kernel's)")
         elif isinstance(result, BridgeError):
             self.listener.answer(n.id, error=result.errno)
-            self._log(n, call, f"-1 {result.name}{note}: {result.detail}")
+            self._log(n, call, f"-1 {result.name}: {result.detail}")
         elif isinstance(result, NewFile):
             fd = self._install(n, result.file, result.cloexec)
-            self._log(n, call, f"{fd}{note} [{result.file.describe()}]")
+            self._log(n, call, f"{fd} [{result.file.describe()}]")
         else:
             assert isinstance(result, int)
             self.listener.answer(n.id, value=result)
-            self._log(n, call, f"{result}{note}")
+            self._log(n, call, str(result))
 
     # ------------------------------------------------------------------ which file
 
     def file_at(self, tid: int, fd: int) -> FakeFile | bool:
         """The fake file at the thread's ``fd``; else whether that fd is open at all."""
+        found = self.known.get((tid, fd))
+        if found is not None:
+            return found
         try:
             st = os.stat(f"/proc/{tid}/fd/{fd}")
         except FileNotFoundError:
@@ -175,7 +204,49 @@ class Supervisor:
             if e.errno == errno.ESRCH:
                 raise Gone from None
             return False
-        return self.files.get((st.st_dev, st.st_ino), True)
+        f = self.files.get((st.st_dev, st.st_ino))
+        if f is None:
+            return True
+        if fd >= FAKE_FD_BASE and self._follow(tid):  # below it, a close or dup2 is not trapped
+            self.known[(tid, fd)] = f
+        return f
+
+    def _follow(self, tid: int) -> bool:
+        """Whether the thread's exit will be seen (a pidfd of it, polled)."""
+        pidfd = self.threads.get(tid)
+        if pidfd is None:
+            try:
+                pidfd = os.pidfd_open(tid, PIDFD_THREAD)
+            except OSError:  # before 6.9, or gone: nothing is remembered of it
+                return False
+            self.threads[tid] = pidfd
+            self.poller.register(pidfd, select.POLLIN)
+        return True
+
+    def _thread_exited(self, pidfd: int) -> None:
+        tid = next(t for t, fd in self.threads.items() if fd == pidfd)
+        del self.threads[tid]
+        self.poller.unregister(pidfd)
+        os.close(pidfd)
+        self.known = {k: f for k, f in self.known.items() if k[0] != tid}
+        self.members = {m for m in self.members if m[1] != tid}
+        memory = self.memories.pop(tid, None)
+        if memory is not None:
+            memory.close()
+
+    def memory(self, tid: int) -> seccomp.Memory:
+        """The thread's memory: kept open while its exit can be seen (else opened for one call)."""
+        memory = self.memories.get(tid)
+        if memory is None:
+            memory = seccomp.Memory(tid, keep_open=self._follow(tid))
+            if memory.fd >= 0:
+                self.memories[tid] = memory
+        return memory
+
+    def _forget_memories(self) -> None:
+        for memory in self.memories.values():
+            memory.close()
+        self.memories.clear()
 
     def _fake(self, n: Notification, fd: int) -> FakeFile | None:
         found = self.file_at(n.pid, fd) if fd >= 0 else False
@@ -185,10 +256,9 @@ class Supervisor:
 
     def _ioctl(self, n: Notification) -> None:
         fd, request, arg = _int(n.args[0]), n.args[1] & 0xFFFF_FFFF, n.args[2]
-        name = uapi.IOCTL_NAMES.get(request, f"{request:#x}")
         f = self._fake(n, fd)
         if f is None:  # a KVM ioctl on a file not ours (the real /dev/kvm, or a tty): the kernel's
-            self._answer(n, f"ioctl({fd}, {name}, {arg:#x})", CONTINUE)
+            self._answer(n, lambda: f"ioctl({fd}, {_ioctl_name(request)}, {arg:#x})", CONTINUE)
             return
         call = Call(request, arg, Thread(self, n))
         result: object
@@ -196,7 +266,7 @@ class Supervisor:
             result = f.ioctl(call)
         except BridgeError as e:
             result = e
-        self._answer(n, f"ioctl({fd} [{f.describe()}], {name}, {call.note or hex(arg)})", result)
+        self._answer(n, lambda: f"ioctl({fd} [{f.describe()}], {_ioctl_name(request)}, {call.show()})", result)
 
     # ------------------------------------------------------------------ open
 
@@ -212,9 +282,12 @@ class Supervisor:
             if name == "openat2":
                 flags = int.from_bytes(thread.read(a[2], 8), "little")  # struct open_how.flags
         except OSError:  # EFAULT, ENAMETOOLONG: the kernel says so itself
-            self._answer(n, f"{name}(...)", CONTINUE)
+            self._answer(n, lambda: f"{name}(...)", CONTINUE)
             return
-        call = f"{name}({dirfd if dirfd != AT_FDCWD else 'AT_FDCWD'}, {os.fsdecode(path)!r}, {flags:#o})"
+
+        def call() -> str:
+            return f"{name}({dirfd if dirfd != AT_FDCWD else 'AT_FDCWD'}, {os.fsdecode(path)!r}, {flags:#o})"
+
         target = self._resolve(n.pid, dirfd, path)
         if target is None:
             self._answer(n, call, CONTINUE)
@@ -252,10 +325,13 @@ class Supervisor:
         fd = _int(a[4] if name == "mmap" else a[0])
         f = self._fake(n, fd)
         if f is None:
-            self._answer(n, f"{name}({fd}, ...)", CONTINUE)
+            self._answer(n, lambda: f"{name}({fd}, ...)", CONTINUE)
             return
         shown = {"mmap": (1, 2, 3, 5), "fallocate": (1, 2, 3), "lseek": (1, 2)}.get(name, ())
-        call = f"{name}({fd} [{f.describe()}]{''.join(f', {a[i]:#x}' for i in shown)})"
+
+        def call() -> str:
+            return f"{name}({fd} [{f.describe()}]{''.join(f', {a[i]:#x}' for i in shown)})"
+
         result: object
         try:
             result = self._on_file(n, f, name)

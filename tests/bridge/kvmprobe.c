@@ -9,6 +9,7 @@
 //   kvmprobe threads N     N threads converting and adding memslots on one VM at once
 //   kvmprobe run           KVM_RUN on a fresh vCPU
 //   kvmprobe spin          KVM_CHECK_EXTENSION forever (prints "spinning" first)
+//   kvmprobe time N        microseconds per call of a few calls, N each (bench/bridge.py)
 //   kvmprobe mmap          an MMAP | INIT_SHARED guest_memfd written, read and punched through a mapping
 //   kvmprobe wait          a VM with a guest_memfd slot and a private range; then, a line of stdin
 //                          each: dup the guest_memfd and close the first fd, close the dup, exit
@@ -25,6 +26,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define KVMIO 0xAE
@@ -294,6 +296,42 @@ static void spin(void)
 		ioctl(kvm, CHECK_EXTENSION, CAP_USER_MEMORY2);
 }
 
+static double now(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static void timing(int n)
+{
+	int kvm = open_kvm();
+	int vm = ioctl(kvm, CREATE_VM, 0);
+	double t = now();
+	for (int i = 0; i < n; i++)
+		ioctl(kvm, CHECK_EXTENSION, CAP_USER_MEMORY2);
+	printf("KVM_CHECK_EXTENSION = %.2f\n", (now() - t) / n * 1e6);
+	t = now();
+	for (int i = 0; i < n; i++) /* create, then delete: both change the memslots */
+		if (region1(vm, 1, 0, 4 * GiB, i & 1 ? 0 : 2 * MiB, (void *)0x7f0000000000ull)) {
+			perror("KVM_SET_USER_MEMORY_REGION");
+			exit(1);
+		}
+	printf("KVM_SET_USER_MEMORY_REGION = %.2f\n", (now() - t) / n * 1e6);
+	t = now();
+	for (int i = 0; i < n; i++)
+		attrs(vm, 4 * GiB, 2 * MiB, 0, 1); /* EINVAL (flags): a decoded, refused call */
+	printf("KVM_SET_MEMORY_ATTRIBUTES (EINVAL) = %.2f\n", (now() - t) / n * 1e6);
+	t = now();
+	for (int i = 0; i < n; i++)
+		close(open("/proc/self/stat", O_RDONLY));
+	printf("open+close of another file = %.2f\n", (now() - t) / n * 1e6);
+	t = now();
+	for (int i = 0; i < n; i++)
+		getppid();
+	printf("getppid (untrapped) = %.2f\n", (now() - t) / n * 1e6);
+}
+
 static void map_gmem(void)
 {
 	int kvm = open_kvm();
@@ -348,6 +386,8 @@ int main(int argc, char **argv)
 		run();
 	else if (!strcmp(mode, "spin"))
 		spin();
+	else if (!strcmp(mode, "time"))
+		timing(argc > 2 ? atoi(argv[2]) : 10000);
 	else if (!strcmp(mode, "mmap"))
 		map_gmem();
 	else if (!strcmp(mode, "wait"))

@@ -62,7 +62,13 @@ NR = seccomp.NR
         (NR["mmap"], (0, 4096, 3, 0x01, 601, 0), NOTIFY),
         (NR["fallocate"], (602, 3, 0, 4096, 0, 0), NOTIFY),
         (39, (0,) * 6, ALLOW),  # getpid
-        (3, (650, 0, 0, 0, 0, 0), ALLOW),  # close: releases are seen by inotify, not here
+        (NR["close"], (3, 0, 0, 0, 0, 0), ALLOW),
+        (NR["close"], (650, 0, 0, 0, 0, 0), NOTIFY),  # the supervisor forgets what fd 650 was
+        (NR["dup2"], (3, 600, 0, 0, 0, 0), NOTIFY),
+        (NR["dup3"], (601, 4, 0, 0, 0, 0), ALLOW),  # a fake fd copied below 600: not seen
+        (NR["close_range"], (3, 2**32 - 1, 0, 0, 0, 0), NOTIFY),
+        (NR["close_range"], (3, 100, 0, 0, 0, 0), ALLOW),
+        (NR["execve"], (0,) * 6, NOTIFY),
         (NR["ioctl"] | seccomp.X32_SYSCALL_BIT, (3, uapi.KVM_CREATE_VM, 0, 0, 0, 0), 0x50000 | errno.ENOSYS),
     ],
 )
