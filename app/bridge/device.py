@@ -62,6 +62,10 @@ GENERIC_CAPS = {
 Every other capability is 0: not served."""
 
 
+_DECIMAL = ("guest_memfd", "nent")
+"""Fields ``--trace`` shows in decimal (an fd, a count); the rest are addresses, sizes, flags."""
+
+
 class Caller(Protocol):
     """The thread that made the call, as the device may ask of it."""
 
@@ -90,7 +94,7 @@ class Call:
     def show(self) -> str:
         if self.fields is None:
             return hex(self.arg)
-        return "{" + ", ".join(f"{k}={v:#x}" for k, v in self.fields.items()) + "}"
+        return "{" + ", ".join(f"{k}={v}" if k in _DECIMAL else f"{k}={v:#x}" for k, v in self.fields.items()) + "}"
 
     def read(self, layout: struct.Struct) -> tuple[int, ...]:
         """``copy_from_user()`` of the argument: EFAULT where it cannot be read."""
@@ -134,6 +138,10 @@ class FakeFile:
 
     def describe(self) -> str:
         return self.kind
+
+    def created(self) -> str:
+        """How ``--trace`` names it when the program gets it."""
+        return self.describe()
 
     def host_size(self) -> int:
         return 0
@@ -244,6 +252,9 @@ class VmFile(FakeFile):
 
     def describe(self) -> str:
         return f"vm {self.vm[:8]}"
+
+    def created(self) -> str:
+        return f"vm {self.vm}"  # the whole id, as the API and the memory-map page name it
 
     def ioctl(self, call: Call) -> int | NewFile:
         if not call.caller.in_group(self.tgid):

@@ -183,7 +183,7 @@ class Supervisor:
             self._log(n, call, f"-1 {result.name}: {result.detail}")
         elif isinstance(result, NewFile):
             fd = self._install(n, result.file, result.cloexec)
-            self._log(n, call, f"{fd} [{result.file.describe()}]")
+            self._log(n, call, f"{fd} [{result.file.created()}]")
         else:
             assert isinstance(result, int)
             self.listener.answer(n.id, value=result)
