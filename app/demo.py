@@ -28,6 +28,8 @@ GFN = GPA >> 12
 
 DEMO_NAME = "kvm-memattr-demo"
 """The demo's VM, replaced by the next run."""
+IN_PLACE_NAME = "kvm-memattr-demo-in-place"
+"""The VM of the in-place chapter, replaced by the next run."""
 
 
 def _connect(url: str | None, token: str | None, in_process: bool) -> tuple[Client, str]:
@@ -96,12 +98,13 @@ class Story:
         if self.steps:
             self.steps[-1]["mmu"] = mmu.model_dump(mode="json")
 
-    def attributes(self, npages: int = 16) -> None:
-        runs = self.kvm.get_memory_attributes(self.vm, start_gfn=GFN, end_gfn=GFN + npages).runs
+    def attributes(self, npages: int = 16, vm: str | None = None) -> None:
+        vm = vm or self.vm
+        runs = self.kvm.get_memory_attributes(vm, start_gfn=GFN, end_gfn=GFN + npages).runs
         line = "".join(("P" if r.private else "s") * (r.end_gfn - r.start_gfn) for r in runs)
         maps = {
             g
-            for r in self.kvm.get_mappings(self.vm, start_gfn=GFN, end_gfn=GFN + npages).runs
+            for r in self.kvm.get_mappings(vm, start_gfn=GFN, end_gfn=GFN + npages).runs
             for g in range(r.start_gfn, r.end_gfn)
         }
         mapped = "".join("M" if GFN + i in maps else "." for i in range(npages))
@@ -148,8 +151,8 @@ def _tell(s: Story, where: str) -> None:
         "Create a software-protected VM",
         "KVM_CREATE_VM(KVM_X86_SW_PROTECTED_VM), rfc-v9 semantics: every gfn starts private.",
     )
-    for old in kvm.list_vms().vms:  # the previous run's VM: one demo VM at a time on a server
-        if old.name == DEMO_NAME:
+    for old in kvm.list_vms().vms:  # the previous run's VMs: one demo at a time on a server
+        if old.name in (DEMO_NAME, IN_PLACE_NAME):
             kvm.delete_vm(old.id)
     vm = kvm.create_vm(type="sw_protected", semantics="rfc-v9", name=DEMO_NAME)
     s.vm = vm.id
@@ -256,13 +259,57 @@ def _tell(s: Story, where: str) -> None:
         f" schedules violate anything; fault outcomes: {good.outcomes.retry} retries, {good.outcomes.mapped} mapped."
     )
 
+    _in_place(s)
+
     s.console.print()
     s.console.print(
         Panel.fit(
             "Next: open Swagger UI at /docs and try the same calls; GET /v1/vms/{id}/events shows every protocol step;\n"
             "create a VM with semantics 'linux' to see KVM_SET_MEMORY_ATTRIBUTES' no-op and no-memslot shortcuts;\n"
-            "kvm-memattr explore --all compares the five conversion variants of the v9 review.\n"
-            f"This VM is {s.vm} ({DEMO_NAME}): it stays for you to look at; the next demo replaces it.",
+            "kvm-memattr explore --all compares the conversion variants of the v9 review, of punch-hole and in place.\n"
+            f"These VMs ({DEMO_NAME}, {IN_PLACE_NAME}) stay for you to look at; the next demo replaces them.",
             title="where to look next",
         )
     )
+
+
+def _in_place(s: Story) -> None:
+    """What QEMU-style code does on a 7.4 host converting in place: a memory-fault exit, the
+    conversion through the file, EAGAIN on a pinned page, unpin, retry, the fault retried."""
+    kvm = s.kvm
+    s.step(
+        "In place (Linux 7.4): the VMM's view",
+        "Host linux-7.4-in-place: private/shared lives in the guest_memfd, which the host mmaps; a device holds one "
+        "page pinned (pin_user_pages, as VFIO would).",
+    )
+    vm = kvm.create_vm(type="sw_protected", semantics="linux", name=IN_PLACE_NAME, profile="linux-7.4-in-place").id
+    fd = kvm.create_guest_memfd(vm, SLOT_SIZE, flags=3).fd  # MMAP | INIT_SHARED: shared until converted
+    kvm.set_memslot(vm, 10, GPA, SLOT_SIZE, HVA, flags=4, guest_memfd=fd)
+    mapping = kvm.mmap_guest_memfd(vm, fd, SLOT_SIZE).id
+    kvm.touch_host_mapping(vm, mapping, 0, 0x4000, write=True)
+    pin = kvm.pin_host_mapping(vm, mapping, 0x2000, 0x1000)
+    s.say(f"  vm {vm}: guest_memfd {fd} at gpa {GPA:#x}, mmapped by the host, page 0x2 pinned (pin #{pin.id})")
+    r = kvm.fault(vm, GPA, private=True)
+    if isinstance(r.exit, MemoryFaultExit):
+        s.say(
+            f"  the guest accepts gpa {GPA:#x} as private: {r.outcome}, flags={r.exit.flags:#x} (PRIVATE), size {r.exit.size:#x}"
+        )
+    offset, size = 0, 0x4000  # the slot's guest_memfd_offset + (gpa - its base): what the VMM computes
+    try:
+        kvm.set_guest_memfd_memory_attributes(vm, fd, offset, size, attributes=8)
+    except KvmMemattrError as e:
+        s.say(
+            f"  KVM_SET_MEMORY_ATTRIBUTES2(fd {fd}, {offset:#x}+{size:#x}, PRIVATE) -> {e.errno}, "
+            f"error_offset={e.problem.get('error_offset', 0):#x}"
+        )
+    kvm.unpin_host_pin(vm, pin.id)
+    s.say(f"  the VMM has the device drop its pin (#{pin.id}) and retries")
+    up = kvm.set_guest_memfd_memory_attributes(vm, fd, offset, size, attributes=8)
+    s.say(f"  -> converted: invalidated={up.invalidated}, seq {up.mmu.mmu_invalidate_seq}")
+    r = kvm.fault(vm, GPA, private=True)
+    s.say(f"  the guest's access again: {r.outcome}, private={r.private}")
+    s.attributes(vm=vm)
+    try:
+        kvm.touch_host_mapping(vm, mapping, 0, 0x1000)
+    except KvmMemattrError as e:
+        s.say(f"  the host reads the page now: {e.errno} {e.problem.get('signal')} (the file says private)")

@@ -14,6 +14,15 @@ from app.models.explorer import ExplorerRun, ExplorerTraceEntry
 REVIEW_SCENARIO: dict[str, Any] = {"npages": 2, "start_gfn": 0, "to": "private", "fail_nth": 2}
 """The review's case: two gfns from gfn 0 made private, the second store fails."""
 
+SHOWCASE: dict[str, dict[str, Any]] = {"in-place-no-pin-check": {"pinned": [1]}}
+"""What ``--all`` changes in the review's case for a wrong order it cannot show: a missing pin
+check shows only with a pinned page."""
+
+
+def showcase(variant: str) -> dict[str, Any]:
+    """The scenario ``--all`` runs ``variant`` on."""
+    return {**REVIEW_SCENARIO, **SHOWCASE.get(variant, {})}
+
 
 def _attrs(private: list[bool]) -> str:
     return "".join("P" if p else "s" for p in private)
@@ -99,7 +108,19 @@ def summary(runs: list[ExplorerRun]) -> Table:
     )
     for col in ("variant", "schedules", "violations", "first violated"):
         table.add_column(col, no_wrap=True)
+    notes: list[str] = []
     for run in runs:
         first = run.counterexample.violated if run.counterexample else "-"
-        table.add_row(run.variant, str(run.schedules), str(run.violations), first)
+        name: str = run.variant
+        if run.variant in SHOWCASE:  # a changed scenario: marked, and said under the table
+            mark = "*" * (len(notes) + 1)
+            notes.append(f"{mark} " + ", ".join(f"{k} {_value(v)}" for k, v in SHOWCASE[run.variant].items()))
+            name += mark
+        table.add_row(name, str(run.schedules), str(run.violations), first)
+    if notes:
+        table.caption, table.caption_justify = "; ".join(notes), "left"
     return table
+
+
+def _value(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)

@@ -400,6 +400,7 @@ class RefVM:
             "fd": fd,
             "private": {},
             "pins": {},
+            "detached": {},
         }
         return fd
 
@@ -491,6 +492,8 @@ class RefVM:
             self.flush(zapped)
         freed = {p for p in pages if first <= p < stop}
         pages -= freed
+        for pid, (s, n) in f["pins"].items():  # the pinned folios leave the file with the pages
+            f["detached"].setdefault(pid, set()).update(range(max(s, first), min(s + n, stop)))
         if hits:
             self.end()
         return 0, len(freed), bool(hits), zapped
@@ -555,6 +558,7 @@ class RefVM:
             raise ENOENT("pin")
         f = self.pins.pop(pid)
         del f["pins"][pid]
+        f["detached"].pop(pid, None)
         if self._held(f):
             return False, 0, False
         return self._release(f)
@@ -564,7 +568,7 @@ class RefVM:
         the error offset as their message."""
         f = self.gmem.get(fd)
         if f is None:
-            raise EBADF("fd")
+            raise ENOTTY("stdio") if 0 <= fd <= 2 else EBADF("fd")
         if not self.in_place_mode:
             raise ENOTTY("not in place")
         if flags or not self.private_mem or attributes & ~PRIVATE:
@@ -581,7 +585,8 @@ class RefVM:
             raise ENOMEM(str(offset))
         if private:
             for p in span:  # the first page in use: pinned and still in the page cache
-                if p in f["pages"] and any(s <= p < s + n for s, n in f["pins"].values()):
+                held = (s <= p < s + n and p not in f["detached"].get(pid, ()) for pid, (s, n) in f["pins"].items())
+                if p in f["pages"] and any(held):
                     raise EAGAIN(str(p * PAGE))
         hits = []
         for raw, (o, sz) in sorted(f["bindings"].items()):

@@ -21,6 +21,9 @@ from app.client import DEFAULT_URL, Client, KvmMemattrError
 from app.client.operations import Op
 from app.client.transport import StdlibTransport
 
+_PROBLEM_MEMBERS = {"type", "title", "status", "detail", "errno", "instance", "errors"}
+"""RFC 9457's members and the validation errors: the rest of a problem document is the kernel's."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
@@ -78,7 +81,12 @@ def _main(argv: Sequence[str] | None) -> int:
     except KvmMemattrError as e:
         if args.json:  # the problem document, for a script reading stdout
             print(json.dumps(e.problem))
-        out.errors.print(f"kvm-memattr: {e.errno} (HTTP {e.status}): {e.detail}", markup=False)
+        # What the kernel hands back beside the errno (error_offset, a host access's signal).
+        extra = {k: v for k, v in e.problem.items() if k not in _PROBLEM_MEMBERS and v is not None}
+        more = "".join(f" {k}={hex(v) if isinstance(v, int) else v}" for k, v in extra.items())
+        out.errors.print(
+            f"kvm-memattr: {e.errno} (HTTP {e.status}): {e.detail}{more and ' [' + more[1:] + ']'}", markup=False
+        )
         return 1
     except httpx.TransportError as e:
         out.errors.print(f"kvm-memattr: cannot reach {url}: {e}", markup=False)

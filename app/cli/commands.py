@@ -40,7 +40,9 @@ SCENARIO_OPTIONS = {
     "start_gfn": ScenarioOption("--start-gfn", "first gfn of the range (default 0)", number, show=hex),
     "npages": ScenarioOption("--npages", "gfns in the range, 1..8 (default 2)", int),
     "to": ScenarioOption("--to", "default: private", choices=sorted(get_args(Target))),
-    "fail_nth": ScenarioOption("--fail-nth", "the nth per-gfn store (linux: reservation) fails", int),
+    "fail_nth": ScenarioOption(
+        "--fail-nth", "the nth per-gfn store (linux: reservation; in place: 1, the preallocation) fails", int
+    ),
     "initial_private": ScenarioOption(  # read by explore (int_list), not argparse: --all ignores it, as the others
         "--initial-private",
         "comma-separated offsets private before (default: opposite of --to)",
@@ -60,10 +62,10 @@ the parser adds them with the field's name as ``dest`` and its default."""
 
 def explore(client: Client, args: argparse.Namespace, out: Output) -> int:
     """Run the explorer; 0, or ``VIOLATED`` when a schedule broke an invariant."""
-    from app.timeline import REVIEW_SCENARIO, show_run, summary
+    from app.timeline import show_run, showcase, summary
 
     if args.all:
-        runs = [client.run_explorer(v, **REVIEW_SCENARIO) for v in VARIANT_NAMES]
+        runs = [client.run_explorer(v, **showcase(v)) for v in VARIANT_NAMES]
         if out.as_json:
             print(json.dumps([r.model_dump(mode="json") for r in runs], indent=2))
         elif not out.quiet:

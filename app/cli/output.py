@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from app.models.names import KVM_CAP_VM_TYPES_MASK, VmType
+from app.models.names import HEX_KEYS, KVM_CAP_VM_TYPES_MASK, VmType
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 # One base per meaning, on every surface: addresses, gfns, sizes, offsets and slot ids in hex;
 # counts, ids, fds and counters in decimal (the value's size decides nothing).
-_HEX = re.compile(r"(^|_)(gfn|gpa|hva|addr|address|size|offset|slot|start|end|length)$|^(userspace_addr|max_gfn)$")
+_HEX = re.compile(HEX_KEYS)
 
 
 def _fmt(value: Any, key: str = "") -> str:
@@ -29,6 +29,12 @@ def _fmt(value: Any, key: str = "") -> str:
     if isinstance(value, list):  # a list of scalars (KVM_CAP_VM_TYPES names, a schedule): one line
         return ", ".join(_fmt(v, key) for v in value) or "-"
     return str(value)
+
+
+def _as(key: str, keys: Any) -> str:
+    """The name a value is formatted by: a memslot's ``id`` (beside its ``slot``) is a slot id."""
+    head, _, last = key.rpartition(".")
+    return f"{head}.slot_id" if last == "id" and (f"{head}.slot" if head else "slot") in keys else key
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -66,7 +72,7 @@ def _fits(spec: list[tuple[str, Callable[[dict[str, Any]], str]]], row: dict[str
 
 
 def _field(key: str) -> Callable[[dict[str, Any]], str]:
-    return lambda row: _fmt(row.get(key), key)
+    return lambda row: _fmt(row.get(key), _as(key, row))
 
 
 def _bindings(g: dict[str, Any]) -> str:
@@ -126,18 +132,27 @@ def _vm_types(mask: int) -> str:
     return ",".join(t.value for t in VmType if t.value_code and mask >> t.value_code & 1) or "-"
 
 
+def _attributes(r: dict[str, Any]) -> str:
+    """Where private/shared is set: the VM's attributes, or in place the files' (7.4)."""
+    caps = r["caps"]
+    if r.get("gmem_in_place_conversion"):
+        return f"{caps['KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES']} in file"
+    return str(caps["KVM_CAP_MEMORY_ATTRIBUTES"])
+
+
 _COLUMNS["profiles"] = [
     ("name", lambda r: r["name"]),
     ("kernel", lambda r: r["kernel"]),
     ("+types", lambda r: _vm_types(r["caps"]["KVM_CAP_VM_TYPES"])),
     ("as", lambda r: str(max(1, r["caps"]["KVM_CAP_MULTI_ADDRESS_SPACE"]))),
-    ("attrs", lambda r: str(r["caps"]["KVM_CAP_MEMORY_ATTRIBUTES"])),
+    ("attrs", _attributes),
     ("gmem", lambda r: f"{r['caps']['KVM_CAP_GUEST_MEMFD']} ({r['caps']['KVM_CAP_GUEST_MEMFD_FLAGS']:#x})"),
     ("max_gfn", lambda r: hex(r["max_gfn"])),
 ]
 
-_WHOLE = {"id", "type", "semantics"}
-"""Columns of ``vm list`` that never wrap (an id must stay copyable; sw_protected is one word)."""
+_WHOLE = {"vms": {"id", "type", "semantics"}, "profiles": {"name"}}
+"""Columns that never wrap, per table (an id must stay copyable; sw_protected and a profile's name
+are one word; a VM's host may fold at 80 columns, where id, type and semantics leave no room)."""
 
 PRINTED = object()
 """A command that printed its own output (``vm export``)."""
@@ -181,8 +196,10 @@ class Output:
 
             flat = _flatten(scalars)
             table = Table(title=title, show_header=False, box=None, pad_edge=False)
+            table.add_column(no_wrap=True)  # a key is one word (KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES)
+            table.add_column(overflow="fold")
             for key, value in flat.items():
-                table.add_row(f"[bold]{key}[/]", _fmt(value, key))
+                table.add_row(f"[bold]{key}[/]", _fmt(value, _as(key, flat)))
             self.console.print(table)
         for key in data:
             if isinstance(data[key], list) and not data[key]:
@@ -202,7 +219,7 @@ class Output:
             spec = [(c, _field(c)) for c in columns]
         for name, _ in spec:
             # An id must stay copyable: it never wraps; other columns fold.
-            table.add_column(name, overflow="fold", no_wrap=title == "vms" and name in _WHOLE)
+            table.add_column(name, overflow="fold", no_wrap=name in _WHOLE.get(title, set()))
         for r in rows:
             table.add_row(*(get(r) for _, get in spec))
         return table

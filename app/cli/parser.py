@@ -227,7 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("offset", type=number, help="bytes")
     x.add_argument("len", type=number, help="bytes")
     x.add_argument("--punch-hole", action="store_true", help="FALLOC_FL_PUNCH_HOLE (with KEEP_SIZE)")
-    x = cmd("pages", "allocated pages of a guest_memfd", lambda c, a: ops.get_guest_memfd_pages(a.vm, a.fd), parent=gm)
+    x = cmd(
+        "pages",
+        "allocated and private pages of a guest_memfd",
+        lambda c, a: ops.get_guest_memfd_pages(a.vm, a.fd),
+        parent=gm,
+    )
     x.add_argument("vm")
     x.add_argument("fd", type=int)
     x = cmd(
@@ -257,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("mapping", type=int)
     x = cmd(
         "pin",
-        "pin pages through a mapping (GUP, IOMMU): to-private conversions over them are EAGAIN",
+        "pin pages through a mapping (GUP, IOMMU): converting them to private is EAGAIN",
         lambda c, a: ops.pin_host_mapping(a.vm, a.mapping, offset=a.offset, size=a.size),
         parent=gm,
     )

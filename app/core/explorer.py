@@ -156,8 +156,12 @@ class _Run:
         self.labels.append(step.label)
         if self.early is None:
             # Between steps: a punch-hole must never leave a freed page mapped; in place, where the
-            # host may touch what is shared, no mapping may disagree with its page's attribute.
-            self.early = self._freed_mapped() if self.punching else self._stale() if self.in_place else None
+            # host may touch what is shared, no mapping may disagree with its page's attribute
+            # (only an install or a store can make one disagree).
+            if self.punching:
+                self.early = self._freed_mapped()
+            elif self.in_place and (step.label == "install_spte" or step.label.startswith("store")):
+                self.early = self._stale()
         if not self.tracing:
             return
         kvm = self.kvm
@@ -193,7 +197,7 @@ class _Run:
         """The first invariant this finished schedule breaks (a freed page mapped at any step,
         termination, rollback, stale mapping), its detail naming any other it breaks too."""
         checks = (self.early, self._termination(), self._rollback(), self._stale(), self._pinned_private())
-        found = [v for v in checks if v is not None]
+        found = list(dict.fromkeys(v for v in checks if v is not None))  # in place, early may be the end's too
         if not found:
             return None
         detail = found[0][1] + "".join(f"; also {name}: {d}" for name, d in found[1:])

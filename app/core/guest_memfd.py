@@ -289,6 +289,7 @@ def unpin(kvm: Kvm, pin_id: int) -> Release:
     if gmem is None:
         raise ENOENT(f"no pin {pin_id}")
     del gmem.pins[pin_id]
+    gmem.detached.pop(pin_id, None)
     kvm.budget.add(-1)
     out = _put(kvm, gmem)
     kvm.events.emit("host_unpin", pin=pin_id, released=out.released, pages_zapped=out.pages_zapped)
@@ -331,7 +332,7 @@ def _fault_in(
 def _private_reason(gmem: GuestMemfdFile) -> str:
     if gmem.attributes is None:
         return "the file is not GUEST_MEMFD_FLAG_INIT_SHARED"
-    return "the page is private (KVM_SET_MEMORY_ATTRIBUTES2)"
+    return "the page is private (private unless the file was created INIT_SHARED or converted to shared)"
 
 
 def _signal(signal: str, page: int, reason: str, pinning: bool) -> EFAULT:
@@ -453,8 +454,5 @@ class PunchHole:
         self.invalidated, self.zapped = walk.found, walk.zapped
 
     def _truncate(self) -> None:
-        gmem = self.gmem
         if self.start < self.end:
-            self.freed = gmem.allocated_pages(self.start, self.end)
-            if self.freed:
-                gmem.allocated.assign(self.start, self.end, 0)
+            self.freed = self.gmem.truncate(self.start, self.end)

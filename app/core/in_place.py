@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from app.core.errors import EAGAIN, EBADF, EINVAL, ENOMEM, ENOTTY
 from app.core.gfn_range import handle_gfn_range, invalidate_and_unmap, invalidate_begin, invalidate_end
-from app.core.guest_memfd import binding_ranges
+from app.core.guest_memfd import FIRST_FD, binding_ranges
 from app.core.kvm import PRIVATE, GuestMemfdFile, Kvm
 from app.core.mmu import ZapFilter
 from app.core.steps import Step, Steps
@@ -39,11 +39,13 @@ def check(kvm: Kvm, fd: int, req: KvmMemoryAttributes2) -> GuestMemfdFile:
     mode first, before the argument is even read). Changes nothing."""
     gmem = kvm.gmem_files.get(fd)
     if gmem is None:
+        if 0 <= fd < FIRST_FD:  # an open fd, whose file has no such ioctl
+            raise ENOTTY(f"fd {fd} is open (stdio) but not a guest_memfd")
         raise EBADF(f"fd {fd} is not an open guest_memfd of this VM")
     if not kvm.in_place:
         raise ENOTTY(
-            f"KVM_SET_MEMORY_ATTRIBUTES2: host profile {kvm.host.name} keeps private/shared in the VM "
-            "(no gmem_in_place_conversion): use KVM_SET_MEMORY_ATTRIBUTES on the VM"
+            f"KVM_SET_MEMORY_ATTRIBUTES2: this VM keeps private/shared in the VM (host profile {kvm.host.name}, "
+            f"{kvm.semantics.value}): it converts with {kvm.converts_with}"
         )
     if req.flags:
         raise EINVAL(f"flags {req.flags:#x} must be 0")
@@ -91,7 +93,8 @@ class GmemConversion:
         nth, kvm.fail_nth = kvm.fail_nth, None
         if nth == 1 or not kvm.budget.room(2):
             raise ENOMEM(
-                f"preallocating the attributes of pages {start:#x}..{end:#x} failed", error_offset=start << PAGE_SHIFT
+                f"preallocating the attributes of file pages [{start:#x}, {end:#x}) failed",
+                error_offset=start << PAGE_SHIFT,
             )
         if value & PRIVATE:
             yield Step("unmap_mapping_pages", holds_mmu_lock=False)

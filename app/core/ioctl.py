@@ -35,6 +35,11 @@ def locked(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P]
     return wrapper
 
 
+JOURNALED: list[str] = []
+"""The names of every method ``@mutation`` made: what a journal row may replay (one list, so a new
+ioctl cannot be left out of it: three were, and a restart after a crash refused the journal)."""
+
+
 def mutation(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
     """A state-changing ioctl: atomic, and written ahead to the journal (if any) in call order.
 
@@ -43,6 +48,7 @@ def mutation(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, 
     service-wide budget refused is marked, so replay refuses it again whatever the other VMs hold.
     """
     name = method.__name__
+    JOURNALED.append(name)
 
     @wraps(method)
     def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:

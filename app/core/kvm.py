@@ -68,6 +68,9 @@ class GuestMemfdFile:
     private, or shared if INIT_SHARED, for good."""
     pins: dict[int, tuple[int, int]] = field(default_factory=dict)
     """Pages the host holds pinned (GUP, IOMMU): pin id -> ``(first page, pages)``."""
+    detached: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    """Pin id -> page ranges a punch-hole took out of the file since: the pin holds the old folios,
+    no longer the file's (a page faulted in there later is a new one, not pinned)."""
 
     def __post_init__(self) -> None:
         # Every page index a u64 offset reaches, not only those below i_size: a binding that
@@ -120,13 +123,39 @@ class GuestMemfdFile:
         return next((s for s, _, private in self.private_runs(start, end) if private), None)
 
     def first_pinned(self, start: int, end: int) -> int | None:
-        """The first page of ``[start, end)`` in the page cache that a pin holds (a punched-out
-        page is no longer the file's, pinned or not): O(pins + runs)."""
+        """The first page of ``[start, end)`` whose folio in the page cache a pin holds: O(pins
+        + their runs and holes)."""
         hits = []
-        for s, n in self.pins.values():
-            lo, hi = max(s, start), min(s + n, end)
-            hits += [max(a, lo) for a, b, v in self.allocated.runs(lo, hi) if v]
+        for pin, (s, n) in self.pins.items():
+            at = max(s, start)
+            for lo, hi in sorted([*self.detached.get(pin, []), (min(s + n, end), PGOFF_LIMIT)]):
+                if at < lo:
+                    hits += [a for a, _, v in self.allocated.runs(at, lo) if v][:1]
+                at = max(at, hi)
         return min(hits, default=None)
+
+    def truncate(self, start: int, end: int) -> int:
+        """``truncate_inode_pages_range()``: pages ``[start, end)`` leave the page cache (a pinned
+        folio lives on, detached from the file). Returns how many were allocated."""
+        freed = self.allocated_pages(start, end)
+        if freed:
+            self.allocated.assign(start, end, 0)
+        for pin, (s, n) in self.pins.items():
+            lo, hi = max(s, start), min(s + n, end)
+            if lo < hi:
+                self.detached[pin] = _merged([*self.detached.get(pin, []), (lo, hi)])
+        return freed
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ranges in order, overlapping or touching ones merged."""
+    out: list[tuple[int, int]] = []
+    for s, e in sorted(ranges):
+        if out and s <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((s, e))
+    return out
 
 
 @dataclass(frozen=True)
@@ -276,7 +305,7 @@ class Kvm:
 
     def items(self) -> int:
         """What this VM holds against the service budget: runs, events, and every stored object."""
-        file_runs = sum(len(f.allocated) + (len(f.attributes) if f.attributes else 0) for f in self.files())
+        file_runs = sum(len(f.allocated) + (0 if f.attributes is None else len(f.attributes)) for f in self.files())
         return len(self.attributes) + self.mmu.runs() + len(self.events) + file_runs + self.objects()
 
     def objects(self) -> int:
@@ -356,6 +385,15 @@ class Kvm:
         return self.linux and self.host.gmem_in_place_conversion
 
     @property
+    def converts_with(self) -> str:
+        """The call that converts this VM's memory, for an error to name (every wrong one does)."""
+        if not self.linux:
+            return "KVM_MEMORY_ENCRYPT_{REG,UNREG}_REGION (kvm-memattr reg-region / unreg-region)"
+        if self.in_place:
+            return "KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd (kvm-memattr gmem attrs)"
+        return "KVM_SET_MEMORY_ATTRIBUTES (kvm-memattr attrs set)"
+
+    @property
     def supported_attributes(self) -> int:
         """``kvm_supported_vm_mem_attributes()``: what ``KVM_SET_MEMORY_ATTRIBUTES`` may set."""
         return PRIVATE if self.has_private_mem and not self.in_place else 0
@@ -397,10 +435,7 @@ class Kvm:
         attributes of the file behind the gfn (``kvm_gmem_is_private()``)."""
         if not self.in_place:
             return bool(self.attributes.value_at(gfn) & PRIVATE)
-        slot = self.spaces[0].find(gfn)
-        if slot is None or slot.gmem is None or not self.has_private_mem:
-            return False
-        return slot.gmem.first_private(slot.gmem_pgoff(gfn), slot.gmem_pgoff(gfn) + 1) is not None
+        return next(self.private_runs(gfn, gfn + 1))[2]
 
     def private_runs(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
         """``(start_gfn, end_gfn, private)`` runs covering ``[start, end)`` as ``gfn_is_private()``

@@ -10,6 +10,7 @@ that is not such a state is refused with EINVAL naming what is wrong, before any
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -38,6 +39,7 @@ from app.models.snapshot import (
     SnapshotMapping,
     SnapshotMemslot,
     SnapshotNotifier,
+    SnapshotPin,
     VmSnapshot,
 )
 
@@ -79,7 +81,10 @@ def dump(kvm: Kvm) -> VmSnapshot:
                 flags=f.flags,
                 allocated=[(s, e) for s, e, v in f.allocated.runs(0, PGOFF_LIMIT) if v],
                 private=None if f.attributes is None else [(s, e) for s, e, p in f.private_runs(0, PGOFF_LIMIT) if p],
-                pins=[(pin, first, n) for pin, (first, n) in f.pins.items()],
+                pins=[
+                    SnapshotPin(id=pin, first=first, npages=n, detached=f.detached.get(pin, []))
+                    for pin, (first, n) in f.pins.items()
+                ],
             )
             for key, f in files.items()
         ],
@@ -225,10 +230,16 @@ def _load_files(kvm: Kvm, files: list[SnapshotFile], next_fd: int, next_pin_id: 
         _check((f.private is None) == (gmem.attributes is None), f"file {f.id}: private pages only in place")
         if gmem.attributes is not None and f.private is not None:
             gmem.attributes.load(_runs(f.private, f"file {f.id}: private pages", PRIVATE))
-        for pin, first, n in f.pins:
+        for p in f.pins:
+            pin = p.id
             _check(pin not in kvm.host_pins and pin < next_pin_id, f"pin {pin}: id repeated or not below next")
-            _check(first + n <= PGOFF_LIMIT, f"pin {pin}: pages past 2^52")
-            gmem.pins[pin] = (first, n)
+            _check(p.first + p.npages <= PGOFF_LIMIT, f"pin {pin}: pages past 2^52")
+            bounds = [p.first, *(x for r in p.detached for x in r), p.first + p.npages]
+            ordered = all(a < b for a, b in itertools.pairwise(bounds[1:-1])) and bounds == sorted(bounds)
+            _check(ordered, f"pin {pin}: detached ranges not inside it, apart and in order")
+            gmem.pins[pin] = (p.first, p.npages)
+            if p.detached:
+                gmem.detached[pin] = list(p.detached)
             kvm.host_pins[pin] = gmem
             kvm.budget.add(1)
         if f.fd is not None:

@@ -67,11 +67,28 @@ def page_of_runs(runs: Iterator[Any], limit: int, end_of: Callable[[Any], int]) 
 
 
 def attribute_runs(kvm: Kvm, start: int, end: int, limit: int) -> tuple[list[state.AttributeRun], int | None]:
+    """Runs alike in the VM's attributes and in what a fault reads as private: the same runs,
+    except in place, where the VM's attributes stay 0 and the files say what is private."""
+    private = _coalesce((s, e, int(p)) for s, e, p in kvm.private_runs(start, end))
     runs = (
-        state.AttributeRun(start_gfn=s, end_gfn=e, attributes=v, private=bool(v & PRIVATE))
-        for s, e, v in kvm.attributes.runs(start, end)
+        state.AttributeRun(start_gfn=s, end_gfn=e, attributes=a, private=bool(p))
+        for s, e, a, p in _zip_runs(kvm.attributes.runs(start, end), private)
     )
     return page_of_runs(runs, limit, lambda r: r.end_gfn)
+
+
+def _coalesce(runs: Iterator[Run]) -> Iterator[Run]:
+    """Adjacent runs of one value as one (two slots side by side read alike)."""
+    held: Run | None = None
+    for r in runs:
+        if held is not None and held[1] == r[0] and held[2] == r[2]:
+            held = (held[0], r[1], r[2])
+            continue
+        if held is not None:
+            yield held
+        held = r
+    if held is not None:
+        yield held
 
 
 def mapping_runs(kvm: Kvm, as_id: int, start: int, end: int, limit: int) -> tuple[list[state.MappingRun], int | None]:

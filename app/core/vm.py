@@ -13,7 +13,7 @@ from app.core.budget import ServiceBudget
 from app.core.errors import EINVAL, ENOENT, ENOTTY
 from app.core.faults import Fault, prefault
 from app.core.guest_memfd import Release
-from app.core.ioctl import locked, mutation
+from app.core.ioctl import JOURNALED, locked, mutation
 from app.core.journal import Journal
 from app.core.kvm import PRIVATE, GuestMemfdFile, Kvm, Memslot, check_gpa_range
 from app.core.limits import EngineLimits
@@ -289,7 +289,7 @@ class VirtualMachine:
                 region=state.EncRegion(addr=region.addr, size=region.size), pinned_regions=len(kvm.pinned)
             )
         if kvm.linux or not kvm.has_private_mem:
-            hint = "; on linux VMs use KVM_SET_MEMORY_ATTRIBUTES" if kvm.linux and kvm.has_private_mem else ""
+            hint = f"; this VM converts with {kvm.converts_with}" if kvm.linux and kvm.has_private_mem else ""
             raise ENOTTY(f"KVM_MEMORY_ENCRYPT_{'REG' if register else 'UNREG'}_REGION: not an SEV VM{hint}")
         start, end = check_gpa_range(region.addr, region.size)
         conv = Conversion(kvm, start, end, PRIVATE if register else 0)
@@ -306,8 +306,8 @@ class VirtualMachine:
         kvm = self.kvm
         if not kvm.linux:
             raise ENOTTY(
-                "KVM_SET_MEMORY_ATTRIBUTES does not exist under rfc-v9: this VM converts with "
-                "KVM_MEMORY_ENCRYPT_{REG,UNREG}_REGION (kvm-memattr reg-region / unreg-region), or create it with semantics linux"
+                f"KVM_SET_MEMORY_ATTRIBUTES does not exist under rfc-v9: this VM converts with {kvm.converts_with}, "
+                "or create it with semantics linux"
             )
         if not kvm.has_memory_attributes:
             raise ENOTTY(f"KVM_SET_MEMORY_ATTRIBUTES: host profile {kvm.host.name} has no KVM_CAP_MEMORY_ATTRIBUTES")
@@ -315,11 +315,8 @@ class VirtualMachine:
             raise EINVAL("flags must be 0")
         supported = kvm.supported_attributes
         if req.attributes & ~supported:
-            hint = (
-                f"; host profile {kvm.host.name} converts in place: KVM_SET_MEMORY_ATTRIBUTES2 on the guest_memfd"
-                if kvm.in_place and kvm.has_private_mem
-                else ""
-            )
+            in_place = kvm.in_place and kvm.has_private_mem
+            hint = f"; host profile {kvm.host.name} converts in place, with {kvm.converts_with}" if in_place else ""
             raise EINVAL(f"attributes {req.attributes:#x} not supported by this VM (supported: {supported:#x}){hint}")
         start, end = check_gpa_range(req.address, req.size)
         conv = Conversion(kvm, start, end, req.attributes)
@@ -405,22 +402,5 @@ class VirtualMachine:
         return state.FaultInjectionState(fail_nth=self.kvm.fail_nth)
 
 
-OPERATIONS: dict[str, Callable[..., object]] = {
-    "set_user_memory_region": VirtualMachine.set_user_memory_region,
-    "delete_memslot": VirtualMachine.delete_memslot,
-    "create_guest_memfd": VirtualMachine.create_guest_memfd,
-    "close_guest_memfd": VirtualMachine.close_guest_memfd,
-    "fallocate": VirtualMachine.fallocate,
-    "mmap": VirtualMachine.mmap,
-    "munmap": VirtualMachine.munmap,
-    "touch": VirtualMachine.touch,
-    "memory_encrypt_reg_region": VirtualMachine.memory_encrypt_reg_region,
-    "memory_encrypt_unreg_region": VirtualMachine.memory_encrypt_unreg_region,
-    "set_memory_attributes": VirtualMachine.set_memory_attributes,
-    "fault": VirtualMachine.fault,
-    "prefault": VirtualMachine.prefault,
-    "notifier_start": VirtualMachine.notifier_start,
-    "notifier_end": VirtualMachine.notifier_end,
-    "set_fault_injection": VirtualMachine.set_fault_injection,
-}
+OPERATIONS: dict[str, Callable[..., object]] = {name: getattr(VirtualMachine, name) for name in JOURNALED}
 """The journaled ioctls by name: what a journal row may replay."""

@@ -64,6 +64,9 @@ longer fail with ``ENOMEM``; 7.4 (queued in linux-next, not yet released) can mo
 into guest_memfd (``gmem_in_place_conversion``); without that parameter it behaves as 7.3."""
 
 _Flag = Annotated[int, Field(ge=0, le=1)]
+_Attributes = Annotated[int, Field(ge=0, le=8, multiple_of=8)]
+"""0 or KVM_MEMORY_ATTRIBUTE_PRIVATE (8): an int, so a strict model refuses false (Literal[0, 8] let
+it through as 0, found by schemathesis)."""
 
 
 class HostCaps(BaseModel):
@@ -81,7 +84,7 @@ class HostCaps(BaseModel):
         le=KVM_CAP_VM_TYPES_MASK,
         description="bit n: KVM_CREATE_VM accepts type n (bit 0 always)",
     )
-    KVM_CAP_MEMORY_ATTRIBUTES: Literal[0, 8] = Field(
+    KVM_CAP_MEMORY_ATTRIBUTES: _Attributes = Field(
         8, description="8 with CONFIG_KVM_GENERIC_MEMORY_ATTRIBUTES, else 0 (no ioctl)"
     )
     KVM_CAP_GUEST_MEMFD: _Flag = Field(1, description="1 with CONFIG_KVM_GUEST_MEMFD, else 0 (no ioctl)")
@@ -92,7 +95,7 @@ class HostCaps(BaseModel):
     KVM_CAP_USER_MEMORY2: _Flag = 1
     KVM_CAP_MEMORY_FAULT_INFO: _Flag = 1
     KVM_CAP_PRE_FAULT_MEMORY: _Flag = Field(1, description="1 with two-dimensional paging (TDP), else 0")
-    KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: Literal[0, 8] = Field(
+    KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES: _Attributes = Field(
         0, description="8 where KVM_SET_MEMORY_ATTRIBUTES2 on a guest_memfd converts in place (7.4), else 0"
     )
 

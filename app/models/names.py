@@ -66,3 +66,9 @@ VariantName = Literal[
     "in-place-no-seq-bump",
 ]
 VARIANT_NAMES: tuple[VariantName, ...] = get_args(VariantName)
+
+HEX_KEYS = (
+    r"(^|_)(gfn|gpa|hva|addr|address|size|offset|slot|start|end|length|pgoff)$|^(userspace_addr|max_gfn|slot_id)$"
+)
+"""The fields every surface prints in hex (addresses, sizes, offsets, page indexes, slot ids);
+counts and other ids stay decimal. The CLI matches it, the page gets it from its template."""

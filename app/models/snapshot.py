@@ -29,6 +29,13 @@ class _Doc(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class SnapshotPin(_Doc):
+    id: Annotated[int, Field(ge=1, le=U64_MAX)]
+    first: N = Field(description="first page")
+    npages: Annotated[int, Field(ge=1, le=U64_MAX)]
+    detached: list[tuple[N, N]] = Field([], description="(start, end) page ranges punched out of the file since")
+
+
 class SnapshotFile(_Doc):
     """A guest_memfd file; ``fd`` null once closed (an ``rfc-v9`` slot may still hold it)."""
 
@@ -40,9 +47,7 @@ class SnapshotFile(_Doc):
     private: list[tuple[N, N]] | None = Field(
         None, description="in place (7.4): (start, end) page ranges that are private, in order; else null"
     )
-    pins: list[tuple[Annotated[int, Field(ge=1, le=U64_MAX)], N, Annotated[int, Field(ge=1, le=U64_MAX)]]] = Field(
-        [], description="(pin id, first page, pages) the host holds pinned"
-    )
+    pins: list[SnapshotPin] = Field([], description="what the host holds pinned")
 
 
 class SnapshotMemslot(_Doc):

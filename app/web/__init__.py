@@ -13,6 +13,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
+from app.models.names import HEX_KEYS
+
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter(include_in_schema=False)
@@ -26,7 +28,9 @@ async def root() -> RedirectResponse:
 @router.get("/ui", response_class=HTMLResponse)
 async def ui(request: Request) -> HTMLResponse:
     return templates.TemplateResponse(
-        request, "index.html", {"version": request.app.version, "max_gfn": request.app.state.engine.host.max_gfn}
+        request,
+        "index.html",
+        {"version": request.app.version, "max_gfn": request.app.state.engine.host.max_gfn, "hex_keys": HEX_KEYS},
     )
 
 

@@ -171,3 +171,16 @@ def test_a_measured_host_reads_the_module_parameter(tmp_path: Path) -> None:
     assert read_module_param(param) is None  # an older kernel has no such parameter
     param.write_text("Y\n")
     assert read_module_param(param) == "Y"
+
+
+def test_an_attributes_capability_is_0_or_8_and_never_a_bool() -> None:
+    """Literal[0, 8] let false through as 0 (schemathesis found it on a POST /v1/vms profile)."""
+    from pydantic import ValidationError
+
+    from app.models.host import HostCaps
+
+    for name in ("KVM_CAP_MEMORY_ATTRIBUTES", "KVM_CAP_GUEST_MEMFD_MEMORY_ATTRIBUTES"):
+        for bad in (False, True, 4, 16):
+            with pytest.raises(ValidationError):
+                HostCaps.model_validate({"KVM_CAP_VM_TYPES": 1, name: bad})
+        assert getattr(HostCaps.model_validate({"KVM_CAP_VM_TYPES": 1, name: 0}), name) == 0

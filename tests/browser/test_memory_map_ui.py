@@ -117,7 +117,7 @@ def test_a_conversion_seen_on_the_map(browser: Browser) -> None:
     page.mouse.move(box["x"] + 140, box["y"] + 20)
     expect(page.locator("#tooltip")).to_contain_text(re.compile(r"gfn 0x1000[0-9a-f]{2}  gpa 0x1000"))
     expect(page.locator("#tooltip")).to_contain_text("attributes 8 (private)")
-    expect(page.locator("#tooltip")).to_contain_text("slot 10")
+    expect(page.locator("#tooltip")).to_contain_text("slot 0xa")
 
     # Down to single pages with the wheel.
     for _ in range(12):
@@ -296,7 +296,7 @@ def test_guest_memfd_files_pages_and_host_mappings_on_the_page(chromium: PwBrows
         slot_rect = page.locator('#map rect.slot-rect[data-slot="10"]')
         expect(slot_rect).to_have_attribute("data-gmem-only", "1")
         expect(slot_rect).to_have_attribute("fill", "url(#pat-gmem-only)")
-        expect(page.locator("#map text.slot-label")).to_have_text(f"slot 10 gmem-only, fd {fd} pgoff 0x0")
+        expect(page.locator("#map text.slot-label")).to_have_text(f"slot 0xa gmem-only, fd {fd} pgoff 0x0")
         # The file's pages: one lane, its allocated run drawn exactly over gfns [0x100100, 0x100180).
         expect(page.locator("#map text", has_text="gmem pages as0")).to_have_count(1)
         lo, hi = page.evaluate("[xOf(0x100100n), xOf(0x100180n)]")
@@ -314,12 +314,17 @@ def test_guest_memfd_files_pages_and_host_mappings_on_the_page(chromium: PwBrows
 
         # The files and the host's mappings, as listed.
         row = page.locator(f'#gmem-files tr[data-key="{fd}"] td')
-        cells = [str(fd), "0x400000", "MMAP", "128", "slot 10: [0x0, 0x400)", "[0x100, 0x180)", "[0x0, 0x400)", "#1"]
+        cells = [str(fd), "0x400000", "MMAP", "128", "slot 0xa: [0x0, 0x400)", "[0x100, 0x180)", "[0x0, 0x400)", "#1"]
         for i, text in enumerate(cells):
             expect(row.nth(i)).to_have_text(text)
         row = page.locator('#host-mappings tr[data-key="1"] td')
         for i, text in enumerate(["#1", str(fd), "[0x0, 0x200)", "512"]):
             expect(row.nth(i)).to_have_text(text)
+
+        # The trace prints page indexes, lengths and slot ids in hex, as the CLI does (one rule).
+        expect(page.locator("#events")).to_contain_text("length=0x200000")
+        expect(page.locator("#events")).to_contain_text("start_pgoff=0x100 end_pgoff=0x180")
+        expect(page.locator("#events")).to_contain_text("slot=0xa")
 
         # Hovering a gfn names the file page behind it.
         page.evaluate("zoomTo(0x100100n, 0x100110n)")
@@ -327,7 +332,7 @@ def test_guest_memfd_files_pages_and_host_mappings_on_the_page(chromium: PwBrows
         box = page.locator("#map").bounding_box()
         assert box is not None
         page.mouse.move(box["x"] + 140, box["y"] + 20)
-        expect(page.locator("#tooltip")).to_contain_text(f"slot 10 gmem-only, fd {fd} pgoff 0x100 allocated")
+        expect(page.locator("#tooltip")).to_contain_text(f"slot 0xa gmem-only, fd {fd} pgoff 0x100 allocated")
 
         # The actions: punch a hole, mmap, a host access that takes SIGBUS, munmap, close.
         page.locator("#fallocate [name=mode]").select_option("3")
@@ -356,7 +361,7 @@ def test_guest_memfd_files_pages_and_host_mappings_on_the_page(chromium: PwBrows
         browser.wait_redraw(before)
         expect(page.locator("#last-result")).to_contain_text("released=true")
         expect(page.locator("#gmem-panel")).to_be_hidden()
-        expect(page.locator("#map text.slot-label")).to_have_text("slot 10 gmem-only, no file")
+        expect(page.locator("#map text.slot-label")).to_have_text("slot 0xa gmem-only, no file")
         expect(page.locator("#map rect.filebound")).to_have_count(0)
 
         network = [e for e in browser.errors if e.startswith("Failed to load resource")]
@@ -386,6 +391,10 @@ def test_in_place_conversion_on_the_page(chromium: PwBrowser) -> None:
 
         browser.submit("#pin", mapping="1", offset="0x3000", size="0x1000")
         expect(page.locator('#host-pins tr[data-key="1"] td').nth(2)).to_have_text("[0x3, 0x4)")
+        pinned = page.locator('#map rect.pinned[data-pin="1"]')  # drawn on the file's lane, at its gfn
+        expect(pinned).to_have_count(1)
+        x = float(pinned.get_attribute("x") or 0)
+        assert abs(x - page.evaluate("xOf(0x100003n)")) < 1
         browser.submit("#convert", gpa="0x100000000", size="0x10000")
         expect(page.locator("#error")).to_contain_text("EAGAIN")
         expect(page.locator("#error")).to_contain_text("error_offset 0x3000")

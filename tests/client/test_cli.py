@@ -137,6 +137,13 @@ def test_demo_tells_the_story_in_process() -> None:
         "attributes identical to before: True",
         "reviewer-reorder: 7 of 19 schedules end with stale_mapping",
         "rfc-v9 (begin before the stores, end on the error path too): 0 of 32 schedules",
+        # The in-place chapter: exit, EAGAIN on the pinned page, unpin, retry, mapped, SIGBUS.
+        "memory_fault_exit, flags=0x8",
+        "-> EAGAIN",
+        "error_offset=0x2000",
+        "converted: invalidated=True",
+        "the guest's access again: mapped, private=True",
+        "EFAULT SIGBUS",
         "where to look next",
     ):
         assert needle in out, needle
@@ -179,6 +186,10 @@ def test_cli_explore_all_and_json(url: str, capsys: pytest.CaptureFixture[str]) 
     assert "stale_mapping" in rows["reviewer-reorder"] and "no_termination" in rows["v9-naive-unwind"]
     assert "rollback_not_exact" in rows["v9-as-posted"]
     assert rows["rfc-v9"].split("│")[3].strip() == "0" and rows["linux"].split("│")[3].strip() == "0"
+    # Every planted wrong order shows, on the review's case or (marked) the one that shows it.
+    assert rows["in-place"].split("│")[3].strip() == "0"
+    assert "stale_mapping" in rows["in-place-store-first"] and "pinned_page_private" in rows["in-place-no-pin-check*"]
+    assert "* pinned 1" in out
     code, out, _ = run(url, capsys, "--json", "explore", "--variant", "rfc-v9", "--npages", "3", "--fail-nth", "2")
     assert code == 0 and json.loads(out)["violations"] == 0
     code, _, err = run(url, capsys, "explore", "--variant", "rfc-v9", "--npages", "9")

@@ -209,35 +209,50 @@ def test_the_image_installs_from_pinned_constraints() -> None:
     assert not missing, f"not pinned in constraints.txt: {missing} (run scripts/update-constraints.sh)"
 
 
-ADDRESS_LIKE = ("gfn", "gpa", "hva", "addr", "address", "size", "offset", "slot", "start", "end")
+ADDRESS_LIKE = ("gfn", "gpa", "hva", "addr", "address", "size", "offset", "slot", "start", "end", "length", "pgoff")
 
 
 def test_one_base_per_meaning_at_80_columns(
     url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No value printed in two bases: gfns, gpas, sizes, offsets and slot ids in hex whatever their
-    size (was: below 0x10000 in decimal), counts in decimal."""
+    """No value printed in two bases: gfns, gpas, sizes, offsets, page indexes and slot ids in hex
+    whatever their size (was: below 0x10000 in decimal), counts and other ids in decimal."""
     monkeypatch.setenv("COLUMNS", "80")
     vm = json.loads(run(capsys, "--json", "--url", url, "vm", "create", "--semantics", "linux")[1])["id"]
     for line in (
-        "gmem create {vm} --size 4M",
+        "gmem create {vm} --size 4M --flags 1",
         "memslot set {vm} 10 --gpa 0 --size 4M --hva 0x7f0000000000 --flags 4 --gmem 3",
         "fault {vm} 0x3000 --write",
         "attrs set {vm} 0x1000 4K --private",
         "prefault {vm} 0x8000 0x2000",
         "notifier start {vm} 0x7f0000000000 0x7f0000001000",
+        "gmem fallocate {vm} 3 0x200000 0x10000",
+        "gmem mmap {vm} 3 0x400000",
     ):
         assert run(capsys, "-q", "--url", url, *line.format(vm=vm).split())[0] == 0, line
     pairs: list[tuple[str, str]] = []
-    for line in ("events {vm}", "vm get {vm}", "mmu {vm}", "gfn {vm} 3", "memslot list {vm}", "gmem list {vm}"):
+    out_keys: set[str] = set()
+    for line in (
+        "events {vm}",
+        "vm get {vm}",
+        "mmu {vm}",
+        "gfn {vm} 3",
+        "memslot list {vm}",
+        "memslot get {vm} 10",
+        "gmem list {vm}",
+        "gmem pages {vm} 3",
+    ):
         code, out, _ = run(capsys, "--url", url, *line.format(vm=vm).split())
         assert code == 0 and all(len(row) <= 80 for row in out.splitlines()), out
         pairs += re.findall(r"(\w+)=(\S+)", out)  # the event trace's details
-        pairs += re.findall(r"^ ?([\w.]+) {2,}(\S+) *$", out, re.M)  # key-value tables
+        table = re.findall(r"^ ?([\w.]+) {2,}(\S+) *$", out, re.M)  # key-value tables
+        pairs += table
+        out_keys.update(k.rsplit(".", 1)[-1] for k, _ in table)
     checked = 0
     for key, value in pairs:
         name = key.rsplit(".", 1)[-1]
         address = name.rsplit("_", 1)[-1] in ADDRESS_LIKE or name in ADDRESS_LIKE or name == "userspace_addr"
+        address |= key in ("id", "memslot.id") and "slot" in out_keys  # a memslot's id is a slot id
         if re.fullmatch(r"0x[0-9a-f]+", value):
             assert address, f"{key}={value}: a count in hex"
             checked += 1

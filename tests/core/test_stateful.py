@@ -439,7 +439,10 @@ class EngineVsReference(RuleBasedStateMachine):
         got_attrs = {g: r.attributes for r in runs for g in range(r.start_gfn, min(r.end_gfn, span))}
         assert got_attrs == {g: ref.attr(g) for g in range(span)}
         assert runs[-1].end_gfn == 1 << 52 and runs[-1].attributes == ref.attr(span)
-        assert all(a.attributes != b.attributes for a, b in itertools.pairwise(runs)), "runs not maximal"
+        assert all((a.attributes, a.private) != (b.attributes, b.private) for a, b in itertools.pairwise(runs))
+        assert {g: r.private for r in runs for g in range(r.start_gfn, min(r.end_gfn, span))} == {
+            g: ref.is_private(g) for g in range(span)
+        }
         got_maps = {}
         for as_id in range(vm.nr_as):
             mruns, _ = vm.mapping_runs(as_id, 0, 1 << 52, 10_000)

@@ -23,6 +23,7 @@ const state = {
   poll: null,
   drawn: 0,
   hostMappings: [],  // the VM's host mappings, as GET .../host-mappings answered at the last refresh
+  hostPins: [],  // and its pins of file pages (GET .../host-pins)
 };
 
 // ------------------------------------------------------------------ the API
@@ -84,7 +85,7 @@ function summarize(result) {
 
 const num = (text) => BigInt(String(text).trim());
 // One base per meaning, as in the CLI: addresses, gfns, sizes, offsets and slot ids in hex, counts in decimal.
-const HEX_KEY = /(^|_)(gfn|gpa|hva|addr|address|size|offset|slot|start|end)$|^(userspace_addr|max_gfn)$/;
+const HEX_KEY = new RegExp(document.body.dataset.hexKeys);  // the CLI's rule (app/models/names.py)
 const hex = (n) => "0x" + BigInt(n).toString(16);
 const bigMin = (a, b) => (a < b ? a : b);
 const bigMax = (a, b) => (a > b ? a : b);
@@ -263,16 +264,21 @@ async function drawMap() {
   for (const [y, { attrs, list }] of bars) {
     for (const [x0, x1, h] of list) el("rect", { x: x0, y: y + LANE_H - h, width: Math.max(x1 - x0, 0.5), height: h, ...attrs }, g);
   }
-  for (const s of bound) {  // the host's mappings of the file, at the gfns this slot binds them to
+  for (const s of bound) {  // the host's mappings and pins of the file, at the gfns this slot binds them to
     const pg = pages(s.guest_memfd_offset);
     const toGfn = BigInt(s.base_gfn) - pg;
-    for (const m of state.hostMappings.filter((m) => m.fd === s.guest_memfd)) {
-      const lo = bigMax(pages(m.offset), pg);
-      const hi = bigMin(pages(m.offset) + pages(m.length), pg + BigInt(s.npages));
+    const spans = [
+      ...state.hostMappings.filter((m) => m.fd === s.guest_memfd)
+        .map((m) => [m.offset, m.length, 0, { class: "hostmapped", "data-mapping": m.id }]),
+      ...state.hostPins.filter((p) => p.fd === s.guest_memfd)
+        .map((p) => [p.offset, p.size, 5, { class: "pinned", "data-pin": p.id }]),
+    ];
+    for (const [offset, length, dy, attrs] of spans) {
+      const lo = bigMax(pages(offset), pg);
+      const hi = bigMin(pages(offset) + pages(length), pg + BigInt(s.npages));
       const [a, b] = clip(lo + toGfn, hi + toGfn);
       if (a >= b) continue;
-      el("rect", { x: xOf(a), y: gmemRow(s.as_id), width: Math.max(xOf(b) - xOf(a), 1), height: 4,
-        class: "hostmapped", "data-mapping": m.id }, g);
+      el("rect", { x: xOf(a), y: gmemRow(s.as_id) + dy, width: Math.max(xOf(b) - xOf(a), 1), height: 4, ...attrs }, g);
     }
   }
   for (const s of map.memslots) {
@@ -286,7 +292,7 @@ async function drawMap() {
     const binding = !gmem ? "" : s.guest_memfd === null ? ", no file" :
       `, fd ${s.guest_memfd} pgoff ${hex(pages(s.guest_memfd_offset))}`;
     // The longest label that fits (about 6.5 px a character).
-    const label = [`slot ${s.slot}${kind}${binding}`, `slot ${s.slot}${kind}`, `slot ${s.slot}`]
+    const label = [`slot ${hex(s.slot)}${kind}${binding}`, `slot ${hex(s.slot)}${kind}`, `slot ${hex(s.slot)}`]
       .find((text) => text.length * 6.5 + 8 < xOf(b) - xOf(a));
     if (label) {  // on a plate, so it reads over the slot's pattern
       const t = el("text", { x: xOf(a) + 6, y: laneY(1) + LANE_H - 9, class: "slot-label" }, g);
@@ -427,7 +433,7 @@ function hover(e) {
   hoverTimer = setTimeout(async () => {
     try {
       const info = await api("GET", `/v1/vms/${state.vm.id}/gfns/${hex(gfn)}`);
-      const slots = info.memslots.map((s) => `as${s.as_id} slot ${s.slot}${s.gmem_only ? " gmem-only" : ""}` +
+      const slots = info.memslots.map((s) => `as${s.as_id} slot ${hex(s.slot)}${s.gmem_only ? " gmem-only" : ""}` +
         (s.guest_memfd === null ? "" : `, fd ${s.guest_memfd} pgoff ${hex(s.gmem_pgoff)} ` +
           (s.gmem_allocated ? "allocated" : "not allocated"))).join("; ") || "none";
       const maps = info.mappings.map((m) => `as${m.as_id} ${m.private ? "private" : "shared"}${m.writable ? " writable" : " read-only"}`).join(", ") || "not mapped";
@@ -544,6 +550,7 @@ async function drawGmem() {
     api("GET", vmPath("/guest-memfds")), api("GET", vmPath("/host-mappings")), api("GET", vmPath("/host-pins"))]);
   const runs = await Promise.all(files.map((f) => api("GET", vmPath(`/guest-memfds/${f.fd}/pages?limit=${FILE_RUNS}`))));
   state.hostMappings = mappings;
+  state.hostPins = pins;
   $("#gmem-panel").hidden = !files.length && !mappings.length && !pins.length;
 
   const table = (id, head, rows) => {
@@ -564,7 +571,7 @@ async function drawGmem() {
   table("#gmem-files", ["fd", "size", "flags", "allocated pages", "bound to (slot: file pages)", "allocated (file pages)",
     "private (file pages)", "host mappings", ""], files.map((f, i) => {
     const flags = GMEM_FLAGS.filter(([bit]) => f.flags & bit).map(([, name]) => name).join(" | ") || "0";
-    const bindings = f.bindings.map((b) => `slot ${b.slot}: ${filePages(b.offset, BigInt(b.offset) + BigInt(b.size))}`);
+    const bindings = f.bindings.map((b) => `slot ${hex(b.slot)}: ${filePages(b.offset, BigInt(b.offset) + BigInt(b.size))}`);
     const allocated = spans(runs[i].runs, "allocated");
     const priv = spans(runs[i].runs, "private");
     if (runs[i].next_offset !== null) allocated.push("…");
