@@ -168,8 +168,7 @@ class FakeFile:
 
 
 def _not_served(f: FakeFile, call: Call) -> BridgeError:
-    name = uapi.IOCTL_NAMES.get(call.request, f"{call.request:#x}")
-    return BridgeError(errno.ENOTTY, f"ioctl {name} on {f.kind}: not served by the bridge")
+    return BridgeError(errno.ENOTTY, f"ioctl {uapi.ioctl_name(call.request)} on {f.kind}: not served by the bridge")
 
 
 class KvmFile(FakeFile):
@@ -410,8 +409,10 @@ class GmemFile(FakeFile):
 
     def ioctl(self, call: Call) -> int | NewFile:
         backend = self.device.backend
-        if call.request != uapi.KVM_SET_MEMORY_ATTRIBUTES2 or not backend.profile.gmem_in_place_conversion:
-            raise _not_served(self, call) if backend.profile.gmem_in_place_conversion else _no_ioctl(call)
+        if not backend.profile.gmem_in_place_conversion:  # kvm_gmem_fops has no unlocked_ioctl
+            raise BridgeError(errno.ENOTTY, "guest_memfd has no ioctl on a host that does not convert in place")
+        if call.request != uapi.KVM_SET_MEMORY_ATTRIBUTES2:
+            raise _not_served(self, call)
         offset, size, attributes, flags, _, *reserved = call.read(uapi.ATTRIBUTES2)
         call.fields = {"offset": offset, "size": size, "attributes": attributes, "flags": flags}
         req = KvmMemoryAttributes2.model_validate(
@@ -452,10 +453,6 @@ class GmemFile(FakeFile):
         except KvmError as e:
             raise BridgeError(e.errno_value, e.detail) from None
         return CONTINUE
-
-
-def _no_ioctl(call: Call) -> BridgeError:
-    return BridgeError(errno.ENOTTY, "guest_memfd has no unlocked_ioctl on this host profile")
 
 
 class Device:

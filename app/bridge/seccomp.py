@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import platform
+import signal
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -259,8 +260,6 @@ def install_filter() -> int:
 def die_with_parent() -> None:
     """``PR_SET_PDEATHSIG(SIGKILL)``: the program dies with the supervisor, never left to find
     every trapped call failing with ENOSYS."""
-    import signal
-
     _check(_prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0))
 
 

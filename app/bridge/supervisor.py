@@ -43,10 +43,6 @@ class Gone(Exception):
     """The trapped call went away (its thread was killed) while we served it: nothing to answer."""
 
 
-def _ioctl_name(request: int) -> str:
-    return uapi.IOCTL_NAMES.get(request, f"{request:#x}")
-
-
 def _int(value: int) -> int:
     """A syscall's ``int`` argument (fd, dirfd) from its 64-bit register."""
     value &= 0xFFFF_FFFF
@@ -258,7 +254,7 @@ class Supervisor:
         fd, request, arg = _int(n.args[0]), n.args[1] & 0xFFFF_FFFF, n.args[2]
         f = self._fake(n, fd)
         if f is None:  # a KVM ioctl on a file not ours (the real /dev/kvm, or a tty): the kernel's
-            self._answer(n, lambda: f"ioctl({fd}, {_ioctl_name(request)}, {arg:#x})", CONTINUE)
+            self._answer(n, lambda: f"ioctl({fd}, {uapi.ioctl_name(request)}, {arg:#x})", CONTINUE)
             return
         call = Call(request, arg, Thread(self, n))
         result: object
@@ -266,7 +262,7 @@ class Supervisor:
             result = f.ioctl(call)
         except BridgeError as e:
             result = e
-        self._answer(n, lambda: f"ioctl({fd} [{f.describe()}], {_ioctl_name(request)}, {call.show()})", result)
+        self._answer(n, lambda: f"ioctl({fd} [{f.describe()}], {uapi.ioctl_name(request)}, {call.show()})", result)
 
     # ------------------------------------------------------------------ open
 

@@ -66,3 +66,8 @@ IOCTL_NAMES: dict[int, str] = {
     value: name for name, value in list(globals().items()) if name.startswith("KVM_") and value >> 8 & 0xFF == KVMIO
 }
 """ioctl number -> its uapi name (for traces)."""
+
+
+def ioctl_name(request: int) -> str:
+    """The uapi name of an ioctl number, or the number in hex."""
+    return IOCTL_NAMES.get(request, f"{request:#x}")
