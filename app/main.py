@@ -124,8 +124,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.metrics = metrics
 
     problems.install(app)
-    app.include_router(system.router)
-    web.install(app)
+    fast = FastPath(app, enabled=settings.fast_path)
+    fast.include_router(system.router)
+    web.install(app, fast.include_router)
     # Hot paths first: routing tries routes in order.
     for router in (
         attributes.router,
@@ -138,7 +139,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         testing.router,
         explorer.router,
     ):
-        app.include_router(router)
+        fast.include_router(router)
 
     @app.get(
         "/metrics",
@@ -158,7 +159,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         max_body_bytes=settings.max_body_bytes,
         max_import_bytes=settings.max_import_bytes,
         api_token=settings.api_token,
-        fast_path=FastPath(app) if settings.fast_path else None,
         allowed_hosts=settings.host_names(),
         import_room=lambda: engine.budget.limit - engine.budget.used,
     )

@@ -129,7 +129,9 @@ def wrk_load(
     """(req/s, p99 seconds, errors) from wrk, pinned to CPU 1 when the machine has two."""
     entries = []
     for method, path, body in requests:
-        headers = '{["Content-Type"]="application/json"}' if body is not None else "nil"
+        # wrk.format() sends no Host of its own, and the service refuses a request without one.
+        fields = ['["Host"]="localhost"'] + (['["Content-Type"]="application/json"'] if body is not None else [])
+        headers = "{" + ", ".join(fields) + "}"
         entries.append(f"wrk.format({method!r}, {path!r}, {headers}, {json.dumps((body or b'').decode())})")
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(_WRK_SCRIPT % ", ".join(entries))

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, Path, Query, Request
+from fastapi import Depends, Path, Query, Request
 from pydantic import AfterValidator
 
 from app.core import Engine
@@ -31,13 +30,6 @@ async def get_vm(
 
 
 VmDep = Annotated[VirtualMachine, Depends(get_vm)]
-
-# The same lookups for app/api/fastpath.py, from the app and the path params, without a Request.
-# None means "let FastAPI solve it" (and name the error): an unknown VM is ENOENT there.
-FAST_DEPENDENCIES: dict[Callable[..., Any], Callable[[FastAPI, dict[str, str]], Any]] = {
-    get_engine: lambda app, params: app.state.engine,
-    get_vm: lambda app, params: app.state.engine.find(params.get("vm_id", "")),
-}
 
 
 def _below_gfn_limit(value: int) -> int:

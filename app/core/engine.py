@@ -115,7 +115,7 @@ class Engine:
         return vm
 
     def find(self, vm_id: str) -> VirtualMachine | None:
-        """The VM, or None (the HTTP hot path falls back to the slow path, which names the error)."""
+        """The VM, or None (``vm()`` raises ENOENT instead)."""
         return self._vms.get(vm_id)
 
     def vm(self, vm_id: str) -> VirtualMachine:

@@ -12,13 +12,12 @@ from typing import Annotated, Any
 from pydantic import GetCoreSchemaHandler, WithJsonSchema
 from pydantic_core import CoreSchema, core_schema
 
-from .uint import parse_uint
-
-_STRING_PATTERN = r"^([0-9]+|0[xX][0-9a-fA-F]+)$"
+from .uint import UINT_PATTERN, uint_from_text
 
 
 class _UIntCore:
-    """Core schema: a strict int in range (validated in Rust, no Python call) or a string parsed here."""
+    """Core schema: a strict int in range (validated in Rust, no Python call) or a string of the
+    documented pattern (matched in Rust) converted here."""
 
     def __init__(self, bits: int) -> None:
         self.bits = bits
@@ -29,7 +28,7 @@ class _UIntCore:
             [
                 core_schema.int_schema(strict=True, ge=0, le=(1 << bits) - 1),
                 core_schema.no_info_after_validator_function(
-                    lambda text: parse_uint(text, bits), core_schema.str_schema(strict=True)
+                    lambda text: uint_from_text(text, bits), core_schema.str_schema(strict=True, pattern=UINT_PATTERN)
                 ),
             ],
             custom_error_type=f"u{bits}",
@@ -43,7 +42,7 @@ def uint_json_schema(minimum: int, maximum: int, **annotations: str) -> WithJson
         {
             "anyOf": [
                 {"type": "integer", "minimum": minimum, "maximum": maximum},
-                {"type": "string", "pattern": _STRING_PATTERN},
+                {"type": "string", "pattern": UINT_PATTERN},
             ],
             **annotations,
         }

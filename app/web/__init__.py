@@ -6,6 +6,7 @@ so nothing is fetched from outside the service.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
@@ -34,7 +35,7 @@ async def ui(request: Request) -> HTMLResponse:
     )
 
 
-def install(app: FastAPI) -> None:
-    """Mount the page and its static files."""
-    app.include_router(router)
+def install(app: FastAPI, include: Callable[[APIRouter], None]) -> None:
+    """Mount the page (through ``include``, the app's router inclusion) and its static files."""
+    include(router)
     app.mount("/ui/static", StaticFiles(directory=HERE / "static"), name="ui-static")

@@ -17,14 +17,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi import routing as fastapi_routing
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.deps import get_engine
-from app.api.fastpath import FastPath
+from app.api.deps import VmDep, get_engine
+from app.api.fastpath import FastPath, FastRoute
 from app.core import Engine
+from app.core.vm import VirtualMachine
 from app.main import create_app
+from app.models.kvm import KvmEncRegion
 from app.models.vm import VmCreate
 from app.settings import Settings
 from harness.live import ROOT
@@ -50,14 +55,31 @@ def twins() -> Iterator[tuple[TestClient, TestClient]]:
         yield fast, slow
 
 
-_ROUTES = FastPath(create_app(Settings())).compiled
-COMPILED = sorted((m, r.path) for r in _ROUTES for m in r.methods or ())
+@pytest.fixture
+def solves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many times FastAPI solved a request's dependencies: once a request it answers itself."""
+    count = [0]
+    solve = fastapi_routing.solve_dependencies
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        count[0] += 1
+        return await solve(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi_routing, "solve_dependencies", counting)
+    return count
+
+
+_APP = create_app(Settings())
+COMPILED = sorted((m, r.path) for r in _APP.router.routes if isinstance(r, FastRoute) for m in r.api_methods)
+
+
+def _examples(method: str, path: str) -> list[Any]:
+    body = _APP.openapi()["paths"][path][method.lower()].get("requestBody", {})
+    return [e["value"] for e in body.get("content", {}).get("application/json", {}).get("examples", {}).values()]
+
+
 # Swagger UI's request examples: valid bodies, so that generated calls reach the engine too.
-EXAMPLES = {
-    r.path: [e["value"] for e in (r.body_field.field_info.openapi_examples or {}).values()]
-    for r in _ROUTES
-    if r.body_field is not None and getattr(r.body_field.field_info, "openapi_examples", None)
-}
+EXAMPLES = {path: _examples(method, path) for method, path in COMPILED if _examples(method, path)}
 
 
 def test_the_hot_routes_are_compiled() -> None:
@@ -65,17 +87,8 @@ def test_the_hot_routes_are_compiled() -> None:
 
 
 def test_a_conversion_skips_dependency_solving_and_a_bad_body_falls_back(
-    twins: tuple[TestClient, TestClient], monkeypatch: pytest.MonkeyPatch
+    twins: tuple[TestClient, TestClient], solves: list[int]
 ) -> None:
-    calls = 0
-    solve = fastapi_routing.solve_dependencies
-
-    async def counting(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return await solve(*args, **kwargs)
-
-    monkeypatch.setattr(fastapi_routing, "solve_dependencies", counting)
     fast = twins[0]
     for client in twins:
         vm = client.post("/v1/vms", json={"type": "sw_protected", "semantics": "rfc-v9"}).json()["id"]
@@ -83,17 +96,17 @@ def test_a_conversion_skips_dependency_solving_and_a_bad_body_falls_back(
             f"/v1/vms/{vm}/memslots/0",
             json={"guest_phys_addr": 0, "memory_size": "0x200000", "userspace_addr": "0x7f0000000000"},
         )
-        calls = 0
+        solves[0] = 0
         r = client.post(f"/v1/vms/{vm}/memory-encrypt/unreg-region", json={"addr": "0x0", "size": "0x1000"})
         assert r.status_code == 200, r.text
-        assert calls == (0 if client is fast else 1)
-        calls = 0
+        assert solves[0] == (0 if client is fast else 1)
+        solves[0] = 0
         r = client.post(f"/v1/vms/{vm}/memory-encrypt/unreg-region", json={"addr": "0x0"})
-        assert r.status_code == 422 and calls == 1  # FastAPI's own error document
+        assert r.status_code == 422 and solves[0] == 1  # FastAPI's own error document
         assert r.json()["errors"][0]["loc"] == ["body", "size"]
-        calls = 0
+        solves[0] = 0
         assert client.get("/healthz").status_code == 200
-        assert calls == (0 if client is fast else 1)
+        assert solves[0] == (0 if client is fast else 1)
 
 
 def test_engine_errors_on_the_fast_path_are_the_same_problem(twins: tuple[TestClient, TestClient]) -> None:
@@ -119,6 +132,123 @@ def test_dependency_overrides_still_apply() -> None:
         assert [v["id"] for v in client.get("/v1/vms").json()["vms"]] == [vm.id]
         assert client.get(f"/v1/vms/{vm.id}").status_code == 200  # a VM route too (it was a 404)
         assert client.get(f"/v1/vms/{vm.id}/memory-attributes").status_code == 200
+
+
+def test_an_http_exception_on_the_fast_path_goes_through_the_apps_handlers(
+    twins: tuple[TestClient, TestClient], monkeypatch: pytest.MonkeyPatch, solves: list[int]
+) -> None:
+    """It was a 500 text/plain without a request id: the fast path caught only engine errors."""
+
+    def busy(vm: VirtualMachine, region: KvmEncRegion) -> None:
+        raise HTTPException(409, "the region is busy", headers={"Retry-After": "1"})
+
+    monkeypatch.setattr(VirtualMachine, "memory_encrypt_reg_region", busy)
+    answers = []
+    for client in twins:
+        vm = client.post("/v1/vms", json={"semantics": "rfc-v9"}).json()["id"]
+        solves[0] = 0
+        r = client.post(f"/v1/vms/{vm}/memory-encrypt/reg-region", json={"addr": "0x0", "size": "0x1000"})
+        assert (r.status_code, r.headers["content-type"]) == (409, "application/problem+json"), r.text
+        assert re.fullmatch(r"[0-9a-f]{16}", r.headers["x-request-id"]) and r.headers["retry-after"] == "1"
+        answers.append((_normal(r, vm), solves[0]))
+    assert answers[0][0] == answers[1][0]
+    assert answers[0][0][2]["detail"] == "the region is busy"
+    assert [calls for _, calls in answers] == [0, 1]  # the fast path took it
+
+
+class _Spy:
+    """A middleware that notes every request it sees."""
+
+    def __init__(self, app: ASGIApp, seen: list[str]) -> None:
+        self.app, self.seen = app, seen
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.seen.append(f"{scope['method']} {scope['path']}")
+        await self.app(scope, receive, send)
+
+
+def test_a_middleware_inside_the_service_middleware_sees_hot_requests(solves: list[int]) -> None:
+    """The fast path answered from inside ServiceMiddleware: a middleware added before it (so
+    inside it: add_middleware puts each new one outside the others) never saw those requests."""
+    app = create_app(Settings(log_level="warning"))
+    seen: list[str] = []
+    app.user_middleware.append(Middleware(_Spy, seen=seen))
+    with TestClient(app) as client:
+        vm = client.post("/v1/vms", json={"semantics": "rfc-v9"}).json()["id"]
+        solves[0] = 0
+        assert client.get("/healthz").status_code == 200
+        r = client.post(f"/v1/vms/{vm}/memory-encrypt/unreg-region", json={"addr": "0x0", "size": "0x1000"})
+        assert r.status_code == 200, r.text
+        assert solves[0] == 0  # both on the fast path
+    assert seen[-2:] == ["GET /healthz", f"POST /v1/vms/{vm}/memory-encrypt/unreg-region"]
+
+
+def _echo_router() -> APIRouter:
+    router = APIRouter(prefix="/vms/{vm_id}")
+
+    @router.post("/echo")
+    async def echo(request: Request, vm: VmDep, region: KvmEncRegion) -> Response:
+        return Response(f"{vm.id} {region.size} {request.url.path}")
+
+    return router
+
+
+def test_a_router_included_with_a_prefix_answers_under_it(solves: list[int]) -> None:
+    """FastAPI's own include_router(prefix=...) on an app create_app built, and FastPath's, with a
+    fast twin; the old fast path refused to build an app that had one."""
+    app = create_app(Settings(log_level="warning"))
+    app.include_router(_echo_router(), prefix="/v2")
+    FastPath(app).include_router(_echo_router(), prefix="/v3")
+    assert any(isinstance(r, FastRoute) and r.path == "/v3/vms/{vm_id}/echo" for r in app.router.routes)
+    with TestClient(app) as client:
+        vm = client.post("/v1/vms", json={"semantics": "rfc-v9"}).json()["id"]
+        for prefix, fast in (("/v2", False), ("/v3", True)):
+            solves[0] = 0
+            r = client.post(f"{prefix}/vms/{vm}/echo", json={"addr": "0x0", "size": "0x1000"})
+            assert (r.status_code, r.text) == (200, f"{vm} 4096 {prefix}/vms/{vm}/echo")
+            assert solves[0] == (0 if fast else 1)
+            r = client.post(f"{prefix}/vms/{vm}/echo", json={"addr": "0x0"})  # FastAPI's own error
+            assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["body", "size"]
+            r = client.post(f"{prefix}/vms/{'0' * 32}/echo", json={"addr": "0x0", "size": "0x1000"})
+            assert r.status_code == 404 and r.json()["instance"] == f"{prefix}/vms/{'0' * 32}/echo"
+
+
+def test_a_head_request_and_a_root_path_are_answered_as_fastapi_answers(solves: list[int]) -> None:
+    """HEAD is no method of a GET route in FastAPI (Starlette adds it); a root_path (a proxy's
+    prefix) is routed past, as FastAPI routes it."""
+
+    def under_a_proxy(app: ASGIApp) -> ASGIApp:
+        async def proxied(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http":
+                scope = {**scope, "root_path": "/api", "path": "/api" + scope["path"]}
+            await app(scope, receive, send)
+
+        return proxied
+
+    answers = []
+    for fast in (True, False):
+        with TestClient(under_a_proxy(create_app(Settings(log_level="warning", fast_path=fast)))) as client:
+            vm = client.post("/v1/vms", json={"semantics": "linux"}).json()["id"]
+            solves[0] = 0
+            runs = client.get(f"/v1/vms/{vm}/memory-attributes?limit=2")
+            assert solves[0] == (0 if fast else 1)  # the fast path takes it under the proxy's prefix too
+            calls = [
+                client.head("/healthz"),
+                client.head(f"/v1/vms/{vm}/memory-attributes"),
+                runs,
+                client.put(f"/v1/vms/{vm}/memory-attributes", json={"address": "0x0", "size": "0x1000"}),
+                client.get(f"/v1/vms/{vm}/gfns/zz"),
+            ]
+            answers.append(
+                [
+                    (r.status_code, r.headers.get("content-type"), r.headers.get("allow"), r.text.replace(vm, "{vm}"))
+                    for r in calls
+                ]
+            )
+    assert answers[0] == answers[1]
+    assert [a[0] for a in answers[0]] == [405, 405, 200, 422, 422]
+    assert '"runs":[' in answers[0][2][3]  # the proxy's prefix was routed past
 
 
 def test_a_repeated_content_type_is_read_as_fastapi_reads_it(twins: tuple[TestClient, TestClient]) -> None:
