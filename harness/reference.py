@@ -112,6 +112,12 @@ class RefVM:
         return KERNELS.index(self.kernel) >= KERNELS.index("7.3")
 
     @property
+    def debian_6_12(self) -> bool:
+        """6.12.118: guest_memfd slots only with private memory, a u64 binding end, the in-file
+        overlap found last (after max_gfn) and EEXIST."""
+        return self.linux and self.kernel == "6.12"
+
+    @property
     def linux(self) -> bool:
         return self.semantics is Semantics.linux
 
@@ -294,7 +300,9 @@ class RefVM:
             self.caps.KVM_CAP_READONLY_MEM and self.vm_type not in (VmType.sev_es, VmType.snp, VmType.tdx)
         ):
             allowed |= READONLY
-        if (self.linux and self.caps.KVM_CAP_GUEST_MEMFD) or (not self.linux and self.private_mem):
+        if (self.linux and self.caps.KVM_CAP_GUEST_MEMFD and (self.private_mem or not self.debian_6_12)) or (
+            not self.linux and self.private_mem
+        ):
             allowed |= GMEM
         if flags & GMEM:
             allowed &= ~(LOG_DIRTY | READONLY)
@@ -335,14 +343,19 @@ class RefVM:
                     raise EBADF("fd")
                 gfile = self.gmem[fd]
                 binds: dict[int, tuple[int, int]] = gfile["bindings"]
-                end = off + size  # loff_t: past 2^63 it is negative and passes the check
-                if off >= 2**63 or (end < 2**63 and end > gfile["size"]):
+                end = off + size  # loff_t: past 2^63 it is negative and passes the check (6.12: u64)
+                if self.debian_6_12:
+                    if end > gfile["size"]:
+                        raise EINVAL("gmem size")
+                elif off >= 2**63 or (end < 2**63 and end > gfile["size"]):
                     raise EINVAL("gmem size")
-                for o, s in binds.values():
-                    if off < o + s and o < off + size:
-                        raise (EEXIST if self.linux and self.since_7_3 else EINVAL)("bound")
+                overlap = any(off < o + s and o < off + size for o, s in binds.values())
+                if overlap and not self.debian_6_12:
+                    raise (EEXIST if self.linux and self.since_7_3 else EINVAL)("bound")
             if base + npages - 1 > self.max_gfn:
                 raise EINVAL("max_gfn")
+            if flags & GMEM and overlap and self.debian_6_12:
+                raise EEXIST("bound")
         if change == "none":
             return {"change": "none", "pages_zapped": 0}
         if self.notifiers:

@@ -53,6 +53,11 @@ def _main(argv: Sequence[str] | None) -> int:
         from app.hostkvm.report import host_profile
 
         return host_profile(args.json, out.console, args.device)
+    if getattr(args, "bridge", False):
+        from app.bridge.command import exec_command
+        from app.cli.args import profile_arg
+
+        return exec_command(args, profile_arg(args.profile))
     if getattr(args, "demo", False):
         from app.demo import run_demo
 

@@ -127,6 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
     hp.set_defaults(host_profile=True)
     cmd("profiles", "list the host profiles a VM can behave as", lambda c, a: ops.list_host_profiles())
 
+    help_ = "run PROGRAM with /dev/kvm served by the engine: in process, or the --url service's"
+    x = cmd("exec", help_, None)
+    x.description = (
+        f"{help_}. Its KVM ioctls (VMs, memslots, guest_memfd, attributes, prefault) are answered as"
+        " the profile's host would; no guest code runs (KVM_RUN fails with EOPNOTSUPP). Its exit status"
+        " is the program's. Needs Linux 5.9+ on x86-64 (seccomp user notification)."
+    )
+    x.add_argument(
+        "--profile", help="host to behave as: a name (kvm-memattr profiles) or a file from host-profile --json"
+    )
+    x.add_argument("--trace", action="store_true", help="log every trapped call and its answer to stderr")
+    x.add_argument(
+        "program", nargs=argparse.REMAINDER, metavar="-- PROGRAM [ARGS...]", help="the program and its arguments"
+    )
+    x.set_defaults(bridge=True)
+
     cmd("health", "GET /healthz", lambda c, a: ops.healthz())
     caps = cmd(
         "caps",

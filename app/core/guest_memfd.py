@@ -84,16 +84,24 @@ def check_bind(kvm: Kvm, fds: Mapping[int, GuestMemfdFile], fd: int | None, offs
         if 0 <= fd < FIRST_FD:  # fget() finds it, but its f_op is not kvm_gmem_fops
             raise EINVAL(f"fd {fd} is open (stdio) but not a guest_memfd")
         raise EBADF(f"guest_memfd {fd} is not an open guest_memfd of this VM")
-    # The kernel compares in loff_t: an offset of 2^63 or more is negative, and an offset + size
-    # that passes 2^63 overflows to a negative value that passes the check (a real 6.18 host
-    # accepts such a binding; verify-host found it).
-    if _loff(offset) < 0 or _loff(offset + size) > gmem.size:
+    # 6.18 compares in loff_t: an offset of 2^63 or more is negative, and an offset + size that
+    # passes 2^63 overflows to a negative value that passes the check (a real 6.18 host accepts
+    # such a binding; verify-host found it). 6.12.118's kvm_gmem_prepare_memory_region(): u64.
+    split = kvm.linux and kvm.host.gmem_bind_split
+    start, end = (offset, offset + size) if split else (_loff(offset), _loff(offset + size))
+    if start < 0 or end > gmem.size:
         raise EINVAL(f"guest_memfd_offset + memory_size beyond the file ({gmem.size:#x} bytes)")
-    if gmem.bind_conflict(offset, size):
-        # 7.2's "KVM: guest_memfd: Return -EEXIST for overlapping bindings" (7ea987a90585).
-        errno = EEXIST if kvm.linux and kvm.host.at_least("7.3") else EINVAL
-        raise errno("range of the guest_memfd already bound to another slot")
+    if not split:  # else last of all (memslots.plan_set_memory_region())
+        check_bind_overlap(kvm, gmem, offset, size)
     return gmem
+
+
+def check_bind_overlap(kvm: Kvm, gmem: GuestMemfdFile, offset: int, size: int) -> None:
+    """No other binding of the file overlaps ``[offset, offset + size)``. 6.12.118 checks it in
+    ``kvm_gmem_commit_memory_region()``, after ``kvm_arch_prepare_memory_region()``."""
+    if gmem.bind_conflict(offset, size):
+        errno = EEXIST if kvm.linux and kvm.host.gmem_binding_overlap_eexist else EINVAL
+        raise errno("range of the guest_memfd already bound to another slot")
 
 
 def _loff(value: int) -> int:

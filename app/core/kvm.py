@@ -406,8 +406,10 @@ class Kvm:
 
     @property
     def gmem_slots(self) -> bool:
-        """Whether ``KVM_MEM_GUEST_MEMFD`` is a valid memslot flag (rfc-v9: restrictedmem, private VMs only)."""
-        return self.has_guest_memfd and (self.linux or self.has_private_mem)
+        """Whether ``KVM_MEM_GUEST_MEMFD`` is a valid memslot flag (rfc-v9: restrictedmem, and 6.12's
+        ``check_memory_region_flags()``: private VMs only)."""
+        any_vm = self.linux and self.host.at_least("6.18")
+        return self.has_guest_memfd and (any_vm or self.has_private_mem)
 
     @property
     def sev_guest(self) -> bool:

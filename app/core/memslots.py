@@ -120,6 +120,8 @@ def plan_set_memory_region(
     max_gfn = kvm.host.max_gfn
     if base_gfn + npages - 1 > max_gfn:
         raise EINVAL(f"last gfn {base_gfn + npages - 1:#x} > max_gfn {max_gfn:#x}")
+    if gmem is not None and kvm.linux and kvm.host.gmem_bind_split:  # kvm_gmem_commit_memory_region()
+        guest_memfd.check_bind_overlap(kvm, gmem, req.guest_memfd_offset, size)
     return MemslotPlan(change, old, new, gmem)
 
 

@@ -10,25 +10,19 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import struct
 from types import TracebackType
 from typing import Self
 
-KVMIO = 0xAE
-_IOC_WRITE, _IOC_READ = 1, 2
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (KVMIO << 8) | nr
-
-
-KVM_GET_API_VERSION = _ioc(0, 0x00, 0)
-KVM_CREATE_VM = _ioc(0, 0x01, 0)
-KVM_CHECK_EXTENSION = _ioc(0, 0x03, 0)
-KVM_SET_USER_MEMORY_REGION = _ioc(_IOC_WRITE, 0x46, 32)
-KVM_SET_USER_MEMORY_REGION2 = _ioc(_IOC_WRITE, 0x49, 160)
-KVM_SET_MEMORY_ATTRIBUTES = _ioc(_IOC_WRITE, 0xD2, 32)
-KVM_CREATE_GUEST_MEMFD = _ioc(_IOC_WRITE | _IOC_READ, 0xD4, 64)
+from app.models import uapi
+from app.models.uapi import (
+    KVM_CHECK_EXTENSION,
+    KVM_CREATE_GUEST_MEMFD,
+    KVM_CREATE_VM,
+    KVM_GET_API_VERSION,
+    KVM_SET_MEMORY_ATTRIBUTES,
+    KVM_SET_USER_MEMORY_REGION,
+    KVM_SET_USER_MEMORY_REGION2,
+)
 
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_READONLY_MEM = 81
@@ -38,12 +32,6 @@ KVM_CAP_MEMORY_ATTRIBUTES = 233
 KVM_CAP_GUEST_MEMFD = 234
 KVM_CAP_VM_TYPES = 235
 KVM_CAP_GUEST_MEMFD_FLAGS = 244
-
-_REGION = struct.Struct("=IIQQQ")  # struct kvm_userspace_memory_region: 32 bytes
-_REGION2 = struct.Struct("=IIQQQQII112x")  # struct kvm_userspace_memory_region2: 160 bytes
-_ATTRIBUTES = struct.Struct("=QQQQ")  # struct kvm_memory_attributes: 32 bytes
-_GMEM = struct.Struct("=QQ48x")  # struct kvm_create_guest_memfd: 64 bytes
-assert (_REGION.size, _REGION2.size, _ATTRIBUTES.size, _GMEM.size) == (32, 160, 32, 64)
 
 
 class HostKvmError(OSError):
@@ -108,22 +96,22 @@ class VmFd:
 
     def set_user_memory_region(self, slot: int, flags: int, gpa: int, size: int, hva: int) -> None:
         """``KVM_SET_USER_MEMORY_REGION``."""
-        _ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, _REGION.pack(slot, flags, gpa, size, hva))
+        _ioctl(self.fd, KVM_SET_USER_MEMORY_REGION, uapi.REGION.pack(slot, flags, gpa, size, hva))
 
     def set_user_memory_region2(
         self, slot: int, flags: int, gpa: int, size: int, hva: int, guest_memfd: int = 0, offset: int = 0
     ) -> None:
         """``KVM_SET_USER_MEMORY_REGION2``."""
-        arg = _REGION2.pack(slot, flags, gpa, size, hva, offset, guest_memfd, 0)
+        arg = uapi.REGION2.pack(slot, flags, gpa, size, hva, offset, guest_memfd, 0)
         _ioctl(self.fd, KVM_SET_USER_MEMORY_REGION2, arg)
 
     def set_memory_attributes(self, address: int, size: int, attributes: int, flags: int = 0) -> None:
         """``KVM_SET_MEMORY_ATTRIBUTES``."""
-        _ioctl(self.fd, KVM_SET_MEMORY_ATTRIBUTES, _ATTRIBUTES.pack(address, size, attributes, flags))
+        _ioctl(self.fd, KVM_SET_MEMORY_ATTRIBUTES, uapi.ATTRIBUTES.pack(address, size, attributes, flags))
 
     def create_guest_memfd(self, size: int, flags: int = 0) -> int:
         """``KVM_CREATE_GUEST_MEMFD``: the new file's fd."""
-        return _ioctl(self.fd, KVM_CREATE_GUEST_MEMFD, _GMEM.pack(size, flags))
+        return _ioctl(self.fd, KVM_CREATE_GUEST_MEMFD, uapi.CREATE_GUEST_MEMFD.pack(size, flags, *[0] * 6))
 
     def close(self) -> None:
         os.close(self.fd)

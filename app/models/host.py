@@ -48,10 +48,17 @@ CAP_NUMBERS: dict[str, int] = {
 }
 """The capabilities a profile records, by uapi name (``include/uapi/linux/kvm.h``)."""
 
-Kernel = Literal["6.18", "7.3", "7.4"]
-KERNELS: tuple[Kernel, ...] = ("6.18", "7.3", "7.4")
+Kernel = Literal["6.12", "6.18", "7.3", "7.4"]
+KERNELS: tuple[Kernel, ...] = ("6.12", "6.18", "7.3", "7.4")
 """Kernel versions whose ``linux`` behaviour the engine models, oldest first. What differs:
-7.2 made an overlapping guest_memfd binding ``EEXIST`` (7ea987a90585, not backported to stable);
+6.12 is Debian's 6.12.118 (``linux-source-6.12``, whose KVM selftests run under ``kvm-memattr
+exec``): guest_memfd takes no flags and binds only into VMs with private memory
+(``check_memory_region_flags()``), a binding's offset + size is compared unsigned (stable 6.12.114,
+"Treat memslot binding offset+size as unsigned values"), and a binding that overlaps another in
+the file is ``EEXIST`` (stable 6.12.118, "Split bind() into prepare()+commit() phases":
+``kvm_gmem_commit_memory_region()``, after the arch checks) where the 6.18.44 host measured
+answered ``EINVAL``;
+7.2 made an overlapping guest_memfd binding ``EEXIST`` (7ea987a90585);
 7.3 stopped reserving xarray entries for to-shared conversions (119e9db233ad), so those can no
 longer fail with ``ENOMEM``; 7.4 (queued in linux-next, not yet released) can move private/shared
 into guest_memfd (``gmem_in_place_conversion``); without that parameter it behaves as 7.3."""
@@ -158,6 +165,19 @@ class HostProfile(BaseModel):
         return KERNELS.index(self.kernel) >= KERNELS.index(kernel)
 
     @property
+    def gmem_bind_split(self) -> bool:
+        """6.12.118's ``kvm_gmem_bind()`` split in two: ``kvm_gmem_prepare_memory_region()``
+        compares offset + size in u64 (6.12.114), ``kvm_gmem_commit_memory_region()`` finds an
+        overlap in the file last, after the arch checks, and fails with ``EEXIST``."""
+        return self.kernel == "6.12"
+
+    @property
+    def gmem_binding_overlap_eexist(self) -> bool:
+        """Whether a guest_memfd binding that overlaps another in the file fails with ``EEXIST``
+        (6.12.118, 7.2's 7ea987a90585), not ``EINVAL`` (6.18)."""
+        return self.gmem_bind_split or self.at_least("7.3")
+
+    @property
     def address_spaces(self) -> int:
         """``KVM_MAX_NR_ADDRESS_SPACES``: 2 with SMM, else 1 (and the capability is absent)."""
         return max(1, self.caps.KVM_CAP_MULTI_ADDRESS_SPACE)
@@ -199,6 +219,16 @@ _MAX_GFN_46_BITS = (1 << (46 - 12)) - 1
 PROFILES: dict[str, HostProfile] = {
     p.name: p
     for p in (
+        _profile(
+            "linux-6.12",
+            "Linux 6.12 as Debian's 6.12.118 on x86 with everything built in (KVM_SW_PROTECTED_VM too, which "
+            "Debian's config leaves out): SMM, the VM types of 6.12 (no TDX), memory attributes, guest_memfd "
+            "without flags (no MMAP, no INIT_SHARED, no KVM_CAP_GUEST_MEMFD_FLAGS) and only for VMs with private "
+            "memory, TDP (prefault); an overlapping guest_memfd binding is EEXIST (stable 6.12.118).",
+            kernel="6.12",
+            KVM_CAP_VM_TYPES=sum(1 << t.value_code for t in VmType if t is not VmType.tdx),
+            KVM_CAP_GUEST_MEMFD_FLAGS=0,
+        ),
         _profile(
             "linux-6.18",
             "Linux 6.18 on x86 with everything built in: SMM (two address spaces), all six VM types "
