@@ -490,10 +490,22 @@ class RefVM:
                 pages.add(p)
                 new += 1
             return new, 0, False, 0
+        hits, zapped = self._invalidate_file(f, range(first, stop), self._kind(f))
+        freed = {p for p in pages if first <= p < stop}
+        pages -= freed
+        for pid, (s, n) in f["pins"].items():  # the pinned folios leave the file with the pages
+            f["detached"].setdefault(pid, set()).update(range(max(s, first), min(s + n, stop)))
+        if hits:
+            self.end()
+        return 0, len(freed), hits, zapped
+
+    def _invalidate_file(self, f: dict[str, Any], pages: range, kind: str) -> tuple[bool, int]:
+        """Begin (if a binding holds any of ``pages``), then range_add and unmap ``kind`` per
+        binding, one flush: (whether it began, pages zapped). The caller ends it."""
         hits = []
         for raw, (o, sz) in sorted(f["bindings"].items()):
             slot = self.slots[(raw >> 16, raw & 0xFFFF)]
-            lo, hi = max(o // PAGE, first), min((o + sz) // PAGE, stop)
+            lo, hi = max(o // PAGE, pages.start), min((o + sz) // PAGE, pages.stop)
             if lo < hi:
                 hits.append((slot, range(slot.base + lo - o // PAGE, slot.base + hi - o // PAGE)))
         zapped = 0
@@ -501,15 +513,9 @@ class RefVM:
             self.begin()
             for slot, gfns in hits:
                 self.add(gfns.start, gfns.stop)
-                zapped += self.unmap(slot.as_id, gfns, self._kind(f))
+                zapped += self.unmap(slot.as_id, gfns, kind)
             self.flush(zapped)
-        freed = {p for p in pages if first <= p < stop}
-        pages -= freed
-        for pid, (s, n) in f["pins"].items():  # the pinned folios leave the file with the pages
-            f["detached"].setdefault(pid, set()).update(range(max(s, first), min(s + n, stop)))
-        if hits:
-            self.end()
-        return 0, len(freed), bool(hits), zapped
+        return bool(hits), zapped
 
     def mmap(self, fd: int, offset: int, length: int, shared: bool) -> int:
         f = self.gmem.get(fd)
@@ -601,25 +607,13 @@ class RefVM:
                 held = (s <= p < s + n and p not in f["detached"].get(pid, ()) for pid, (s, n) in f["pins"].items())
                 if p in f["pages"] and any(held):
                     raise EAGAIN(str(p * PAGE))
-        hits = []
-        for raw, (o, sz) in sorted(f["bindings"].items()):
-            slot = self.slots[(raw >> 16, raw & 0xFFFF)]
-            lo, hi = max(o // PAGE, span.start), min((o + sz) // PAGE, span.stop)
-            if lo < hi:
-                hits.append((slot, range(slot.base + lo - o // PAGE, slot.base + hi - o // PAGE)))
-        zapped = 0
-        if hits:
-            self.begin()
-            for slot, gfns in hits:
-                self.add(gfns.start, gfns.stop)
-                zapped += self.unmap(slot.as_id, gfns, "shared" if private else "private")
-            self.flush(zapped)
+        hits, zapped = self._invalidate_file(f, span, "shared" if private else "private")
         for p in span:
             f["private"][p] = private
         if hits:
             self.end()
         self.stats["attribute_updates"] += 1
-        return False, bool(hits), zapped
+        return False, hits, zapped
 
     # -- faults
     def fault(self, as_id: int, gpa: int, write: bool, private: bool | None, mmu_seq: int | None) -> str:
