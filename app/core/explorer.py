@@ -9,6 +9,7 @@ conversion has at most a few dozen steps and a fault three, so a run stays small
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -101,8 +102,9 @@ class _Run:
         self.before = sc.initial()
         attributes = kvm.attributes if gmem.attributes is None else gmem.attributes
         base = self.start if gmem.attributes is None else 0
-        for offset, private in enumerate(self.before):
-            attributes.assign(base + offset, base + offset + 1, PRIVATE if private else 0)
+        runs = _runs(self.before)  # one assign per run: a scratch VM per schedule must be cheap
+        for lo, hi, private in runs:
+            attributes.assign(base + lo, base + hi, PRIVATE if private else 0)
         for pin, offset in enumerate(sc.pinned or (), start=1):  # what pin_user_pages() leaves
             gmem.allocate(offset, offset + 1)
             gmem.pins[pin], kvm.host_pins[pin] = (offset, 1), gmem
@@ -111,8 +113,8 @@ class _Run:
         if variant.punch is not None:
             # A bound, mapped range: each page allocated and mapped as its attribute says.
             gmem.allocate(0, sc.npages)
-            for offset, private in enumerate(self.before):
-                kvm.mmu.set(0, self.start + offset, self.start + offset + 1, spte(private, True))
+            for lo, hi, private in runs:
+                kvm.mmu.set(0, self.start + lo, self.start + hi, spte(private, True))
             punch = guest_memfd.PunchHole(kvm, gmem, 0, sc.npages << PAGE_SHIFT)
             steps = punch.steps(free_first=variant.punch.free_first, seq_bump=variant.punch.seq_bump)
             other: Literal["conversion", "punch_hole"] = "punch_hole"
@@ -236,6 +238,17 @@ class _Run:
                         f"gfn {gfn:#x} is mapped {_kind(spte_private(v))} but its attribute is {_kind(private)}"
                     )
         return None
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int, bool]]:
+    """``(first, end, value)`` of each run of equal values."""
+    out: list[tuple[int, int, bool]] = []
+    at = 0
+    for value, group in itertools.groupby(flags):
+        n = len(list(group))
+        out.append((at, at + n, value))
+        at += n
+    return out
 
 
 def _kind(private: bool) -> str:
