@@ -180,7 +180,8 @@ function drawMmu(mmu) {
   for (const [k, v] of rows) {
     const tr = table.insertRow();
     tr.dataset.key = k;
-    tr.insertCell().textContent = k;
+    // A kernel name breaks only after an underscore (was: "mmu_invalida te_seq" in a narrow panel).
+    tr.insertCell().textContent = k.replaceAll("_", "_\u200b");
     tr.insertCell().textContent = String(v);
   }
 }
