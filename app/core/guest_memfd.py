@@ -7,7 +7,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from app.core.errors import EBADF, EEXIST, EFAULT, EFBIG, EINVAL, ENODEV, ENOENT, ENOMEM, ENOTTY, EOPNOTSUPP, EOVERFLOW
+from app.core.errors import (
+    EBADF,
+    EEXIST,
+    EFAULT,
+    EFBIG,
+    EINVAL,
+    ENODEV,
+    ENOENT,
+    ENOMEM,
+    ENOTTY,
+    EOPNOTSUPP,
+    EOVERFLOW,
+    KvmError,
+)
 from app.core.gfn_range import (
     GfnRange,
     gmem_ranges,
@@ -74,16 +87,23 @@ def create(kvm: Kvm, size: int, flags: int) -> GuestMemfdFile:
     return gmem
 
 
+def fdget(fds: Mapping[int, GuestMemfdFile], fd: int, stdio: type[KvmError] = EBADF) -> GuestMemfdFile:
+    """The open guest_memfd ``fd`` names in ``fds``: EBADF for any other fd, except an open stdio
+    one (0 to 2), which is a file but not a guest_memfd: ``stdio`` says what the call answers then."""
+    gmem = fds.get(fd)
+    if gmem is None:
+        if 0 <= fd < FIRST_FD:
+            raise stdio(f"fd {fd} is open (stdio) but not a guest_memfd")
+        raise EBADF(f"fd {fd} is not an open guest_memfd of this VM")
+    return gmem
+
+
 def check_bind(kvm: Kvm, fds: Mapping[int, GuestMemfdFile], fd: int | None, offset: int, size: int) -> GuestMemfdFile:
     """``kvm_gmem_bind()``'s checks: the file ``fd`` names in ``fds``, and a range of it that is
     inside the file and bound to no other slot. Changes nothing."""
     if fd is None:
         raise EBADF("KVM_MEM_GUEST_MEMFD needs a guest_memfd fd (none given)")
-    gmem = fds.get(fd)
-    if gmem is None:
-        if 0 <= fd < FIRST_FD:  # fget() finds it, but its f_op is not kvm_gmem_fops
-            raise EINVAL(f"fd {fd} is open (stdio) but not a guest_memfd")
-        raise EBADF(f"guest_memfd {fd} is not an open guest_memfd of this VM")
+    gmem = fdget(fds, fd, stdio=EINVAL)  # fget() finds stdio, but its f_op is not kvm_gmem_fops
     # 6.18 compares in loff_t: an offset of 2^63 or more is negative, and an offset + size that
     # passes 2^63 overflows to a negative value that passes the check (a real 6.18 host accepts
     # such a binding; verify-host found it). 6.12.118's kvm_gmem_prepare_memory_region(): u64.
@@ -214,9 +234,7 @@ def _release(kvm: Kvm, gmem: GuestMemfdFile) -> Release:
 
 def mmap(kvm: Kvm, fd: int, offset: int, length: int, shared: bool) -> HostMapping:
     """``mmap()`` of the file by the host process."""
-    gmem = kvm.gmem_files.get(fd)
-    if gmem is None:
-        raise EBADF(f"fd {fd} is not an open guest_memfd of this VM")
+    gmem = fdget(kvm.gmem_files, fd)
     npages = check_mmap(gmem, offset, length, shared)
     kvm.take("a host mapping")
     m = HostMapping(kvm.next_mapping_id, gmem, offset >> PAGE_SHIFT, npages)
@@ -351,9 +369,7 @@ def _signal(signal: str, page: int, reason: str, pinning: bool) -> EFAULT:
 
 def check_fallocate(kvm: Kvm, fd: int, mode: int, offset: int, length: int) -> GuestMemfdFile:
     """``vfs_fallocate()`` then ``kvm_gmem_fallocate()``'s checks, in the kernel's order."""
-    gmem = kvm.gmem_files.get(fd)
-    if gmem is None:
-        raise EBADF(f"fd {fd} is not an open guest_memfd of this VM")
+    gmem = fdget(kvm.gmem_files, fd)
     off, ln = _loff(offset), _loff(length)
     if off < 0 or ln <= 0:
         raise EINVAL("fallocate offset must be >= 0 and len > 0 (both loff_t)")

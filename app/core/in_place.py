@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.core.errors import EAGAIN, EBADF, EINVAL, ENOMEM, ENOTTY
+from app.core.errors import EAGAIN, EINVAL, ENOMEM, ENOTTY
 from app.core.gfn_range import handle_gfn_range, invalidate_and_unmap, invalidate_begin, invalidate_end
-from app.core.guest_memfd import FIRST_FD, binding_ranges
+from app.core.guest_memfd import binding_ranges, fdget
 from app.core.kvm import PRIVATE, GuestMemfdFile, Kvm
 from app.core.mmu import ZapFilter
 from app.core.steps import Step, Steps
@@ -37,11 +37,7 @@ class InPlaceDelta:
 def check(kvm: Kvm, fd: int, req: KvmMemoryAttributes2) -> GuestMemfdFile:
     """``kvm_gmem_ioctl()`` -> ``kvm_gmem_set_attributes()``'s checks, in the kernel's order (the
     mode first, before the argument is even read). Changes nothing."""
-    gmem = kvm.gmem_files.get(fd)
-    if gmem is None:
-        if 0 <= fd < FIRST_FD:  # an open fd, whose file has no such ioctl
-            raise ENOTTY(f"fd {fd} is open (stdio) but not a guest_memfd")
-        raise EBADF(f"fd {fd} is not an open guest_memfd of this VM")
+    gmem = fdget(kvm.gmem_files, fd, stdio=ENOTTY)  # a stdio file has no such ioctl
     if not kvm.in_place:
         raise ENOTTY(
             f"KVM_SET_MEMORY_ATTRIBUTES2: this VM keeps private/shared in the VM (host profile {kvm.host.name}, "
